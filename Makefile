@@ -1,0 +1,54 @@
+# One gate, run the same everywhere: `make check` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SRC := reward_router gateway services trainer_client tests benchmarks
+
+.PHONY: setup lint format format-check types test test-slow check replay bench clean
+
+setup: $(STAMP)
+
+# torch is installed first with its CPU pin so that nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check $(SRC)
+
+format:
+	$(VENV)/bin/ruff format $(SRC)
+	$(VENV)/bin/ruff check --fix $(SRC)
+
+format-check: setup
+	$(VENV)/bin/ruff format --check $(SRC)
+
+types: setup
+	$(VENV)/bin/mypy reward_router gateway services trainer_client
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
+
+check: lint format-check types test
+
+# The main job: replay evaluation of every policy on the shipped real reward-model outputs.
+replay: setup
+	$(VENV)/bin/reward-router replay --pairs data/pairs/judgebench.jsonl.gz \
+		--behavior data/rm_outputs/judgebench.jsonl.gz --policies all --folds 5 --seeds 5 \
+		--json results/replay-judgebench.json --plot results/replay-judgebench.png
+	$(VENV)/bin/reward-router replay --pairs data/pairs/rewardbench-math-prm.jsonl.gz \
+		--behavior data/rm_outputs/rewardbench-math-prm.jsonl.gz --policies all --folds 5 --seeds 5 \
+		--json results/replay-rewardbench-math-prm.json --plot results/replay-rewardbench-math-prm.png
+
+bench: setup
+	$(PY) benchmarks/bench_routing_core.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,5 @@
+"""``reward-router gateway ...`` commands."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
