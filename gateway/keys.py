@@ -1,0 +1,48 @@
+"""Every Redis key the gateway uses, in one place, under one prefix.
+
+A namespace's keys share the hash tag ``{ns}``, so on Redis Cluster they live in one slot and the
+feedback script (which touches a namespace's meta, one route record and its log) stays legal.
+
+``gen`` is a random token drawn when a namespace is created or reset: keys of an old generation
+are never read again (route records of it answer "unknown" and expire on their TTL), so a reset
+needs no scan over the keyspace.
+
+    {p}:namespaces                      SET   names of the existing namespaces
+    {p}:ns:{ns}:meta                    HASH  gen, config (JSON), created (unix s)
+    {p}:ns:{ns}:g:{gen}:log             LIST  observations, append-only; index + 1 = sequence no.
+    {p}:ns:{ns}:g:{gen}:routes          HASH  rm index -> routes taken
+    {p}:ns:{ns}:g:{gen}:r:{uuid}        STR   route record, TTL route_ttl_s; "A" once applied
+
+>>> k = Keys("rr")
+>>> k.log("run-1", "9f3a")
+'rr:ns:{run-1}:g:9f3a:log'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+APPLIED = b"A"
+"""What a route record becomes once its feedback is applied (kept until its TTL ends)."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one prefix."""
+
+    prefix: str
+
+    def namespaces(self) -> str:
+        return f"{self.prefix}:namespaces"
+
+    def meta(self, ns: str) -> str:
+        return f"{self.prefix}:ns:{{{ns}}}:meta"
+
+    def log(self, ns: str, gen: str) -> str:
+        return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:log"
+
+    def routes(self, ns: str, gen: str) -> str:
+        return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:routes"
+
+    def route(self, ns: str, gen: str, uid: str) -> str:
+        return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:r:{uid}"

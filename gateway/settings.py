@@ -1,0 +1,185 @@
+"""The gateway's one settings object, read once at start-up (YAML file, then env vars on top).
+
+Precedence, highest first: keyword overrides (the CLI's ``--host``/``--port``), environment
+variables (``REWARD_ROUTER_GATEWAY_<FIELD>``, nested with ``__``; ``REDIS_URL`` for the store),
+the YAML file given to ``reward-router gateway serve --config FILE``, the defaults below.
+Environment beats the file so that one file can serve several deployments.
+
+>>> s = GatewaySettings(rms=[{"name": "len", "url": "http://127.0.0.1:9000"}])
+>>> (s.host, s.redis_url, s.policy.name)
+('127.0.0.1', None, 'bayesian')
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from reward_router.errors import ConfigError
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+"""Namespace names: no ':' (route ids are ``ns:gen:uuid``) and no braces (Redis hash tags)."""
+
+
+class RMEndpoint(BaseModel):
+    """One RM scoring service (issue 3's ``/v1/compare`` API).
+
+    The timeouts are explicit because a stuck RM must not hold a trainer's batch: connect
+    fails fast (a dead process answers "refused" at once), read allows a real model's batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    url: str = Field(min_length=1)
+    connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    max_batch: int = Field(default=64, ge=1, le=4096)
+
+
+class PolicyDefaults(BaseModel):
+    """The policy a new namespace gets unless its creator asks for another.
+
+    ``params`` go to ``gateway.routing.make_policy`` (validated there, e.g. ``lambda0``,
+    ``sigma2``); ``normalizer`` is how the trainer's raw reward (−DPO loss) is normalised
+    before the posterior update.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "bayesian"
+    params: dict[str, Any] = Field(default_factory=dict)
+    normalizer: Literal["quantile", "zscore", "none"] = "quantile"
+    normalizer_params: dict[str, Any] = Field(default_factory=dict)
+    best_rm: str | None = None
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway reads at start-up; see docs/gateway.md for each field's role."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REWARD_ROUTER_GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        yaml_file=None,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+    rms: list[RMEndpoint] = Field(default_factory=list)
+    router_path: Path | None = None
+    encoder_max_length: int = Field(default=256, ge=8, le=8192)
+    encoder_batch_size: int = Field(default=32, ge=1, le=1024)
+    feature_cache_dir: Path | None = None
+    torch_threads: int = Field(default=1, ge=1, le=256)
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "REWARD_ROUTER_GATEWAY_REDIS_URL", "redis_url"),
+    )
+    key_prefix: str = Field(default="rr", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
+    # Redis reconnect: a restart of redis-server takes ~1 s; 8 exponential tries cap ~6 s total.
+    store_retries: int = Field(default=8, ge=0, le=100)
+    store_timeout_s: float = Field(default=5.0, gt=0, le=120)
+
+    route_ttl_s: float = Field(default=86400.0, gt=0, le=30 * 86400)
+    refresh_interval_ms: float = Field(default=0.0, ge=0, le=600_000)
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    admin_key: SecretStr | None = None
+
+    policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
+    seed: int | None = None
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_pairs: int = Field(default=1024, ge=1, le=100_000)
+    max_text_chars: int = Field(default=200_000, ge=1)
+    max_feedback: int = Field(default=10_000, ge=1)
+
+    health_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    failure_threshold: int = Field(default=3, ge=1, le=1000)
+    cooldown_s: float = Field(default=10.0, ge=0, le=3600)
+
+    max_metric_namespaces: int = Field(default=32, ge=1, le=1000)
+
+    @field_validator("rms")
+    @classmethod
+    def _unique_rm_names(cls, rms: list[RMEndpoint]) -> list[RMEndpoint]:
+        names = [r.name for r in rms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"RM names must be unique, got {names}")
+        return rms
+
+    @model_validator(mode="after")
+    def _need_rms(self) -> GatewaySettings:
+        if not self.rms:
+            raise ValueError("rms: at least one RM endpoint is required")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    def safe_dict(self) -> dict[str, Any]:
+        """The settings without secrets, for logs and ``/v1/info``."""
+        d = self.model_dump(mode="json", exclude={"api_keys", "admin_key"})
+        d["api_keys"] = f"{len(self.api_keys)} configured"
+        d["admin_key"] = "configured" if self.admin_key else None
+        return d
+
+
+def _field_of(err: Any) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    return ".".join(loc) or "settings"
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> GatewaySettings:
+    """Read the settings once; any bad value raises :class:`ConfigError` naming the field.
+
+    >>> load_settings(None, rms=[{"name": "x", "url": "http://h"}], port=0)
+    Traceback (most recent call last):
+    ...
+    reward_router.errors.ConfigError: port: Input should be greater than or equal to 1
+    """
+    cls: type[GatewaySettings] = GatewaySettings
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError("config", f"no such file: {path}")
+
+        class _FromFile(GatewaySettings):
+            model_config = SettingsConfigDict(yaml_file=str(path))
+
+        cls = _FromFile
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(_field_of(first), first["msg"]) from None

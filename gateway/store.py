@@ -1,0 +1,290 @@
+"""The gateway's state store: namespaces, route records and the observation log.
+
+Two backends with one contract (one test suite runs against both):
+
+* :class:`EmbeddedStore` — in process, for a single replica (no ``REDIS_URL``);
+* :class:`gateway.store_redis.RedisStore` — shared by any number of replicas.
+
+The contract:
+
+* a namespace has a config (policy + normaliser, JSON) and a generation token ``gen``; a reset
+  draws a new ``gen``, which orphans every route record and the log of the old one;
+* a route record (``route_id = "ns:gen:uid"`` -> RM index, context h) lives ``ttl_s`` seconds;
+* :meth:`Store.apply_feedback` is atomic per item: the record is checked and marked applied and
+  the observation (RM, h, raw reward) is appended to the namespace's log, in one step, so a
+  feedback is applied exactly once; a repeat is ``DUPLICATE``; a missing, expired, malformed or
+  old-generation id is ``UNKNOWN``;
+* the log is append-only; an observation's sequence number is its 1-based position, so a replica
+  that folded ``seq <= k`` reads only the tail ``seq > k``.
+
+Raw rewards go into the log, not normalised ones: every replica folds the log in sequence order
+through the same deterministic normaliser, so all replicas (and a restarted one) reach the same
+normaliser state and the same posterior. Normalising at feedback time would need the window in
+the store and a per-item script round trip for it, for no gain.
+
+>>> import asyncio, numpy as np
+>>> async def demo():
+...     st = EmbeddedStore()
+...     meta, _ = await st.create_namespace("run", {"policy": "bayesian"})
+...     rid = (await st.put_routes("run", meta.gen, [(0, np.ones(2))], ttl_s=60))[0]
+...     first = await st.apply_feedback([(rid, 0.5), (rid, 0.5), ("nope", 1.0)])
+...     _, log = await st.read_tail("run", meta.gen, 0)
+...     return [o.outcome.value for o in first], [(o.seq, o.arm, o.reward) for o in log]
+>>> asyncio.run(demo())
+(['applied', 'duplicate', 'unknown'], [(1, 0, 0.5)])
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import struct
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from gateway.keys import APPLIED
+from gateway.settings import NAMESPACE_RE
+from reward_router.errors import RewardRouterError
+
+_REC_HEAD = struct.Struct("<HH")  # arm, D
+_REWARD = struct.Struct("<d")
+
+
+class StoreUnavailable(RewardRouterError):
+    """The store could not be reached (after the configured retries); maps to HTTP 503."""
+
+
+class Outcome(enum.Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """What happened to one feedback item; ``seq`` is set when it was applied."""
+
+    outcome: Outcome
+    namespace: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class NamespaceMeta:
+    name: str
+    gen: str
+    config: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One applied feedback, as stored in the log: the reward is the trainer's raw value."""
+
+    seq: int
+    arm: int
+    h: np.ndarray = field(repr=False)
+    reward: float
+    route_id: str
+
+
+@dataclass(frozen=True)
+class RouteId:
+    ns: str
+    gen: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.ns}:{self.gen}:{self.uid}"
+
+    @staticmethod
+    def parse(text: str) -> RouteId | None:
+        """``"ns:gen:uid"`` -> RouteId; anything else -> None (reported as unknown)."""
+        parts = text.split(":")
+        if len(parts) != 3 or not NAMESPACE_RE.match(parts[0]):
+            return None
+        ns, gen, uid = parts
+        if not (gen.isalnum() and uid.isalnum() and len(gen) <= 32 and len(uid) <= 64):
+            return None
+        return RouteId(ns, gen, uid)
+
+
+def new_gen() -> str:
+    return secrets.token_hex(4)
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
+def encode_record(arm: int, h: np.ndarray, uid: str) -> bytes:
+    """A route record: RM index, D, h as little-endian float64, the uid (for the log's audit)."""
+    h64 = np.ascontiguousarray(h, dtype="<f8").ravel()
+    return _REC_HEAD.pack(arm, h64.size) + h64.tobytes() + uid.encode()
+
+
+def encode_reward(reward: float) -> bytes:
+    return _REWARD.pack(float(reward))
+
+
+def decode_entry(seq: int, entry: bytes, ns: str, gen: str) -> Observation:
+    """A log entry is ``reward(8) + record``; see :func:`encode_record`."""
+    (reward,) = _REWARD.unpack_from(entry, 0)
+    arm, dim = _REC_HEAD.unpack_from(entry, 8)
+    start = 8 + _REC_HEAD.size
+    h = np.frombuffer(entry, dtype="<f8", count=dim, offset=start).astype(np.float64)
+    uid = entry[start + 8 * dim :].decode()
+    return Observation(seq=seq, arm=arm, h=h, reward=reward, route_id=f"{ns}:{gen}:{uid}")
+
+
+class Store(Protocol):
+    """What the gateway needs from a store; both backends implement it with equal semantics."""
+
+    async def ping(self) -> None: ...
+
+    async def get_namespace(self, ns: str) -> NamespaceMeta | None: ...
+
+    async def create_namespace(
+        self, ns: str, config: dict[str, Any]
+    ) -> tuple[NamespaceMeta, bool]: ...
+
+    async def reset_namespace(self, ns: str) -> NamespaceMeta | None: ...
+
+    async def delete_namespace(self, ns: str) -> bool: ...
+
+    async def list_namespaces(self) -> list[str]: ...
+
+    async def put_routes(
+        self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float
+    ) -> list[str]: ...
+
+    async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]: ...
+
+    async def read_tail(
+        self, ns: str, gen: str, after_seq: int
+    ) -> tuple[NamespaceMeta | None, list[Observation]]: ...
+
+    async def route_counts(self, ns: str, gen: str) -> dict[int, int]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class _EmbeddedNs:
+    meta: NamespaceMeta
+    log: list[bytes] = field(default_factory=list)
+    routes: dict[int, int] = field(default_factory=dict)
+
+
+class EmbeddedStore:
+    """The in-process store: same contract as Redis, one replica, state lost with the process.
+
+    Every method runs to completion without awaiting, so on one event loop each is atomic,
+    just as the Redis scripts are.
+    """
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._clock = clock
+        self._ns: dict[str, _EmbeddedNs] = {}
+        # route key -> (expiry time, record bytes or APPLIED)
+        self._routes: dict[tuple[str, str, str], tuple[float, bytes]] = {}
+        self._puts = 0
+
+    async def ping(self) -> None:
+        return None
+
+    async def get_namespace(self, ns: str) -> NamespaceMeta | None:
+        st = self._ns.get(ns)
+        return st.meta if st else None
+
+    async def create_namespace(self, ns: str, config: dict[str, Any]) -> tuple[NamespaceMeta, bool]:
+        st = self._ns.get(ns)
+        if st is not None:
+            return st.meta, False
+        meta = NamespaceMeta(ns, new_gen(), dict(config), self._clock())
+        self._ns[ns] = _EmbeddedNs(meta)
+        return meta, True
+
+    async def reset_namespace(self, ns: str) -> NamespaceMeta | None:
+        st = self._ns.get(ns)
+        if st is None:
+            return None
+        meta = NamespaceMeta(ns, new_gen(), st.meta.config, st.meta.created)
+        self._ns[ns] = _EmbeddedNs(meta)
+        return meta
+
+    async def delete_namespace(self, ns: str) -> bool:
+        return self._ns.pop(ns, None) is not None
+
+    async def list_namespaces(self) -> list[str]:
+        return sorted(self._ns)
+
+    def _sweep(self, now: float) -> None:
+        # Expired records are dropped lazily, amortised over puts, so memory stays bounded.
+        dead = [k for k, (exp, _) in self._routes.items() if exp <= now]
+        for k in dead:
+            del self._routes[k]
+
+    async def put_routes(
+        self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float
+    ) -> list[str]:
+        now = self._clock()
+        self._puts += 1
+        if self._puts % 1024 == 0:
+            self._sweep(now)
+        ids = []
+        st = self._ns.get(ns)
+        for arm, h in records:
+            uid = new_uid()
+            self._routes[(ns, gen, uid)] = (now + ttl_s, encode_record(arm, h, uid))
+            if st is not None and st.meta.gen == gen:
+                st.routes[arm] = st.routes.get(arm, 0) + 1
+            ids.append(f"{ns}:{gen}:{uid}")
+        return ids
+
+    async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]:
+        now = self._clock()
+        out = []
+        for text, reward in items:
+            rid = RouteId.parse(text)
+            if rid is None:
+                out.append(FeedbackResult(Outcome.UNKNOWN))
+                continue
+            key = (rid.ns, rid.gen, rid.uid)
+            got = self._routes.get(key)
+            st = self._ns.get(rid.ns)
+            if got is None or got[0] <= now or st is None or st.meta.gen != rid.gen:
+                out.append(FeedbackResult(Outcome.UNKNOWN))
+                continue
+            if got[1] == APPLIED:
+                out.append(FeedbackResult(Outcome.DUPLICATE, rid.ns))
+                continue
+            st.log.append(encode_reward(reward) + got[1])
+            self._routes[key] = (got[0], APPLIED)
+            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, len(st.log)))
+        return out
+
+    async def read_tail(
+        self, ns: str, gen: str, after_seq: int
+    ) -> tuple[NamespaceMeta | None, list[Observation]]:
+        st = self._ns.get(ns)
+        if st is None:
+            return None, []
+        if st.meta.gen != gen:
+            return st.meta, []
+        tail = st.log[after_seq:]
+        return st.meta, [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+
+    async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
+        st = self._ns.get(ns)
+        if st is None or st.meta.gen != gen:
+            return {}
+        return dict(st.routes)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,248 @@
+"""The Redis backend of the store: what lets several gateway replicas share a namespace.
+
+Every read-modify-write is one Lua script (atomic on the server), registered once with its
+KEYS/ARGV header; reads of several keys go in one pipeline. Keys: :mod:`gateway.keys`.
+
+Durability: the gateway answers 200 on ``/v1/feedback`` only after the script returned, so with
+``appendonly yes`` + ``appendfsync always`` an acknowledged feedback is on disk before the trainer
+hears of it. Reconnects: redis-py retries connection errors with exponential back-off (a restart
+of redis-server takes about a second). Retrying the feedback script is safe: if the first try was
+applied and only its reply got lost, the retry finds the record marked and reports "duplicate";
+the observation is in the log once either way.
+
+>>> store = RedisStore.from_url("redis://127.0.0.1:6390/0")     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.keys import Keys
+from gateway.store import (
+    FeedbackResult,
+    NamespaceMeta,
+    Observation,
+    Outcome,
+    RouteId,
+    StoreUnavailable,
+    decode_entry,
+    encode_record,
+    encode_reward,
+    new_gen,
+    new_uid,
+)
+
+T = TypeVar("T")
+
+# KEYS[1] meta, KEYS[2] namespaces set
+# ARGV[1] ns, ARGV[2] gen, ARGV[3] config JSON, ARGV[4] created
+# -> {1 if created else 0, gen, config, created}
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'config', ARGV[3], 'created', ARGV[4])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return {1, ARGV[2], ARGV[3], ARGV[4]}
+end
+local m = redis.call('HMGET', KEYS[1], 'gen', 'config', 'created')
+return {0, m[1], m[2], m[3]}
+"""
+
+# KEYS[1] meta; ARGV[1] new gen -> old gen, or false if the namespace does not exist
+_RESET = """
+local old = redis.call('HGET', KEYS[1], 'gen')
+if not old then return false end
+redis.call('HSET', KEYS[1], 'gen', ARGV[1])
+return old
+"""
+
+# Exactly-once feedback, for a batch; per item i: KEYS meta_i, route_i, log_i and ARGV gen_i,
+# reward_i (packed float64). Per item -> 0 unknown, -1 duplicate, seq (> 0) applied.
+_FEEDBACK = """
+local out = {}
+for i = 1, #KEYS / 3 do
+  local meta, route, log = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local rec = redis.call('GET', route)
+  if not rec or redis.call('HGET', meta, 'gen') ~= ARGV[2 * i - 1] then
+    out[i] = 0
+  elseif rec == 'A' then
+    out[i] = -1
+  else
+    out[i] = redis.call('RPUSH', log, ARGV[2 * i] .. rec)
+    redis.call('SET', route, 'A', 'KEEPTTL')
+  end
+end
+return out
+"""
+
+
+def _meta(ns: str, gen: Any, config: Any, created: Any) -> NamespaceMeta:
+    def s(x: Any) -> str:
+        return x.decode() if isinstance(x, bytes) else str(x)
+
+    return NamespaceMeta(ns, s(gen), json.loads(s(config)), float(s(created)))
+
+
+class RedisStore:
+    """Store on a Redis server; see :mod:`gateway.store` for the contract."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "rr") -> None:
+        self._r = client
+        self.keys = Keys(prefix)
+        self._create = client.register_script(_CREATE)
+        self._reset = client.register_script(_RESET)
+        self._feedback = client.register_script(_FEEDBACK)
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, prefix: str = "rr", retries: int = 8, timeout_s: float = 5.0
+    ) -> RedisStore:
+        """A store with reconnects: ``retries`` tries, back-off 50 ms doubling to 1 s."""
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+            health_check_interval=30,
+        )
+        return cls(client, prefix)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping)
+
+    async def get_namespace(self, ns: str) -> NamespaceMeta | None:
+        m = await self._call(lambda: self._r.hmget(self.keys.meta(ns), "gen", "config", "created"))
+        if m[0] is None:
+            return None
+        return _meta(ns, *m)
+
+    async def create_namespace(self, ns: str, config: dict[str, Any]) -> tuple[NamespaceMeta, bool]:
+        argv = [ns, new_gen(), json.dumps(config, sort_keys=True), repr(time.time())]
+        res = await self._call(
+            lambda: self._create(keys=[self.keys.meta(ns), self.keys.namespaces()], args=argv)
+        )
+        return _meta(ns, res[1], res[2], res[3]), bool(res[0])
+
+    async def reset_namespace(self, ns: str) -> NamespaceMeta | None:
+        gen = new_gen()
+        old = await self._call(lambda: self._reset(keys=[self.keys.meta(ns)], args=[gen]))
+        if old is None:
+            return None
+        old_gen = old.decode() if isinstance(old, bytes) else str(old)
+        # The old generation's log and counters are unreachable now; drop them to free memory.
+        await self._call(
+            lambda: self._r.delete(self.keys.log(ns, old_gen), self.keys.routes(ns, old_gen))
+        )
+        return await self.get_namespace(ns)
+
+    async def delete_namespace(self, ns: str) -> bool:
+        meta = await self.get_namespace(ns)
+        if meta is None:
+            return False
+
+        async def run() -> None:
+            async with self._r.pipeline(transaction=True) as p:
+                p.delete(self.keys.meta(ns))
+                p.srem(self.keys.namespaces(), ns)
+                p.delete(self.keys.log(ns, meta.gen), self.keys.routes(ns, meta.gen))
+                await p.execute()
+
+        await self._call(run)
+        return True
+
+    async def list_namespaces(self) -> list[str]:
+        names = await self._call(lambda: self._r.smembers(self.keys.namespaces()))
+        return sorted(n.decode() for n in names)
+
+    async def put_routes(
+        self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float
+    ) -> list[str]:
+        ttl_ms = max(1, round(ttl_s * 1000))
+        uids = [new_uid() for _ in records]
+        counts: dict[int, int] = {}
+        for arm, _ in records:
+            counts[arm] = counts.get(arm, 0) + 1
+
+        async def run() -> None:
+            # Not a transaction: every SET is independent and idempotent (a retry rewrites the
+            # same record), and the counters are statistics, not state the posterior needs.
+            async with self._r.pipeline(transaction=False) as p:
+                for uid, (arm, h) in zip(uids, records, strict=True):
+                    p.set(self.keys.route(ns, gen, uid), encode_record(arm, h, uid), px=ttl_ms)
+                for arm, c in counts.items():
+                    p.hincrby(self.keys.routes(ns, gen), str(arm), c)
+                await p.execute()
+
+        await self._call(run)
+        return [f"{ns}:{gen}:{uid}" for uid in uids]
+
+    async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]:
+        out: list[FeedbackResult | None] = [None] * len(items)
+        keys: list[str] = []
+        args: list[bytes | str] = []
+        where: list[tuple[int, RouteId]] = []
+        for i, (text, reward) in enumerate(items):
+            rid = RouteId.parse(text)
+            if rid is None:
+                out[i] = FeedbackResult(Outcome.UNKNOWN)
+                continue
+            keys += [
+                self.keys.meta(rid.ns),
+                self.keys.route(rid.ns, rid.gen, rid.uid),
+                self.keys.log(rid.ns, rid.gen),
+            ]
+            args += [rid.gen, encode_reward(reward)]
+            where.append((i, rid))
+        if where:
+            res = await self._call(lambda: self._feedback(keys=keys, args=args))
+            for (i, rid), code in zip(where, res, strict=True):
+                code = int(code)
+                if code > 0:
+                    out[i] = FeedbackResult(Outcome.APPLIED, rid.ns, code)
+                elif code < 0:
+                    out[i] = FeedbackResult(Outcome.DUPLICATE, rid.ns)
+                else:
+                    out[i] = FeedbackResult(Outcome.UNKNOWN)
+        return [r for r in out if r is not None]
+
+    async def read_tail(
+        self, ns: str, gen: str, after_seq: int
+    ) -> tuple[NamespaceMeta | None, list[Observation]]:
+        async def run() -> list[Any]:
+            # One MULTI so the generation and the log tail are read at the same instant.
+            async with self._r.pipeline(transaction=True) as p:
+                p.hmget(self.keys.meta(ns), "gen", "config", "created")
+                p.lrange(self.keys.log(ns, gen), after_seq, -1)
+                return list(await p.execute())
+
+        m, tail = await self._call(run)
+        if m[0] is None:
+            return None, []
+        meta = _meta(ns, *m)
+        if meta.gen != gen:
+            return meta, []
+        return meta, [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+
+    async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
+        raw = await self._call(lambda: self._r.hgetall(self.keys.routes(ns, gen)))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    async def aclose(self) -> None:
+        await self._r.aclose()

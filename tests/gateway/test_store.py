@@ -1,0 +1,115 @@
+"""One contract, two backends: the embedded store and Redis pass the same tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from gateway.store import EmbeddedStore, Outcome, RouteId, Store
+from gateway.store_redis import RedisStore
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "embedded":
+        st: Store = EmbeddedStore()
+    else:
+        url = request.getfixturevalue("redis_url")
+        st = RedisStore.from_url(url, prefix="t")
+    try:
+        yield st
+    finally:
+        await st.aclose()
+
+
+def _h(i: int, d: int = 3) -> np.ndarray:
+    return np.arange(d, dtype=np.float64) * 0.1 + i
+
+
+async def test_namespace_create_is_idempotent(store: Store) -> None:
+    meta, created = await store.create_namespace("run-1", {"policy": "bayesian", "x": 1})
+    again, created2 = await store.create_namespace("run-1", {"policy": "random"})
+    assert created and not created2
+    assert again.gen == meta.gen and again.config == {"policy": "bayesian", "x": 1}
+    assert await store.list_namespaces() == ["run-1"]
+    assert (await store.get_namespace("run-1")) == again
+    assert await store.get_namespace("other") is None
+
+
+async def test_feedback_applied_once_then_duplicate_and_unknown(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(1, _h(0)), (0, _h(1))], ttl_s=60)
+    assert len(set(ids)) == 2 and all(RouteId.parse(i) for i in ids)
+    res = await store.apply_feedback(
+        [(ids[0], -0.25), (ids[0], 9.0), ("ns:zz:nothere", 1.0), ("garbage", 1.0), (ids[1], 2.5)]
+    )
+    assert [r.outcome for r in res] == [
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+        Outcome.UNKNOWN,
+        Outcome.UNKNOWN,
+        Outcome.APPLIED,
+    ]
+    assert [r.seq for r in res] == [1, None, None, None, 2]
+    again = await store.apply_feedback([(ids[1], 3.0)])
+    assert again[0].outcome is Outcome.DUPLICATE
+    meta2, log = await store.read_tail("ns", meta.gen, 0)
+    assert meta2 == meta
+    assert [(o.seq, o.arm, o.reward, o.route_id) for o in log] == [
+        (1, 1, -0.25, ids[0]),
+        (2, 0, 2.5, ids[1]),
+    ]
+    np.testing.assert_array_equal(log[0].h, _h(0))
+    np.testing.assert_array_equal(log[1].h, _h(1))
+    _, tail = await store.read_tail("ns", meta.gen, 1)
+    assert [o.seq for o in tail] == [2]
+    assert await store.route_counts("ns", meta.gen) == {1: 1, 0: 1}
+
+
+async def test_expired_route_is_unknown(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    (rid,) = await store.put_routes("ns", meta.gen, [(0, _h(0))], ttl_s=0.05)
+    await asyncio.sleep(0.2)
+    assert (await store.apply_feedback([(rid, 1.0)]))[0].outcome is Outcome.UNKNOWN
+    assert (await store.read_tail("ns", meta.gen, 0))[1] == []
+
+
+async def test_reset_orphans_old_routes_and_log(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {"p": 1})
+    old = await store.put_routes("ns", meta.gen, [(0, _h(0)), (0, _h(1))], ttl_s=60)
+    await store.apply_feedback([(old[0], 1.0)])
+    new = await store.reset_namespace("ns")
+    assert new is not None and new.gen != meta.gen and new.config == {"p": 1}
+    assert (await store.apply_feedback([(old[1], 1.0)]))[0].outcome is Outcome.UNKNOWN
+    got, log = await store.read_tail("ns", meta.gen, 0)
+    assert got == new and log == []  # the caller sees the new gen and rebuilds
+    assert (await store.read_tail("ns", new.gen, 0))[1] == []
+    assert await store.reset_namespace("absent") is None
+
+
+async def test_delete_namespace(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    (rid,) = await store.put_routes("ns", meta.gen, [(0, _h(0))], ttl_s=60)
+    assert await store.delete_namespace("ns")
+    assert not await store.delete_namespace("ns")
+    assert await store.get_namespace("ns") is None
+    assert await store.list_namespaces() == []
+    assert (await store.apply_feedback([(rid, 1.0)]))[0].outcome is Outcome.UNKNOWN
+    recreated, created = await store.create_namespace("ns", {})
+    assert created and recreated.gen != meta.gen
+
+
+async def test_concurrent_feedback_for_one_route_applies_once(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(i % 2, _h(i)) for i in range(20)], ttl_s=60)
+    batches = [[(rid, float(k)) for rid in ids] for k in range(5)]
+    results = await asyncio.gather(*(store.apply_feedback(b) for b in batches))
+    applied = [r for res in results for r in res if r.outcome is Outcome.APPLIED]
+    dups = [r for res in results for r in res if r.outcome is Outcome.DUPLICATE]
+    assert len(applied) == 20 and len(dups) == 80
+    _, log = await store.read_tail("ns", meta.gen, 0)
+    assert sorted(o.route_id for o in log) == sorted(ids)
+    assert [o.seq for o in log] == list(range(1, 21))
