@@ -1,0 +1,250 @@
+"""Small validated config objects for the routing policies, and the input checks they share.
+
+Every check fails with :class:`reward_router.errors.ConfigError` naming the field and its allowed
+range, at construction time, so a bad value never reaches the math.
+
+>>> BayesianConfig(lambda0=2.0).sigma2
+0.25
+>>> BayesianConfig(lambda0=0.0)
+Traceback (most recent call last):
+...
+reward_router.errors.ConfigError: lambda0: must be a finite number in (0, inf), got 0.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from reward_router.errors import ConfigError
+
+# Defaults, chosen for contexts h = [unit-norm features; 1] (so ||h||^2 ~ 2) and rewards in [0, 1].
+# They are starting points; the replay evaluation tunes them (docs/routing-core.md).
+#
+# sigma2 = 0.25 is the largest variance a reward in [0, 1] can have (a fair coin), so the posterior
+# never claims more certainty than one observation can carry.
+DEFAULT_SIGMA2 = 0.25
+# lambda0 = 1: the prior score h^T w has variance ||h||^2 / lambda0 ~ 2, i.e. a standard deviation
+# of ~1.4, wide against rewards in [0, 1], so a misleading prior is overruled after a handful of
+# observations in a direction (each adds ||h||^2 / sigma2 ~ 8 to the precision along h).
+DEFAULT_LAMBDA0 = 1.0
+
+
+def check_number(
+    field: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a finite number inside the interval, else raise.
+
+    >>> check_number("alpha", 0.5, low=0.0, high=1.0)
+    0.5
+    >>> check_number("alpha", 2, low=0.0, high=1.0)
+    Traceback (most recent call last):
+    ...
+    reward_router.errors.ConfigError: alpha: must be a finite number in [0, 1], got 2
+    """
+    left = "(" if low_open or math.isinf(low) else "["
+    right = ")" if high_open or math.isinf(high) else "]"
+    interval = f"{left}{_fmt(low)}, {_fmt(high)}{right}"
+    # bool is an int subclass; True as a prior strength is a bug, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ConfigError(field, f"must be a finite number in {interval}, got {value!r}")
+    number = float(value)
+    inside = (
+        math.isfinite(number)
+        and (number > low if low_open else number >= low)
+        and (number < high if high_open else number <= high)
+    )
+    if not inside:
+        raise ConfigError(field, f"must be a finite number in {interval}, got {value!r}")
+    return number
+
+
+def check_int(field: str, value: object, *, low: int, high: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer in ``[low, high]`` (``high`` inclusive)."""
+    top = "inf)" if high is None else f"{high}]"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(field, f"must be an integer in [{low}, {top}, got {value!r}")
+    number = int(value)
+    if number < low or (high is not None and number > high):
+        raise ConfigError(field, f"must be an integer in [{low}, {top}, got {value!r}")
+    return number
+
+
+def _fmt(x: float) -> str:
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:g}"
+
+
+def check_array(
+    field: str,
+    value: object,
+    shape: tuple[int | None, ...],
+    *,
+    dtype: type = np.float64,
+) -> np.ndarray:
+    """Return ``value`` as an array of ``shape`` (None = any length) with finite entries.
+
+    >>> check_array("rewards", [0.0, 1.0], (None,)).shape
+    (2,)
+    >>> check_array("rewards", [0.0, float("nan")], (None,))
+    Traceback (most recent call last):
+    ...
+    reward_router.errors.ConfigError: rewards: must be finite, found 1 NaN/inf entries
+    """
+    try:
+        array: np.ndarray = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(field, f"must be a numeric array, got {type(value).__name__}") from exc
+    # Free axes print as B (the batch) for axis 0 and ? elsewhere.
+    wanted = "(" + ", ".join(_axis(i, s) for i, s in enumerate(shape)) + ")"
+    if array.ndim != len(shape) or any(
+        s is not None and s != got for s, got in zip(shape, array.shape, strict=True)
+    ):
+        raise ConfigError(field, f"must have shape {wanted}, got {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ConfigError(field, f"must be finite, found {bad} NaN/inf entries")
+    return array
+
+
+def _axis(i: int, size: int | None) -> str:
+    if size is not None:
+        return str(size)
+    return "B" if i == 0 else "?"
+
+
+def check_arms(field: str, arms: object, n_rms: int, length: int) -> np.ndarray:
+    """Return ``arms`` as an int64 array of ``length`` RM indices in ``[0, n_rms)``."""
+    array = np.asarray(arms)
+    if array.ndim != 1 or array.shape[0] != length:
+        raise ConfigError(field, f"must have shape ({length},), got {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ConfigError(field, f"must be integer RM indices, got dtype {array.dtype}")
+    array = array.astype(np.int64, copy=False)
+    if array.size and (array.min() < 0 or array.max() >= n_rms):
+        raise ConfigError(field, f"must be RM indices in [0, {n_rms - 1}], got {array.tolist()}")
+    return array
+
+
+# --------------------------------------------------------------------------------------------
+# Policy configs
+
+
+@dataclass(frozen=True)
+class BayesianConfig:
+    """Parameters of the Bayesian linear Thompson-sampling router.
+
+    ``lambda0``: prior precision (prior covariance is I / lambda0), in (0, inf).
+    ``sigma2``: observation noise variance of a reward, in (0, inf).
+    ``forgetting``: per-observation factor gamma in (0, 1] pulling the posterior back toward the
+    prior (1 = off, the default; anything below 1 makes updates order-dependent).
+
+    >>> BayesianConfig(forgetting=0.99).forgetting
+    0.99
+    """
+
+    lambda0: float = DEFAULT_LAMBDA0
+    sigma2: float = DEFAULT_SIGMA2
+    forgetting: float = 1.0
+
+    def __post_init__(self) -> None:
+        _set(self, "lambda0", check_number("lambda0", self.lambda0, low=0.0, low_open=True))
+        _set(self, "sigma2", check_number("sigma2", self.sigma2, low=0.0, low_open=True))
+        _set(
+            self,
+            "forgetting",
+            check_number("forgetting", self.forgetting, low=0.0, high=1.0, low_open=True),
+        )
+
+
+@dataclass(frozen=True)
+class WeightedScoreConfig(BayesianConfig):
+    """The ``weighted-score`` ablation: ``alpha * offline + (1 - alpha) * online`` scores.
+
+    ``alpha`` in [0, 1] weighs the offline score h^T mu0_n; the online part is a Thompson draw
+    from a zero-prior posterior with ``lambda0``/``sigma2``/``forgetting`` as in
+    :class:`BayesianConfig`.
+
+    >>> WeightedScoreConfig(alpha=0.3).alpha
+    0.3
+    """
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "alpha", check_number("alpha", self.alpha, low=0.0, high=1.0))
+
+
+@dataclass(frozen=True)
+class LaserConfig:
+    """LASeR (batch-level LinUCB): ``alpha`` >= 0 scales the exploration bonus, ``ridge`` > 0 is
+    the ridge penalty (the initial design matrix is ``ridge * I``).
+
+    >>> LaserConfig(alpha=0.5).ridge
+    1.0
+    """
+
+    alpha: float = 1.0
+    ridge: float = 1.0
+
+    def __post_init__(self) -> None:
+        _set(self, "alpha", check_number("alpha", self.alpha, low=0.0))
+        _set(self, "ridge", check_number("ridge", self.ridge, low=0.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class UwoConfig:
+    """Uncertainty-weighted optimisation: ``lam`` >= 0 weighs the variance penalty.
+
+    >>> UwoConfig().lam
+    0.5
+    """
+
+    lam: float = 0.5
+
+    def __post_init__(self) -> None:
+        _set(self, "lam", check_number("lam", self.lam, low=0.0))
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """Config of a policy without tunable parameters (random, majority, oracle, ...)."""
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def build_config(cls: type[ConfigT], params: Mapping[str, Any], policy: str) -> ConfigT:
+    """Build ``cls(**params)``, turning an unknown parameter into a ConfigError naming it.
+
+    >>> build_config(UwoConfig, {"lam": 1.0}, "uwo")
+    UwoConfig(lam=1.0)
+    >>> build_config(UwoConfig, {"lamda": 1.0}, "uwo")
+    Traceback (most recent call last):
+    ...
+    reward_router.errors.ConfigError: lamda: unknown parameter for policy 'uwo'; allowed: ['lam']
+    """
+    allowed = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in params:
+        if key not in allowed:
+            raise ConfigError(key, f"unknown parameter for policy {policy!r}; allowed: {allowed}")
+    return cls(**params)
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    # Frozen dataclasses normalise their fields (e.g. int -> float) through object.__setattr__.
+    object.__setattr__(obj, name, value)

@@ -1,0 +1,250 @@
+"""The policy interface, and the Bayesian router with its ablations.
+
+A policy turns a batch of pair contexts h (B, D) into a :class:`Selection` (which RMs to ask,
+best-first order for fallback), learns from rewards in [0, 1] (``update``), and combines the
+margins of the RMs it asked into one margin per pair (``combine``).
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> policy = BayesianPolicy(n_rms=3, dim=2, rng=rng, prior_means=np.zeros((3, 2)))
+>>> sel = policy.select(np.array([[0.0, 1.0], [1.0, 1.0]]))
+>>> sel.ranking.shape, sel.asked.sum(axis=1).tolist()
+((2, 3), [1, 1])
+>>> policy.update(np.array([[0.0, 1.0]]), sel.chosen[:1], np.array([1.0]))
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.routing.config import BayesianConfig, WeightedScoreConfig, check_arms, check_array
+from gateway.routing.posterior import GaussianPosteriors
+from reward_router.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a policy decided for a batch.
+
+    ``ranking`` (B, N) int: RMs best-first for this draw; column 0 is the RM a single-RM policy
+    asks, the rest is the fallback order. ``asked`` (B, N) bool: which RMs are asked per pair.
+
+    >>> s = Selection(np.array([[2, 0, 1]]), np.array([[False, False, True]]))
+    >>> s.chosen.tolist()
+    [2]
+    """
+
+    ranking: np.ndarray
+    asked: np.ndarray
+
+    @property
+    def chosen(self) -> np.ndarray:
+        """The first-ranked RM per pair, (B,)."""
+        return self.ranking[:, 0]
+
+
+def first_only(ranking: np.ndarray) -> np.ndarray:
+    """``asked`` mask for single-RM policies: only the first-ranked RM of each pair."""
+    asked = np.zeros(ranking.shape, dtype=bool)
+    if ranking.size:
+        asked[np.arange(ranking.shape[0]), ranking[:, 0]] = True
+    return asked
+
+
+def rank_desc(scores: np.ndarray) -> np.ndarray:
+    """RM indices sorted by score, highest first; ties keep the lower index first."""
+    return np.argsort(-scores, axis=1, kind="stable")
+
+
+def require_prior(policy: str, prior_means: np.ndarray | None, n_rms: int, dim: int) -> np.ndarray:
+    """``prior_means`` as a finite (n_rms, dim) array (a copy); ``policy`` requires it."""
+    if prior_means is None:
+        raise ConfigError(
+            "prior_means",
+            f"is required for policy {policy!r}: an array of shape ({n_rms}, {dim}), "
+            "the offline router's prior_means",
+        )
+    return check_array("prior_means", prior_means, (n_rms, dim)).copy()
+
+
+class Policy(ABC):
+    """A routing policy over ``n_rms`` RMs and ``dim``-dimensional contexts.
+
+    Subclasses set ``name``, ``calls_per_pair``, ``requires_labels`` and ``learns_online``, and
+    implement :meth:`select`; learning policies override :meth:`update`, multi-RM ones
+    :meth:`combine`.
+    """
+
+    name: str = ""
+    calls_per_pair: float = 1.0
+    requires_labels: bool = False
+    learns_online: bool = False
+
+    def __init__(self, n_rms: int, dim: int, rng: np.random.Generator) -> None:
+        self.n_rms = n_rms
+        self.dim = dim
+        self.rng = rng
+
+    @abstractmethod
+    def select(self, contexts: np.ndarray) -> Selection:
+        """Decide, for each pair (row of ``contexts``, (B, D)), which RMs to ask."""
+
+    def update(self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
+        """Learn from rewards in [0, 1] of the RMs ``arms`` (B,) asked on ``contexts`` (B, D).
+
+        The base checks the inputs and learns nothing (the non-learning baselines).
+        """
+        self._check_feedback(contexts, arms, rewards)
+
+    def combine(self, margins: np.ndarray) -> np.ndarray:
+        """Aggregate margin "a over b" per pair from ``margins`` (B, N), NaN where not asked.
+
+        Single-RM policies return the asked RM's margin (the first one present if a fallback
+        left several), NaN if none answered.
+
+        >>> Policy.combine(None, np.array([[np.nan, 0.3, np.nan]])).tolist()  # type: ignore
+        [0.3]
+        """
+        margins = np.asarray(margins, dtype=np.float64)
+        present = ~np.isnan(margins)
+        first = np.argmax(present, axis=1)
+        out = margins[np.arange(margins.shape[0]), first]
+        out[~present.any(axis=1)] = np.nan
+        return out
+
+    # ---- shared checks -------------------------------------------------------------------
+
+    def _check_contexts(self, contexts: np.ndarray) -> np.ndarray:
+        return check_array("contexts", contexts, (None, self.dim))
+
+    def _check_feedback(
+        self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        contexts = self._check_contexts(contexts)
+        b = contexts.shape[0]
+        return (
+            contexts,
+            check_arms("arms", arms, self.n_rms, b),
+            check_array("rewards", rewards, (b,)),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_rms={self.n_rms}, dim={self.dim})"
+
+
+class BayesianPolicy(Policy):
+    """``bayesian``: the full method. Prior N(mu0_n, I / lambda0) with mu0_n = E_bt[n] from the
+    offline router, one Thompson draw of h^T w_n per pair per RM, posterior updated online.
+
+    ``posteriors`` is the :class:`GaussianPosteriors` (assignable, so a gateway can restore a
+    stored one of the same shape).
+    """
+
+    name = "bayesian"
+    learns_online = True
+
+    def __init__(
+        self,
+        n_rms: int,
+        dim: int,
+        rng: np.random.Generator,
+        prior_means: np.ndarray | None,
+        config: BayesianConfig | None = None,
+    ) -> None:
+        super().__init__(n_rms, dim, rng)
+        self.config = config or BayesianConfig()
+        self._posteriors = GaussianPosteriors.from_prior(
+            require_prior(self.name, prior_means, n_rms, dim), self.config.lambda0
+        )
+
+    @property
+    def posteriors(self) -> GaussianPosteriors:
+        """The per-RM posteriors this policy samples from and updates."""
+        return self._posteriors
+
+    @posteriors.setter
+    def posteriors(self, value: GaussianPosteriors) -> None:
+        if value.n_rms != self.n_rms or value.dim != self.dim:
+            raise ConfigError(
+                "posteriors",
+                f"must have n_rms={self.n_rms}, dim={self.dim}, got {value.n_rms}, {value.dim}",
+            )
+        self._posteriors = value
+
+    def scores(self, contexts: np.ndarray) -> np.ndarray:
+        """The scores this policy ranks by, (B, N): one posterior draw per pair and RM."""
+        return self._posteriors.sample_scores(contexts, self.rng)
+
+    def select(self, contexts: np.ndarray) -> Selection:
+        ranking = rank_desc(self.scores(self._check_contexts(contexts)))
+        return Selection(ranking, first_only(ranking))
+
+    def update(self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
+        contexts, arms, rewards = self._check_feedback(contexts, arms, rewards)
+        if self.config.forgetting < 1.0 and arms.size:
+            # Discount per observation, so the total forgetting does not depend on batch size.
+            self._posteriors.forget(self.config.forgetting**arms.size)
+        self._posteriors.observe(arms, contexts, rewards, self.config.sigma2)
+
+
+class NoOfflinePolicy(BayesianPolicy):
+    """``bayesian-no-offline``: the Bayesian router with a zero prior mean (``prior_means`` is
+    ignored), i.e. online Thompson sampling alone."""
+
+    name = "bayesian-no-offline"
+
+    def __init__(
+        self,
+        n_rms: int,
+        dim: int,
+        rng: np.random.Generator,
+        prior_means: np.ndarray | None = None,
+        config: BayesianConfig | None = None,
+    ) -> None:
+        super().__init__(n_rms, dim, rng, np.zeros((n_rms, dim)), config)
+
+
+class NoOnlinePolicy(Policy):
+    """``bayesian-no-online``: the offline prior alone, never updated. Deterministic: ranks RMs by
+    the prior-mean score h^T mu0_n (no draw: without updates, sampling would only add noise
+    around that ranking)."""
+
+    name = "bayesian-no-online"
+
+    def __init__(
+        self, n_rms: int, dim: int, rng: np.random.Generator, prior_means: np.ndarray | None
+    ) -> None:
+        super().__init__(n_rms, dim, rng)
+        self.prior_means = require_prior(self.name, prior_means, n_rms, dim)
+
+    def select(self, contexts: np.ndarray) -> Selection:
+        ranking = rank_desc(self._check_contexts(contexts) @ self.prior_means.T)
+        return Selection(ranking, first_only(ranking))
+
+
+class WeightedScorePolicy(BayesianPolicy):
+    """``weighted-score``: ranks by ``alpha * h^T mu0_n + (1 - alpha) * s_n`` where s_n is a
+    Thompson draw from a zero-prior posterior updated online (the offline score is added, not
+    injected into the prior)."""
+
+    name = "weighted-score"
+
+    def __init__(
+        self,
+        n_rms: int,
+        dim: int,
+        rng: np.random.Generator,
+        prior_means: np.ndarray | None,
+        config: WeightedScoreConfig | None = None,
+    ) -> None:
+        self.prior_means = require_prior(self.name, prior_means, n_rms, dim)
+        self.weights = config or WeightedScoreConfig()
+        super().__init__(n_rms, dim, rng, np.zeros((n_rms, dim)), self.weights)
+
+    def scores(self, contexts: np.ndarray) -> np.ndarray:
+        alpha = self.weights.alpha
+        online = self._posteriors.sample_scores(contexts, self.rng)
+        return alpha * (contexts @ self.prior_means.T) + (1.0 - alpha) * online
