@@ -1,0 +1,420 @@
+"""Pair features: embed prompt||response for both sides, then combine order-invariantly.
+
+An :class:`Encoder` embeds (prompt, response) texts; :func:`pair_features` turns the two
+sides' embeddings ``e, e'`` into ``[(e+e')/2 ; |e-e'|]``, which does not change when the two
+responses are swapped (the router must not care which one the trainer called "a").
+:class:`PairFeaturizer` adds an on-disk cache keyed by a content hash, so a second run over the
+same data does not encode again.
+
+>>> enc = load_encoder("minilm")                                  # doctest: +SKIP
+>>> feats = PairFeaturizer(enc, Path(".cache/emb")).featurize(
+...     ["What is 2+2?"], ["4"], ["5"])                           # doctest: +SKIP
+>>> feats.shape                                                   # doctest: +SKIP
+(1, 768)
+
+Encoders: ``"minilm"`` (all-MiniLM-L6-v2, mean pooling, L2-normalised like
+sentence-transformers; the default, fast on CPU), ``"smollm2"`` (SmolLM2-135M-Instruct, the
+paper's encoder, last-token pooling), or any local Hugging Face folder (mean pooling for
+encoder-only models, last-token pooling for causal LMs). All outputs are L2-normalised.
+Torch and transformers are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from reward_router.data import PromptLike, prompt_text
+from reward_router.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: Put at the start of the response side so every model sees where the response begins
+#: (BERT-like models also get their [SEP]); the response, not the prompt, keeps it on truncation.
+RESPONSE_SEPARATOR = "\n\n### Response:\n"
+#: Bumped when the text layout or pooling changes, so old cache entries stop matching.
+CACHE_FORMAT = "pairfeat-v1"
+#: Below this many texts no progress bar is drawn.
+PROGRESS_MIN_TEXTS = 256
+
+Pooling = Literal["mean", "last"]
+
+
+class Encoder(Protocol):
+    """Embeds texts as float32 rows; ``ref`` and ``max_length`` say how to load it again.
+
+    ``encode_pairs`` embeds (prompt, response) pairs, truncating the longer side first so that a
+    long prompt never pushes the response out of the window.
+    """
+
+    ref: str
+    dim: int
+    max_length: int
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_pairs(self, firsts: list[str], seconds: list[str]) -> np.ndarray: ...
+
+
+def pair_features(e_a: np.ndarray, e_b: np.ndarray) -> np.ndarray:
+    """``[(e_a+e_b)/2 ; |e_a-e_b|]`` along the last axis: swapping a and b changes nothing.
+
+    >>> pair_features(np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    array([0.5, 0.5, 1. , 1. ], dtype=float32)
+    """
+    a = np.asarray(e_a, dtype=np.float32)
+    b = np.asarray(e_b, dtype=np.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"embeddings differ in shape: {a.shape} vs {b.shape}")
+    return np.concatenate([(a + b) / 2.0, np.abs(a - b)], axis=-1)
+
+
+class HFEncoder:
+    """A Hugging Face model used as a text encoder (mean or last-token pooling, L2-normalised).
+
+    Build it with :func:`load_encoder`. Texts are sorted by length before batching so that
+    batches carry little padding; results come back in input order.
+    """
+
+    def __init__(
+        self,
+        ref: str,
+        model: Any,
+        tokenizer: Any,
+        *,
+        pooling: Pooling,
+        max_length: int,
+        device: str = "cpu",
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> None:
+        self.ref = ref
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling: Pooling = pooling
+        self.max_length = max_length
+        self.device = device
+        self.batch_size = batch_size
+        self.progress = progress
+        self.dim = int(model.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed single texts, truncated to ``max_length`` tokens."""
+        return self._run(
+            [len(t) for t in texts],
+            lambda idx: self.tokenizer([texts[i] for i in idx], **self._tok_kwargs()),
+        )
+
+    def encode_pairs(self, firsts: list[str], seconds: list[str]) -> np.ndarray:
+        """Embed (first, second) text pairs, truncating the longer of the two first."""
+        if len(firsts) != len(seconds):
+            raise ValueError(f"{len(firsts)} firsts but {len(seconds)} seconds")
+        seconds = [RESPONSE_SEPARATOR + s for s in seconds]
+        return self._run(
+            [len(a) + len(b) for a, b in zip(firsts, seconds, strict=True)],
+            lambda idx: self.tokenizer(
+                [firsts[i] for i in idx], [seconds[i] for i in idx], **self._tok_kwargs()
+            ),
+        )
+
+    def _tok_kwargs(self) -> dict[str, Any]:
+        return {
+            "truncation": "longest_first",
+            "max_length": self.max_length,
+            "padding": True,
+            "return_tensors": "pt",
+        }
+
+    def _run(self, lengths: list[int], tokenize: Callable[[list[int]], Any]) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(lengths), self.dim), dtype=np.float32)
+        if not lengths:
+            return out
+        # Longest first: similar lengths share a batch (less padding), and the slowest batch
+        # shows up at the start of the progress bar rather than as a surprise at the end.
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        with _progress(self.progress and len(lengths) >= PROGRESS_MIN_TEXTS) as advance:
+            for idx in batches:
+                enc = tokenize([int(i) for i in idx])
+                # Decoder-only models take no segment ids; BERT-like ones get theirs.
+                names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+                if self.pooling == "last":
+                    names = names[:2]
+                enc = {k: v.to(self.device) for k, v in enc.items() if k in names}
+                with torch.inference_mode():
+                    hidden = self.model(**enc).last_hidden_state.float()
+                pooled = _pool(hidden, enc["attention_mask"], self.pooling)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                out[idx] = pooled.cpu().numpy()
+                advance(len(idx), f"encoding with {Path(self.ref).name}")
+        return out
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    import torch
+
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    # The last real token, wherever padding sits (left or right).
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = (pos * mask.long()).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class _progress:
+    """A rich progress bar on stderr, or nothing; yields ``advance(n, description)``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Callable[[int, str], None]:
+        if not self.enabled:
+            return lambda n, desc: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self._bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("encoding", total=None)
+        return self._advance
+
+    def _advance(self, n: int, desc: str) -> None:
+        self._bar.update(self._task, advance=n, description=desc)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _effective_max_length(requested: int, model: Any, tokenizer: Any) -> int:
+    """``requested``, capped by what the model's position table and tokenizer allow."""
+    caps = [requested]
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        caps.append(positions)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        caps.append(tok_max)
+    return min(caps)
+
+
+def load_encoder(
+    ref: str = "minilm",
+    *,
+    max_length: int = 256,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> HFEncoder:
+    """Load an encoder by reference: ``"minilm"``, ``"smollm2"`` or a local HF folder.
+
+    ``max_length`` is capped by the model's position table; the encoder's ``max_length`` says
+    what is really used (and keys the cache).
+
+    >>> enc = load_encoder("minilm", max_length=128)              # doctest: +SKIP
+    >>> enc.encode(["hello"]).shape                               # doctest: +SKIP
+    (1, 384)
+    """
+    from reward_router.models import (
+        is_causal_lm_folder,
+        load_causal_lm,
+        minilm_path,
+        resolve_model_ref,
+    )
+
+    if not isinstance(max_length, int) or max_length < 8:
+        raise ConfigError("max_length", f"must be an integer >= 8, got {max_length!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size!r}")
+    ref = resolve_model_ref(ref)
+    pooling: Pooling
+    if ref == "smollm2" or (ref != "minilm" and is_causal_lm_folder(ref)):
+        causal, tokenizer = load_causal_lm(ref, device=device)
+        # The decoder body without the LM head: its last hidden state is what we pool.
+        model, pooling = causal.base_model, "last"
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = str(minilm_path()) if ref == "minilm" else ref
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder).to(device).eval()
+        pooling = "mean"
+    return HFEncoder(
+        ref,
+        model,
+        tokenizer,
+        pooling=pooling,
+        max_length=_effective_max_length(max_length, model, tokenizer),
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+class EmbeddingCache:
+    """Embeddings on disk, keyed by a hex content hash, in append-only shard files.
+
+    One folder per (encoder ref, max_length); each :meth:`put` writes one ``.npz`` shard (keys
+    and float32 rows) to a temporary name and renames it into place, so concurrent writers never
+    see or leave a half-written shard. Readers pick up shards written by other processes on
+    their next lookup. Duplicate keys across shards are harmless (same content, same value).
+    """
+
+    def __init__(self, root: Path, encoder_ref: str, max_length: int) -> None:
+        space = hashlib.sha256(f"{CACHE_FORMAT}\0{encoder_ref}\0{max_length}".encode()).hexdigest()
+        self.folder = Path(root) / space[:20]
+        self.encoder_ref = encoder_ref
+        self.max_length = max_length
+        self._rows: dict[str, np.ndarray] = {}
+        self._loaded: set[str] = set()
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The cached rows among ``keys`` (missing keys are absent from the result)."""
+        if any(k not in self._rows for k in keys):
+            self._refresh()
+        return {k: self._rows[k] for k in keys if k in self._rows}
+
+    def put(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        """Store rows under keys, as one new shard."""
+        if len(keys) == 0:
+            return
+        rows = np.asarray(rows, dtype=np.float32)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "meta.json"
+        if not meta.exists():
+            info = {"encoder_ref": self.encoder_ref, "max_length": self.max_length}
+            _atomic_write(meta, json.dumps(info, indent=2).encode())
+        name = f"shard-{uuid.uuid4().hex}.npz"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, keys=np.asarray(keys, dtype="S64"), rows=rows)
+            os.replace(tmp, self.folder / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._loaded.add(name)
+        for k, row in zip(keys, rows, strict=True):
+            self._rows[k] = row
+
+    def _refresh(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for shard in sorted(self.folder.glob("shard-*.npz")):
+            if shard.name in self._loaded:
+                continue
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    keys, rows = z["keys"], z["rows"]
+            except (OSError, ValueError, KeyError) as exc:
+                # A foreign or damaged file must not stop a run; it is only a cache.
+                log.warning("skipping unreadable embedding shard %s: %s", shard, exc)
+                self._loaded.add(shard.name)
+                continue
+            for k, row in zip(keys, rows, strict=True):
+                self._rows[k.decode()] = row
+            self._loaded.add(shard.name)
+
+    def __len__(self) -> int:
+        self._refresh()
+        return len(self._rows)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+class PairFeaturizer:
+    """Pair features for (prompt, response_a, response_b) triples, with an embedding cache.
+
+    Each side is embedded as (prompt text, response); identical sides (within a call or
+    across runs, when ``cache_dir`` is given) are embedded once.
+
+    >>> fz = PairFeaturizer(load_encoder("minilm"), cache_dir=Path("emb"))  # doctest: +SKIP
+    >>> fz.featurize(["hi"], ["hello!"], ["go away"]).shape                 # doctest: +SKIP
+    (1, 768)
+    """
+
+    def __init__(self, encoder: Encoder, cache_dir: Path | None = None) -> None:
+        self.encoder = encoder
+        self.cache = (
+            EmbeddingCache(cache_dir, encoder.ref, encoder.max_length)
+            if cache_dir is not None
+            else None
+        )
+
+    @property
+    def dim(self) -> int:
+        """Width of a pair feature row: twice the encoder's embedding size."""
+        return 2 * self.encoder.dim
+
+    def key(self, prompt: str, response: str) -> str:
+        """Content hash of one side: encoder ref, max_length, prompt text and response."""
+        enc = self.encoder
+        text = f"{CACHE_FORMAT}\0{enc.ref}\0{enc.max_length}\0{prompt}\0{response}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def embed_sides(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> np.ndarray:
+        """Embeddings (B, dim) of (prompt, response) sides, from the cache where possible."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        texts = [prompt_text(p) for p in prompts]
+        keys = [self.key(t, r) for t, r in zip(texts, responses, strict=True)]
+        found: dict[str, np.ndarray] = self.cache.get(keys) if self.cache is not None else {}
+        todo: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in found and k not in todo:
+                todo[k] = i
+        if todo:
+            idx = list(todo.values())
+            new = self.encoder.encode_pairs([texts[i] for i in idx], [responses[i] for i in idx])
+            new = np.asarray(new, dtype=np.float32)
+            if self.cache is not None:
+                self.cache.put(list(todo), new)
+            found.update(zip(todo, new, strict=True))
+        if not keys:
+            return np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+    def featurize(
+        self,
+        prompts: Sequence[PromptLike],
+        responses_a: Sequence[str],
+        responses_b: Sequence[str],
+    ) -> np.ndarray:
+        """Pair features (B, 2*dim) float32: ``pair_features(embed(p, a), embed(p, b))``."""
+        n = len(prompts)
+        if len(responses_a) != n or len(responses_b) != n:
+            raise ValueError(
+                f"lengths differ: {n} prompts, {len(responses_a)} responses_a, "
+                f"{len(responses_b)} responses_b"
+            )
+        both = self.embed_sides([*prompts, *prompts], [*responses_a, *responses_b])
+        return pair_features(both[:n], both[n:])
