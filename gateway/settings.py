@@ -88,7 +88,6 @@ class GatewaySettings(BaseSettings):
 
     rms: list[RMEndpoint] = Field(default_factory=list)
     router_path: Path | None = None
-    encoder_max_length: int = Field(default=256, ge=8, le=8192)
     encoder_batch_size: int = Field(default=32, ge=1, le=1024)
     feature_cache_dir: Path | None = None
     torch_threads: int = Field(default=1, ge=1, le=256)

@@ -169,7 +169,7 @@ class RedisStore:
 
     async def list_namespaces(self) -> list[str]:
         names = await self._call(lambda: self._r.smembers(self.keys.namespaces()))
-        return sorted(n.decode() for n in names)
+        return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
     async def put_routes(
         self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float

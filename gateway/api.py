@@ -1,0 +1,345 @@
+"""The gateway's HTTP layer: thin routes over :class:`gateway.service.GatewayService`.
+
+Errors are mapped to HTTP here, in one place, all with the one body
+``{"error": {"type", "message", "field"}}``::
+
+    RequestValidationError, InputError, ConfigError, RMRejected   422 (field named)
+    body over max_body_bytes                                       413
+    missing / wrong API key                                        401
+    UnknownNamespace                                               404
+    NamespaceConflict                                              409
+    AllRMsFailed, StoreUnavailable                                 503
+
+Auth: trainer endpoints need ``Authorization: Bearer <one of api_keys>`` when ``api_keys`` is
+configured; admin endpoints need the ``admin_key`` when it is configured (and otherwise fall back
+to the trainer rule). The admin key is accepted on trainer endpoints too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.protocol import (
+    ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
+    NamespaceConfig,
+    NamespaceInfo,
+    PosteriorsResponse,
+    RouteRequest,
+    RouteResponse,
+)
+from gateway.rm_client import RMRejected
+from gateway.service import (
+    AllRMsFailed,
+    GatewayService,
+    InputError,
+    NamespaceConflict,
+    UnknownNamespace,
+)
+from gateway.store import StoreUnavailable
+from reward_router.errors import ConfigError
+
+log = logging.getLogger("reward_router.gateway")
+
+OVERHEAD_HEADER = "x-reward-router-overhead-ms"
+ENCODE_HEADER = "x-reward-router-encode-ms"
+
+_bearer = HTTPBearer(auto_error=False, description="API key (trainer) or admin key")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+class AuthError(Exception):
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+def _service(request: Request) -> GatewayService:
+    svc: GatewayService = request.app.state.service
+    return svc
+
+
+def _matches(given: str, keys: list[str]) -> bool:
+    # compare_digest against every key (no early exit) so timing says nothing about which matched
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given.encode(), k.encode())
+    return ok
+
+
+def require_trainer(request: Request, creds: Credentials) -> None:
+    s = _service(request).settings
+    keys = [k.get_secret_value() for k in s.api_keys]
+    if s.admin_key is not None and keys:
+        keys.append(s.admin_key.get_secret_value())
+    if not keys:
+        return
+    if creds is None:
+        raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+    if not _matches(creds.credentials, keys):
+        raise AuthError("invalid API key")
+
+
+def require_admin(request: Request, creds: Credentials) -> None:
+    s = _service(request).settings
+    if s.admin_key is None:
+        require_trainer(request, creds)
+        return
+    if creds is None:
+        raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
+    if not _matches(creds.credentials, [s.admin_key.get_secret_value()]):
+        raise AuthError("invalid admin key")
+
+
+def _error(status: int, type_: str, message: str, field: str | None = None) -> JSONResponse:
+    body = {"error": {"type": type_, "message": message, "field": field}}
+    return JSONResponse(status_code=status, content=body)
+
+
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path"):
+        parts = parts[1:]
+    # Union members show up as extra loc entries ("str", "list[Message]"); they are not fields.
+    return ".".join(p for p in parts if not p.startswith(("str", "list[", "function-"))) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every domain error -> one HTTP status and the one error body."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        field = _loc(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            return _error(422, "invalid_json", f"body is not valid JSON: {first['msg']}", "body")
+        return _error(422, "validation_error", f"{field}: {first['msg']}", field)
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return _error(422, "invalid_input", str(exc), exc.field)
+
+    @app.exception_handler(ConfigError)
+    async def _config(request: Request, exc: ConfigError) -> JSONResponse:
+        return _error(422, "invalid_config", str(exc), exc.field)
+
+    @app.exception_handler(RMRejected)
+    async def _rejected(request: Request, exc: RMRejected) -> JSONResponse:
+        return _error(422, "rejected_by_rm", str(exc), "pairs")
+
+    @app.exception_handler(AuthError)
+    async def _auth(request: Request, exc: AuthError) -> JSONResponse:
+        resp = _error(401, "unauthorized", exc.message, "authorization")
+        resp.headers["www-authenticate"] = "Bearer"
+        return resp
+
+    @app.exception_handler(UnknownNamespace)
+    async def _unknown_ns(request: Request, exc: UnknownNamespace) -> JSONResponse:
+        return _error(404, "unknown_namespace", str(exc), "namespace")
+
+    @app.exception_handler(NamespaceConflict)
+    async def _conflict(request: Request, exc: NamespaceConflict) -> JSONResponse:
+        return _error(409, "namespace_conflict", str(exc), "namespace")
+
+    @app.exception_handler(AllRMsFailed)
+    async def _all_failed(request: Request, exc: AllRMsFailed) -> JSONResponse:
+        return _error(503, "rms_unavailable", str(exc))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        _service(request).metrics.store_errors.inc()
+        return _error(503, "store_unavailable", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, before they are parsed.
+
+    Checks Content-Length up front and counts streamed bytes too (chunked uploads have none).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = _error(413, "body_too_large", f"request body over {self.max_bytes} bytes", "body")
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)
+}
+
+
+@router.post(
+    "/v1/route",
+    response_model=RouteResponse,
+    responses=_ERRORS,
+    dependencies=[Depends(require_trainer)],
+    summary="Label pairs, each by one RM drawn from the namespace's posterior",
+)
+async def route(body: RouteRequest, request: Request, response: Response) -> RouteResponse:
+    svc = _service(request)
+    out, timing = await svc.route(body)
+    svc.metrics.overhead.labels("route").observe(timing.overhead)
+    response.headers[OVERHEAD_HEADER] = f"{timing.overhead * 1000:.3f}"
+    response.headers[ENCODE_HEADER] = f"{timing.encode * 1000:.3f}"
+    return out
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResponse,
+    responses=_ERRORS,
+    dependencies=[Depends(require_trainer)],
+    summary="The trainer's rewards (−DPO loss) for routed pairs; applied exactly once",
+)
+async def feedback(body: FeedbackRequest, request: Request, response: Response) -> FeedbackResponse:
+    svc = _service(request)
+    t0 = time.perf_counter()
+    out = await svc.feedback(body)
+    dt = time.perf_counter() - t0
+    svc.metrics.overhead.labels("feedback").observe(dt)
+    response.headers[OVERHEAD_HEADER] = f"{dt * 1000:.3f}"
+    return out
+
+
+@router.get(
+    "/v1/posteriors",
+    response_model=PosteriorsResponse,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    dependencies=[Depends(require_trainer)],
+    summary="Per RM: observations, routes, posterior summary, health",
+)
+async def posteriors(
+    request: Request,
+    namespace: Annotated[str, Query(max_length=64)] = "default",
+    detail: Annotated[Literal["summary", "full"], Query()] = "summary",
+) -> PosteriorsResponse:
+    return await _service(request).posteriors(namespace, full=detail == "full")
+
+
+@router.get("/v1/namespaces", dependencies=[Depends(require_trainer)])
+async def list_namespaces(request: Request) -> dict[str, list[str]]:
+    return {"namespaces": await _service(request).list_namespaces()}
+
+
+@router.post(
+    "/v1/namespaces/{namespace}",
+    response_model=NamespaceInfo,
+    responses=_ERRORS,
+    dependencies=[Depends(require_trainer)],
+    summary="Create a namespace with its own policy (idempotent for the same config)",
+)
+async def create_namespace(
+    namespace: str, request: Request, body: NamespaceConfig | None = None
+) -> NamespaceInfo:
+    return await _service(request).create_namespace(namespace, body)
+
+
+@router.post(
+    "/v1/namespaces/{namespace}/reset",
+    response_model=NamespaceInfo,
+    responses=_ERRORS,
+    dependencies=[Depends(require_admin)],
+    summary="Admin: back to the prior (the log and route records of the old state are dropped)",
+)
+async def reset_namespace(namespace: str, request: Request) -> NamespaceInfo:
+    return await _service(request).reset_namespace(namespace)
+
+
+@router.delete(
+    "/v1/namespaces/{namespace}",
+    responses=_ERRORS,
+    dependencies=[Depends(require_admin)],
+    summary="Admin: delete a namespace and its state",
+)
+async def delete_namespace(namespace: str, request: Request) -> dict[str, str]:
+    await _service(request).delete_namespace(namespace)
+    return {"deleted": namespace}
+
+
+@router.get("/v1/info", dependencies=[Depends(require_trainer)])
+async def info(request: Request) -> dict[str, Any]:
+    svc = _service(request)
+    return {
+        "rms": svc.rm_names,
+        "dim": svc.contexts.dim,
+        "router": svc.contexts.router is not None,
+        "default_config": svc.default_config,
+        "settings": svc.settings.safe_dict(),
+    }
+
+
+@router.get("/healthz", include_in_schema=True)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    checks = await _service(request).readiness()
+    return JSONResponse(status_code=200 if checks["ready"] else 503, content=checks)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,45 @@
+"""``build_app(settings)``: the FastAPI app; the service is built in the lifespan, not at import.
+
+>>> app = build_app(load_settings("gateway.yaml"))      # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8080)       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.api import BodyLimit, install_error_handlers, router
+from gateway.service import GatewayService
+from gateway.settings import GatewaySettings
+
+
+def build_app(settings: GatewaySettings, service: GatewayService | None = None) -> FastAPI:
+    """The gateway app; ``service`` (already built) is for tests and benchmarks."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = service or GatewayService.build(settings)
+        await svc.start()
+        app.state.service = svc
+        try:
+            yield
+        finally:
+            await svc.aclose()
+
+    app = FastAPI(
+        title="reward-router gateway",
+        version="0.1.0",
+        description=(
+            "Routes each preference pair to exactly one reward model (contextual Thompson "
+            "sampling over per-RM Gaussian posteriors seeded by an offline router) and learns "
+            "from the trainer's reward. See docs/gateway.md."
+        ),
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,236 @@
+"""Clients for the RM scoring services: explicit timeouts, health checks, cooldown, typed errors.
+
+Exception tree (what the gateway's fallback logic branches on)::
+
+    RMError
+    ├── RMUnavailable   the RM failed: refused, timed out, 5xx, malformed answer.
+    │                   Counts toward cooldown; the pair falls back to the next-best RM.
+    └── RMRejected      the RM answered 4xx: the caller's input is bad for it. No cooldown, no
+                        fallback (another RM would reject it too); the caller gets a 422.
+
+Cooldown: after ``failure_threshold`` consecutive failures an RM is skipped for ``cooldown_s``.
+The way back in: when the cooldown ends the RM is "half-open" — the next health check or request
+tries it; one success clears the failure count, one more failure starts a new cooldown. A failed
+health check (``/readyz`` not 200) also marks it unavailable until a check passes.
+
+>>> client = RMClient("len", "http://127.0.0.1:9000")             # doctest: +SKIP
+>>> results = await client.compare([{"prompt": "2+2?", "response_a": "4",
+...                                  "response_b": "5"}])         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from reward_router.errors import RewardRouterError
+
+
+class RMError(RewardRouterError):
+    """Base of the RM client's errors."""
+
+    def __init__(self, rm: str, message: str) -> None:
+        self.rm = rm
+        super().__init__(f"{rm}: {message}")
+
+
+class RMUnavailable(RMError):
+    """The RM failed (connection, timeout, 5xx, malformed answer)."""
+
+
+class RMRejected(RMError):
+    """The RM rejected the input with a 4xx; ``detail`` is its error body."""
+
+    def __init__(self, rm: str, status: int, detail: Any) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(rm, f"rejected the input with {status}: {detail}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One RM's verdict on one pair."""
+
+    score_a: float
+    score_b: float
+    preferred: str
+
+
+def _parse_results(rm: str, body: Any, n: int) -> list[Comparison]:
+    try:
+        results = body["results"]
+        if len(results) != n:
+            raise ValueError(f"{len(results)} results for {n} pairs")
+        out = []
+        for r in results:
+            a, b, p = float(r["score_a"]), float(r["score_b"]), str(r["preferred"])
+            if p not in ("a", "b", "tie") or not (math.isfinite(a) and math.isfinite(b)):
+                raise ValueError(f"bad result {r!r}")
+            out.append(Comparison(a, b, p))
+        return out
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RMUnavailable(rm, f"malformed /v1/compare answer: {exc}") from None
+
+
+class RMClient:
+    """One RM service: an httpx.AsyncClient with explicit timeouts plus its health state."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        connect_timeout_s: float = 1.0,
+        read_timeout_s: float = 60.0,
+        max_batch: int = 64,
+        failure_threshold: int = 3,
+        cooldown_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.max_batch = max_batch
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        # write/pool get the read budget: a big batch upload or a queue for a connection is
+        # still part of "waiting for this RM".
+        timeout = httpx.Timeout(
+            connect=connect_timeout_s,
+            read=read_timeout_s,
+            write=read_timeout_s,
+            pool=read_timeout_s,
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self.consecutive_failures = 0
+        self.cooldown_until = 0.0
+        self.healthy = True  # until a health check says otherwise
+        self.last_error: str | None = None
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def in_cooldown(self) -> bool:
+        return self._clock() < self.cooldown_until
+
+    def available(self) -> bool:
+        """Worth asking now: healthy at the last check and not cooling down."""
+        return self.healthy and not self.in_cooldown()
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+        self.cooldown_until = 0.0
+        self.healthy = True
+        self.last_error = None
+
+    def record_failure(self, message: str) -> None:
+        self.consecutive_failures += 1
+        self.last_error = message
+        if self.consecutive_failures >= self.failure_threshold:
+            self.cooldown_until = self._clock() + self.cooldown_s
+
+    # ---- calls ----------------------------------------------------------------------------
+
+    async def compare(self, pairs: Sequence[dict[str, Any]]) -> list[Comparison]:
+        """``POST /v1/compare`` in chunks of ``max_batch``; raises :class:`RMError`."""
+        out: list[Comparison] = []
+        for start in range(0, len(pairs), self.max_batch):
+            chunk = list(pairs[start : start + self.max_batch])
+            out += await self._compare_chunk(chunk)
+        return out
+
+    async def _compare_chunk(self, pairs: list[dict[str, Any]]) -> list[Comparison]:
+        try:
+            resp = await self._http.post("/v1/compare", json={"pairs": pairs})
+        except httpx.HTTPError as exc:
+            err = RMUnavailable(self.name, f"{type(exc).__name__}: {exc}")
+            self.record_failure(str(err))
+            raise err from None
+        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
+            # The caller's input: the RM is fine, so neither cooldown nor failure count.
+            try:
+                detail = resp.json()
+            except ValueError:
+                detail = resp.text[:500]
+            raise RMRejected(self.name, resp.status_code, detail)
+        if resp.status_code != 200:
+            err = RMUnavailable(self.name, f"HTTP {resp.status_code}: {resp.text[:200]}")
+            self.record_failure(str(err))
+            raise err
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        try:
+            results = _parse_results(self.name, body, len(pairs))
+        except RMUnavailable as err:
+            self.record_failure(str(err))
+            raise
+        self.record_success()
+        return results
+
+    async def check_health(self) -> bool:
+        """``GET /readyz``; updates :attr:`healthy` (and clears failures when it passes)."""
+        try:
+            resp = await self._http.get("/readyz")
+            ok = resp.status_code == 200
+        except httpx.HTTPError as exc:
+            ok = False
+            self.last_error = f"health check: {type(exc).__name__}"
+        if ok and not self.in_cooldown():
+            self.record_success()
+        elif not ok:
+            self.healthy = False
+        return ok
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class RMPool:
+    """The RMs in the router's order (index = arm), with a background health-check loop."""
+
+    def __init__(self, clients: Sequence[RMClient], health_interval_s: float = 2.0) -> None:
+        self.clients = list(clients)
+        self.by_name = {c.name: c for c in self.clients}
+        self.health_interval_s = health_interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.clients]
+
+    async def check_all(self) -> list[bool]:
+        return list(await asyncio.gather(*(c.check_health() for c in self.clients)))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self.check_all()
+
+    async def start(self) -> None:
+        """One check now (so /readyz is right from the start), then one every interval."""
+        await self.check_all()
+        self._task = asyncio.create_task(self._loop())
+
+    def any_available(self) -> bool:
+        return any(c.available() for c in self.clients)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(c.aclose() for c in self.clients))

@@ -1,0 +1,730 @@
+"""The serving class: built once at start-up, kept on ``app.state``; the HTTP layer only calls it.
+
+Per request it does, for ``/v1/route``: namespace state (created on first use) -> refresh from the
+store's log -> pair features (router artifact, in a worker thread) -> the policy's draw -> one
+``/v1/compare`` call per RM asked (concurrently), falling back along the draw's ranking when an
+RM fails -> route records in the store -> labels. For ``/v1/feedback``: the store's atomic
+exactly-once step, then a refresh of the touched namespaces.
+
+A replica's posterior for a namespace is always ``fold(prior, log[1..seq])``: the log holds raw
+rewards, folded in sequence order, one observation at a time through the namespace's normaliser,
+then into the policy. Two replicas that have read the same prefix of the log hold the same state
+(to float rounding of batched sums, far below 1e-9), whatever the order they routed or received
+feedback in. Staleness: a replica re-reads the log tail before every route call
+(``refresh_interval_ms = 0``, one Redis round trip of ~0.1 ms) or at most every
+``refresh_interval_ms``; it also re-reads after each feedback it applies and before every
+``/v1/posteriors`` answer. So a route drawn on replica B reflects every feedback acknowledged
+(on any replica) before B's last refresh, i.e. at most ``refresh_interval_ms`` old.
+
+>>> service = GatewayService.build(load_settings("gateway.yaml"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import (
+    FeedbackRequest,
+    FeedbackResponse,
+    NamespaceConfig,
+    NamespaceInfo,
+    PairIn,
+    PosteriorParams,
+    PosteriorsResponse,
+    RMPosterior,
+    RouteRequest,
+    RouteResponse,
+    RouteResult,
+)
+from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
+from gateway.settings import NAMESPACE_RE, GatewaySettings
+from gateway.store import EmbeddedStore, NamespaceMeta, Observation, Outcome, Store
+from reward_router.errors import ConfigError, RewardRouterError
+
+if TYPE_CHECKING:
+    from gateway.routing import Policy
+
+log = logging.getLogger("reward_router.gateway")
+
+
+# ---- errors the HTTP layer maps (gateway/api.py) ----------------------------------------------
+
+
+class InputError(RewardRouterError):
+    """The caller's request is invalid; names the field (HTTP 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UnknownNamespace(RewardRouterError):
+    """An admin or read call named a namespace that does not exist (HTTP 404)."""
+
+    def __init__(self, ns: str) -> None:
+        self.namespace = ns
+        super().__init__(f"namespace {ns!r} does not exist")
+
+
+class NamespaceConflict(RewardRouterError):
+    """The namespace exists with another config, or was built for another router (HTTP 409)."""
+
+
+class AllRMsFailed(RewardRouterError):
+    """Every RM of a pair's ranking failed (HTTP 503)."""
+
+
+# ---- pair features -----------------------------------------------------------------------------
+
+
+class Router(Protocol):
+    """What the gateway needs of ``gateway.offline.router.OfflineRouter``."""
+
+    rms: list[str]
+    encoder_ref: str
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def prior_means(self) -> np.ndarray: ...
+
+    def hidden(self, pair_feats: np.ndarray) -> np.ndarray: ...
+
+
+class Featurizer(Protocol):
+    def featurize(
+        self, prompts: Sequence[Any], responses_a: Sequence[str], responses_b: Sequence[str]
+    ) -> np.ndarray: ...
+
+
+class Contexts:
+    """Pair -> context h. With a router: encoder + MLP (+ intercept), computed in one worker
+    thread, never on the event loop; concurrent requests are encoded together in one batch
+    (up to ``max_batch`` pairs). Without a router: h = [1] (the intercept alone)."""
+
+    def __init__(
+        self, router: Router | None, featurizer: Featurizer | None, max_batch: int = 64
+    ) -> None:
+        self.router = router
+        self.featurizer = featurizer
+        self.dim = router.dim if router is not None else 1
+        self.prior_means = router.prior_means if router is not None else None
+        self.max_batch = max_batch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rr-encode")
+        self._queue: asyncio.Queue[tuple[list[PairIn], asyncio.Future[np.ndarray]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    def compute(self, pairs: Sequence[PairIn]) -> np.ndarray:
+        """(B, dim) float64 contexts, synchronously (what the worker thread runs)."""
+        if self.router is None or self.featurizer is None:
+            return np.ones((len(pairs), 1))
+        prompts = [
+            p.prompt if isinstance(p.prompt, str) else [m.model_dump() for m in p.prompt]
+            for p in pairs
+        ]
+        feats = self.featurizer.featurize(
+            prompts, [p.response_a for p in pairs], [p.response_b for p in pairs]
+        )
+        return np.asarray(self.router.hidden(feats), dtype=np.float64)
+
+    async def __call__(self, pairs: Sequence[PairIn]) -> np.ndarray:
+        if self.router is None:
+            return self.compute(pairs)
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._run())
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        await self._queue.put((list(pairs), fut))
+        return await fut
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            size = len(jobs[0][0])
+            while size < self.max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+                size += len(jobs[-1][0])
+            allpairs = [p for pairs, _ in jobs for p in pairs]
+            try:
+                h = await loop.run_in_executor(self._pool, self.compute, allpairs)
+            except Exception as exc:  # handed to every waiting request, the loop lives on
+                for _, fut in jobs:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            start = 0
+            for pairs, fut in jobs:
+                if not fut.done():
+                    fut.set_result(h[start : start + len(pairs)])
+                start += len(pairs)
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- namespaces ----------------------------------------------------------------------------------
+
+
+def make_normalizer(kind: str, params: dict[str, Any]) -> Any:
+    from gateway.routing import QuantileNormalizer, ZScoreNormalizer
+
+    if kind == "none":
+        if params:
+            raise ConfigError("normalizer_params", "must be empty for normalizer 'none'")
+        return None
+    cls = QuantileNormalizer if kind == "quantile" else ZScoreNormalizer
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ConfigError("normalizer_params", f"{exc}") from None
+
+
+@dataclass
+class NsState:
+    """One namespace as this replica holds it: its policy folded up to log position ``seq``."""
+
+    meta: NamespaceMeta
+    policy: Policy
+    normalizer: Any
+    forgetting: bool
+    seq: int = 0
+    obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    last_refresh: float = -math.inf
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Timing:
+    """Where one request's time went (seconds)."""
+
+    total: float = 0.0
+    rm_wait: float = 0.0
+    encode: float = 0.0
+
+    @property
+    def overhead(self) -> float:
+        return max(0.0, self.total - self.rm_wait)
+
+
+# ---- the service ---------------------------------------------------------------------------------
+
+
+class GatewayService:
+    """Everything a gateway replica does, independent of HTTP."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: Store,
+        contexts: Contexts,
+        pool: RMPool,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.contexts = contexts
+        self.pool = pool
+        self.metrics = metrics
+        self.n_rms = len(pool.clients)
+        self._ns: dict[str, NsState] = {}
+        self._ns_locks: dict[str, asyncio.Lock] = {}
+        d = settings.policy
+        self.default_config: dict[str, Any] = {
+            "policy": d.name,
+            "params": dict(d.params),
+            "normalizer": d.normalizer,
+            "normalizer_params": dict(d.normalizer_params),
+            "best_rm": d.best_rm,
+        }
+
+    @classmethod
+    def build(cls, settings: GatewaySettings) -> GatewayService:
+        """Load the router artifact and encoder, connect the store, make the RM clients."""
+        router: Router | None = None
+        featurizer: Featurizer | None = None
+        rm_order = [r.name for r in settings.rms]
+        if settings.router_path is not None:
+            import torch
+
+            from gateway.offline.router import OfflineRouter
+
+            torch.set_num_threads(settings.torch_threads)
+            loaded = OfflineRouter.load(settings.router_path)
+            missing = sorted(set(loaded.rms) - set(rm_order))
+            extra = sorted(set(rm_order) - set(loaded.rms))
+            if missing or extra:
+                raise ConfigError(
+                    "rms",
+                    f"must name exactly the router's RMs {loaded.rms}; "
+                    f"missing {missing}, not in the router {extra}",
+                )
+            rm_order = list(loaded.rms)
+            featurizer = loaded.load_featurizer(
+                settings.feature_cache_dir, batch_size=settings.encoder_batch_size
+            )
+            router = loaded
+        by_name = {r.name: r for r in settings.rms}
+        clients = [
+            RMClient(
+                name,
+                by_name[name].url,
+                connect_timeout_s=by_name[name].connect_timeout_s,
+                read_timeout_s=by_name[name].read_timeout_s,
+                max_batch=by_name[name].max_batch,
+                failure_threshold=settings.failure_threshold,
+                cooldown_s=settings.cooldown_s,
+            )
+            for name in rm_order
+        ]
+        store: Store
+        if settings.redis_url:
+            from gateway.store_redis import RedisStore
+
+            store = RedisStore.from_url(
+                settings.redis_url,
+                prefix=settings.key_prefix,
+                retries=settings.store_retries,
+                timeout_s=settings.store_timeout_s,
+            )
+        else:
+            store = EmbeddedStore()
+        metrics = GatewayMetrics(rm_order, settings.max_metric_namespaces)
+        pool = RMPool(clients, settings.health_interval_s)
+        return cls(settings, store, Contexts(router, featurizer), pool, metrics)
+
+    async def start(self) -> None:
+        await self.pool.start()
+        self._update_rm_gauges()
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+        await self.contexts.aclose()
+        await self.store.aclose()
+
+    @property
+    def rm_names(self) -> list[str]:
+        return self.pool.names
+
+    # ---- readiness -------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {"router": True, "store": True, "rms": {}}
+        try:
+            await self.store.ping()
+        except RewardRouterError as exc:
+            checks["store"] = str(exc)
+        checks["rms"] = {c.name: c.available() for c in self.pool.clients}
+        self._update_rm_gauges()
+        checks["ready"] = checks["store"] is True and any(checks["rms"].values())
+        return checks
+
+    def _update_rm_gauges(self) -> None:
+        for c in self.pool.clients:
+            self.metrics.rm_available.labels(c.name).set(1 if c.available() else 0)
+
+    # ---- namespace config and state ----------------------------------------------------------
+
+    def _policy_from(self, ns: str, config: dict[str, Any]) -> tuple[Policy, Any, bool]:
+        from gateway.routing import make_policy
+
+        name = config.get("policy")
+        if not isinstance(name, str):
+            raise ConfigError("policy", "must be a policy name")
+        best = config.get("best_rm")
+        best_idx = None
+        if best is not None:
+            if best not in self.rm_names:
+                raise ConfigError("best_rm", f"must be one of {self.rm_names}, got {best!r}")
+            best_idx = self.rm_names.index(best)
+        seed = self.settings.seed
+        rng = np.random.default_rng(None if seed is None else [seed, zlib.crc32(ns.encode())])
+        params = dict(config.get("params") or {})
+        policy = make_policy(
+            name,
+            n_rms=self.n_rms,
+            dim=self.contexts.dim,
+            rng=rng,
+            prior_means=self.contexts.prior_means,
+            best_rm=best_idx,
+            **params,
+        )
+        if policy.requires_labels:
+            raise ConfigError(
+                "policy",
+                f"{name!r} needs each pair's true label, which a live trainer does not have; "
+                "use it in `reward-router replay` only",
+            )
+        normalizer = make_normalizer(
+            str(config.get("normalizer", "quantile")), dict(config.get("normalizer_params") or {})
+        )
+        forgetting = float(params.get("forgetting", 1.0)) < 1.0
+        return policy, normalizer, forgetting
+
+    def _full_config(self, req: NamespaceConfig | None) -> dict[str, Any]:
+        cfg = dict(self.default_config)
+        if req is not None:
+            given = req.model_dump(exclude_none=True)
+            if "policy" in given and "params" not in given:
+                cfg["params"] = {}  # the defaults' params belong to the defaults' policy
+            cfg.update(given)
+        cfg["rms"] = self.rm_names
+        cfg["dim"] = self.contexts.dim
+        return cfg
+
+    def _new_state(self, meta: NamespaceMeta) -> NsState:
+        cfg = meta.config
+        if cfg.get("rms") != self.rm_names or cfg.get("dim") != self.contexts.dim:
+            raise NamespaceConflict(
+                f"namespace {meta.name!r} was created for RMs {cfg.get('rms')} and dim "
+                f"{cfg.get('dim')}, this gateway has {self.rm_names} and {self.contexts.dim}; "
+                "reset or delete it (admin) to reuse the name"
+            )
+        policy, normalizer, forgetting = self._policy_from(meta.name, cfg)
+        return NsState(
+            meta, policy, normalizer, forgetting, obs_counts=np.zeros(self.n_rms, dtype=np.int64)
+        )
+
+    def _lock_for(self, ns: str) -> asyncio.Lock:
+        lock = self._ns_locks.get(ns)
+        if lock is None:
+            lock = self._ns_locks[ns] = asyncio.Lock()
+        return lock
+
+    async def _state(self, ns: str, *, create: bool, force_refresh: bool = False) -> NsState:
+        st = self._ns.get(ns)
+        if st is None:
+            async with self._lock_for(ns):
+                st = self._ns.get(ns)
+                if st is None:
+                    meta = await self.store.get_namespace(ns)
+                    if meta is None:
+                        if not create:
+                            raise UnknownNamespace(ns)
+                        config = self._full_config(None)
+                        meta, _ = await self.store.create_namespace(ns, config)
+                    st = self._ns[ns] = self._new_state(meta)
+        return await self._refresh(st, force=force_refresh, create=create)
+
+    async def _refresh(self, st: NsState, *, force: bool, create: bool) -> NsState:
+        interval = self.settings.refresh_interval_ms / 1000.0
+        if not force and interval > 0 and time.monotonic() - st.last_refresh < interval:
+            return st
+        ns = st.meta.name
+        async with st.lock:
+            started = time.monotonic()
+            meta, tail = await self.store.read_tail(ns, st.meta.gen, st.seq)
+            if meta is None:  # deleted (by an admin, maybe on another replica)
+                self._ns.pop(ns, None)
+                if not create:
+                    raise UnknownNamespace(ns)
+                return await self._state(ns, create=True)
+            if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
+                fresh = self._new_state(meta)
+                self._ns[ns] = fresh
+                meta, tail = await self.store.read_tail(ns, fresh.meta.gen, 0)
+                st = fresh
+            self._fold(st, tail)
+            st.last_refresh = started
+        return st
+
+    def _fold(self, st: NsState, tail: list[Observation]) -> None:
+        """Fold observations (in sequence order) into the normaliser and the policy."""
+        if not tail:
+            return
+        if tail[0].seq != st.seq + 1:
+            raise RuntimeError(f"log gap: have {st.seq}, got {tail[0].seq}")
+        raw = np.array([o.reward for o in tail], dtype=np.float64)
+        if st.normalizer is not None:
+            # One at a time: each observation is normalised against the window of everything
+            # before it in the log, whatever batches the replicas happened to read it in.
+            rewards = np.array(
+                [st.normalizer.normalize(raw[i : i + 1])[0] for i in range(len(raw))]
+            )
+        else:
+            rewards = raw
+        arms = np.array([o.arm for o in tail], dtype=np.int64)
+        h = np.stack([o.h for o in tail])
+        if st.forgetting:
+            for i in range(len(tail)):  # forgetting discounts per update call: keep it per item
+                st.policy.update(h[i : i + 1], arms[i : i + 1], rewards[i : i + 1])
+        else:
+            st.policy.update(h, arms, rewards)
+        st.obs_counts += np.bincount(arms, minlength=self.n_rms)
+        st.seq = tail[-1].seq
+
+    # ---- namespaces (HTTP: /v1/namespaces) ----------------------------------------------------
+
+    async def create_namespace(self, ns: str, req: NamespaceConfig | None) -> NamespaceInfo:
+        self._check_ns(ns)
+        config = self._full_config(req)
+        self._policy_from(ns, config)  # validate before anything is stored
+        meta, created = await self.store.create_namespace(ns, config)
+        if not created and meta.config != config:
+            raise NamespaceConflict(
+                f"namespace {ns!r} exists with another config {meta.config}; reset or delete it"
+            )
+        return NamespaceInfo(namespace=ns, created=created, config=meta.config)
+
+    async def reset_namespace(self, ns: str) -> NamespaceInfo:
+        self._check_ns(ns)
+        meta = await self.store.reset_namespace(ns)
+        if meta is None:
+            raise UnknownNamespace(ns)
+        self._ns.pop(ns, None)
+        return NamespaceInfo(namespace=ns, created=False, config=meta.config)
+
+    async def delete_namespace(self, ns: str) -> None:
+        self._check_ns(ns)
+        if not await self.store.delete_namespace(ns):
+            raise UnknownNamespace(ns)
+        self._ns.pop(ns, None)
+
+    async def list_namespaces(self) -> list[str]:
+        return await self.store.list_namespaces()
+
+    @staticmethod
+    def _check_ns(ns: str) -> None:
+        if not NAMESPACE_RE.match(ns):
+            raise InputError("namespace", f"must match {NAMESPACE_RE.pattern}, got {ns!r}")
+
+    # ---- route ---------------------------------------------------------------------------------
+
+    def _check_sizes(self, pairs: Sequence[PairIn]) -> None:
+        limit = self.settings.max_text_chars
+        if len(pairs) > self.settings.max_pairs:
+            raise InputError("pairs", f"at most {self.settings.max_pairs} pairs per request")
+        for i, p in enumerate(pairs):
+            prompt_len = (
+                len(p.prompt)
+                if isinstance(p.prompt, str)
+                else sum(len(m.content) for m in p.prompt)
+            )
+            sizes = {
+                "prompt": prompt_len,
+                "response_a": len(p.response_a),
+                "response_b": len(p.response_b),
+                "reference": len(p.reference or ""),
+            }
+            for name, n in sizes.items():
+                if n > limit:
+                    raise InputError(f"pairs.{i}.{name}", f"longer than {limit} characters")
+
+    def _order(self, row: np.ndarray, tried: set[int]) -> list[int]:
+        """Untried RMs of one ranking: available ones first, then the rest as a last resort."""
+        clients = self.pool.clients
+        left = [int(a) for a in row if int(a) not in tried]
+        return [a for a in left if clients[a].available()] + [
+            a for a in left if not clients[a].available()
+        ]
+
+    async def _ask(
+        self, arm: int, idx: list[int], payloads: list[dict[str, Any]]
+    ) -> tuple[int, list[int], list[Comparison] | RMUnavailable]:
+        client: RMClient = self.pool.clients[arm]
+        t0 = time.perf_counter()
+        try:
+            res = await client.compare([payloads[i] for i in idx])
+            self.metrics.rm_latency.labels(client.name, "ok").observe(time.perf_counter() - t0)
+            return arm, idx, res
+        except RMUnavailable as exc:
+            self.metrics.rm_latency.labels(client.name, "error").observe(time.perf_counter() - t0)
+            return arm, idx, exc
+        except RMRejected:
+            self.metrics.rm_latency.labels(client.name, "rejected").observe(
+                time.perf_counter() - t0
+            )
+            raise
+
+    async def _dispatch(
+        self, payloads: list[dict[str, Any]], ranking: np.ndarray, asked: np.ndarray, ensemble: bool
+    ) -> tuple[list[dict[int, Comparison]], float]:
+        """Ask RMs until every pair has an answer; returns the answers per pair and RM wait."""
+        b = len(payloads)
+        answers: list[dict[int, Comparison]] = [{} for _ in range(b)]
+        tried: list[set[int]] = [set() for _ in range(b)]
+        # First round: what the policy asked (single-RM: the first available of the ranking).
+        targets: dict[int, list[int]] = {}
+        for i in range(b):
+            if ensemble:
+                first = [int(a) for a in ranking[i] if asked[i, int(a)]]
+            else:
+                first = self._order(ranking[i], set())[:1]
+                top = int(ranking[i, 0])
+                if first and first[0] != top:
+                    self.metrics.fallbacks.labels(self.pool.clients[top].name, "cooldown").inc()
+            for a in first:
+                targets.setdefault(a, []).append(i)
+        wait = 0.0
+        while targets:
+            t0 = time.perf_counter()
+            calls = [self._ask(a, idx, payloads) for a, idx in targets.items()]
+            done = await asyncio.gather(*calls)
+            wait += time.perf_counter() - t0
+            targets = {}
+            for arm, idx, res in done:
+                for i in idx:
+                    tried[i].add(arm)
+                if isinstance(res, RMUnavailable):
+                    name = self.pool.clients[arm].name
+                    log.warning("RM %s failed for %d pairs: %s", name, len(idx), res)
+                    self.metrics.fallbacks.labels(name, "error").inc(len(idx))
+                    continue
+                for i, cmp in zip(idx, res, strict=True):
+                    answers[i][arm] = cmp
+            # Pairs left without any answer go to the next RM of their own ranking. An ensemble
+            # pair with some answers keeps them (the failed RMs are left out of the combine).
+            for i in sorted({i for _, idx, _ in done for i in idx}):
+                if answers[i]:
+                    continue
+                nxt = self._order(ranking[i], tried[i])[:1]
+                if not nxt:
+                    raise AllRMsFailed(f"pair {i}: every RM failed ({', '.join(self.rm_names)})")
+                targets.setdefault(nxt[0], []).append(i)
+        return answers, wait
+
+    async def route(self, req: RouteRequest) -> tuple[RouteResponse, Timing]:
+        t_start = time.perf_counter()
+        timing = Timing()
+        self._check_sizes(req.pairs)
+        st = await self._state(req.namespace, create=True)
+        t0 = time.perf_counter()
+        h = await self.contexts(req.pairs)
+        timing.encode = time.perf_counter() - t0
+        self.metrics.encode.observe(timing.encode)
+        selection = st.policy.select(h)
+        ranking = np.asarray(selection.ranking)
+        asked = np.asarray(selection.asked)
+        ensemble = st.policy.calls_per_pair > 1
+        payloads = [p.model_dump(exclude={"id"}, exclude_none=True) for p in req.pairs]
+        answers, timing.rm_wait = await self._dispatch(payloads, ranking, asked, ensemble)
+
+        records: list[tuple[int, np.ndarray]] = []
+        results: list[RouteResult] = []
+        margins = np.full((len(req.pairs), self.n_rms), np.nan)
+        for i, ans in enumerate(answers):
+            for arm, cmp in ans.items():
+                margins[i, arm] = cmp.score_a - cmp.score_b
+        combined = st.policy.combine(margins) if ensemble else None
+        ns_label = self.metrics.ns_label(req.namespace)
+        for i, ans in enumerate(answers):
+            order = [int(a) for a in ranking[i] if int(a) in ans]
+            arm = order[0]
+            names = [self.rm_names[a] for a in order]
+            if ensemble and combined is not None:
+                m = float(combined[i])
+                preferred = "a" if m > 0 else "b" if m < 0 else "tie"
+                score_a = float(np.mean([ans[a].score_a for a in order]))
+                score_b = float(np.mean([ans[a].score_b for a in order]))
+            else:
+                c = ans[arm]
+                preferred, score_a, score_b = c.preferred, c.score_a, c.score_b
+            records.append((arm, h[i]))
+            self.metrics.routes.labels(ns_label, self.rm_names[arm]).inc()
+            results.append(
+                RouteResult(
+                    id=req.pairs[i].id,
+                    route_id="",
+                    rm=self.rm_names[arm],
+                    rms=names if ensemble else None,
+                    preferred=preferred,  # type: ignore[arg-type]
+                    score_a=score_a,
+                    score_b=score_b,
+                    fallback=(not ensemble) and arm != int(ranking[i, 0]),
+                )
+            )
+        ids = await self.store.put_routes(
+            req.namespace, st.meta.gen, records, self.settings.route_ttl_s
+        )
+        for r, rid in zip(results, ids, strict=True):
+            r.route_id = rid
+        timing.total = time.perf_counter() - t_start
+        self._update_rm_gauges()
+        return RouteResponse(namespace=req.namespace, results=results), timing
+
+    # ---- feedback ------------------------------------------------------------------------------
+
+    async def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
+        if len(req.feedback) > self.settings.max_feedback:
+            raise InputError("feedback", f"at most {self.settings.max_feedback} items per request")
+        items = [(f.route_id, f.reward) for f in req.feedback]
+        results = await self.store.apply_feedback(items)
+        counts = {o: 0 for o in Outcome}
+        touched: set[str] = set()
+        for (_, reward), r in zip(items, results, strict=True):
+            counts[r.outcome] += 1
+            if r.outcome is Outcome.APPLIED and r.namespace is not None:
+                touched.add(r.namespace)
+                self.metrics.reward.labels(self.metrics.ns_label(r.namespace)).observe(reward)
+        for o, n in counts.items():
+            if n:
+                self.metrics.feedback.labels(o.value).inc(n)
+        for ns in touched:
+            st = self._ns.get(ns)
+            if st is not None:
+                # Applied and durable already; a failed refresh only delays this replica's view.
+                with contextlib.suppress(RewardRouterError):
+                    await self._refresh(st, force=True, create=False)
+        return FeedbackResponse(
+            applied=counts[Outcome.APPLIED],
+            duplicate=counts[Outcome.DUPLICATE],
+            unknown=counts[Outcome.UNKNOWN],
+        )
+
+    # ---- posteriors ----------------------------------------------------------------------------
+
+    async def posteriors(self, ns: str, *, full: bool = False) -> PosteriorsResponse:
+        self._check_ns(ns)
+        st = await self._state(ns, create=False, force_refresh=True)
+        routes = await self.store.route_counts(ns, st.meta.gen)
+        post = getattr(st.policy, "posteriors", None)
+        norms: list[float | None] = [None] * self.n_rms
+        unc: list[float | None] = [None] * self.n_rms
+        params = None
+        label = self.metrics.ns_label(ns)
+        if post is not None:
+            means = post.means()
+            cov = post.covariances()
+            for n in range(self.n_rms):
+                norm_n = float(np.linalg.norm(means[n]))
+                unc_n = float(np.sqrt(np.mean(np.diagonal(cov[n]))))
+                norms[n], unc[n] = norm_n, unc_n
+                self.metrics.posterior_mean_norm.labels(label, self.rm_names[n]).set(norm_n)
+                self.metrics.posterior_uncertainty.labels(label, self.rm_names[n]).set(unc_n)
+            if full:
+                params = PosteriorParams(
+                    means=means.tolist(), eta=post.eta.tolist(), precision=post.precision.tolist()
+                )
+        rms = [
+            RMPosterior(
+                name=c.name,
+                observations=int(st.obs_counts[n]),
+                routes=routes.get(n, 0),
+                mean_norm=norms[n],
+                uncertainty=unc[n],
+                healthy=c.healthy,
+                in_cooldown=c.in_cooldown(),
+            )
+            for n, c in enumerate(self.pool.clients)
+        ]
+        return PosteriorsResponse(
+            namespace=ns, policy=st.policy.name, seq=st.seq, rms=rms, params=params
+        )
