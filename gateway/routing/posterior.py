@@ -49,6 +49,30 @@ def with_intercept(h: np.ndarray) -> np.ndarray:
     return np.concatenate([h, np.ones((h.shape[0], 1), dtype=h.dtype)], axis=1)
 
 
+def inv_lower(lower: np.ndarray, leaf: int = 64) -> np.ndarray:
+    """Inverse of (a stack of) lower-triangular matrices by blocks, ``(..., D, D)``.
+
+    numpy has no triangular inverse; ``np.linalg.inv`` ignores the structure (LU, ~2 D^3 flops).
+    Splitting ``[[A, 0], [C, B]]^{-1} = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` down to ``leaf``-sized
+    blocks does ~D^3 / 3 flops in matrix products, about 4x faster at D = 577.
+
+    >>> m = np.array([[2.0, 0.0], [1.0, 4.0]])
+    >>> bool(np.allclose(inv_lower(m, leaf=1) @ m, np.eye(2)))
+    True
+    """
+    d = lower.shape[-1]
+    if d <= leaf:
+        return np.asarray(np.linalg.inv(lower))
+    k = d // 2
+    top = inv_lower(lower[..., :k, :k], leaf)
+    bottom = inv_lower(lower[..., k:, k:], leaf)
+    out = np.zeros_like(lower)
+    out[..., :k, :k] = top
+    out[..., k:, k:] = bottom
+    out[..., k:, :k] = -(bottom @ (lower[..., k:, :k] @ top))
+    return out
+
+
 class GaussianPosteriors:
     """N independent Gaussian posteriors over D-dimensional weights, one per RM.
 
@@ -222,7 +246,7 @@ class GaussianPosteriors:
         """Posterior covariances ``Sigma_n = L_n^{-T} L_n^{-1}``, (N, D, D); O(N D^3), for tests
         and inspection, not for routing."""
         self._refresh()
-        return np.einsum("nki,nkj->nij", self._chol_inv, self._chol_inv)
+        return np.asarray(np.matmul(self._chol_inv.transpose(0, 2, 1), self._chol_inv))
 
     def mean_scores(self, contexts: np.ndarray) -> np.ndarray:
         """``h^T mu_n`` for every pair and RM, (B, N)."""
@@ -277,7 +301,7 @@ class GaussianPosteriors:
         except np.linalg.LinAlgError as exc:
             # Cannot happen from lambda0 > 0 plus PSD updates; only from corrupted stored arrays.
             raise ConfigError("precision", "must be symmetric positive definite") from exc
-        chol_inv = np.linalg.inv(chol)
+        chol_inv = inv_lower(chol)
         self._chol_inv[idx] = chol_inv
         # mu = Lambda^{-1} eta = L^{-T} (L^{-1} eta)
         half = np.einsum("nij,nj->ni", chol_inv, self.eta[idx])
