@@ -121,7 +121,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        # Of a union's alternatives, the deepest error is the most specific one.
+        first = max(errs, key=lambda e: len(e.get("loc", ()))) if errs else {"loc": (), "msg": ""}
         field = _loc(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             return _error(422, "invalid_json", f"body is not valid JSON: {first['msg']}", "body")

@@ -24,7 +24,6 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -86,7 +85,7 @@ class GatewaySettings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
 
-    rms: list[RMEndpoint] = Field(default_factory=list)
+    rms: list[RMEndpoint] = Field(default_factory=list, validate_default=True)
     router_path: Path | None = None
     encoder_batch_size: int = Field(default=32, ge=1, le=1024)
     feature_cache_dir: Path | None = None
@@ -124,16 +123,12 @@ class GatewaySettings(BaseSettings):
     @field_validator("rms")
     @classmethod
     def _unique_rm_names(cls, rms: list[RMEndpoint]) -> list[RMEndpoint]:
+        if not rms:
+            raise ValueError("at least one RM endpoint is required")
         names = [r.name for r in rms]
         if len(set(names)) != len(names):
             raise ValueError(f"RM names must be unique, got {names}")
         return rms
-
-    @model_validator(mode="after")
-    def _need_rms(self) -> GatewaySettings:
-        if not self.rms:
-            raise ValueError("rms: at least one RM endpoint is required")
-        return self
 
     @classmethod
     def settings_customise_sources(

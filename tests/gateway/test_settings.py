@@ -1,0 +1,61 @@
+"""Settings: YAML file, env vars on top, bad values named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import load_settings
+from reward_router.errors import ConfigError
+
+RMS = [{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:2"}]
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "gw.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _yaml(
+        tmp_path,
+        "port: 9001\nroute_ttl_s: 60\napi_keys: [k1]\nadmin_key: adm\n"
+        "rms:\n  - {name: a, url: 'http://127.0.0.1:1'}\n"
+        "policy: {name: random, normalizer: zscore}\n",
+    )
+    monkeypatch.setenv("REWARD_ROUTER_GATEWAY_ROUTE_TTL_S", "120")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:7777/0")
+    s = load_settings(cfg, port=9002)
+    assert s.port == 9002  # explicit override beats file
+    assert s.route_ttl_s == 120  # env beats file
+    assert s.redis_url == "redis://127.0.0.1:7777/0"
+    assert s.policy.name == "random" and s.policy.normalizer == "zscore"
+    assert s.host == "127.0.0.1"  # loopback by default
+    assert s.api_keys[0].get_secret_value() == "k1"
+    dumped = repr(s) + str(s.safe_dict())
+    assert "k1" not in dumped and "adm" not in dumped.replace("admin", "")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"rms": []}, "rms"),
+        ({"rms": RMS, "route_ttl_s": 0}, "route_ttl_s"),
+        ({"rms": RMS, "port": 70000}, "port"),
+        ({"rms": [*RMS, RMS[0]]}, "rms"),
+        ({"rms": RMS, "policy": {"normalizer": "minmax"}}, "policy.normalizer"),
+        ({"rms": RMS, "bogus": 1}, "bogus"),
+        ({"rms": [{"name": "a"}]}, "rms.0.url"),
+    ],
+)
+def test_bad_values_name_the_field(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, **overrides)
+    assert info.value.field == field
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "nope.yaml")
