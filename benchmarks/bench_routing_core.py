@@ -150,12 +150,14 @@ def main() -> None:
     args = parser.parse_args()
     budget = 0.05 if args.quick else 0.6
 
-    console = Console()
-    table = Table(title=f"Routing core speed (batch {args.batch}, {budget:g} s per measurement)")
-    for column in ("N RMs", "d", "decisions/s", "naive/s", "ratio", "full draw, cached/s"):
+    console = Console(width=120)  # wide enough for every column when piped to a file
+    table = Table(
+        title=f"Routing core speed: pairs or observations per second (batch {args.batch}, "
+        f"{budget:g} s per measurement, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']})"
+    )
+    columns = ("N", "d", "decisions", "naive", "ratio", "full draw cached", "updates", "sums only")
+    for column in columns:
         table.add_column(column, justify="right")
-    table.add_column("updates/s (+refresh)", justify="right")
-    table.add_column("updates/s (sums only)", justify="right")
     results = []
     start = time.perf_counter()
     for n in N_RMS:
