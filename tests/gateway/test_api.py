@@ -207,8 +207,10 @@ def test_body_too_large_is_413(gw: Proc) -> None:
 
 def test_bad_input_never_cools_an_rm_down(gw: Proc) -> None:
     for _ in range(5):
-        _post(gw, "/v1/route", {"pairs": [{"prompt": "p", "response_a": "a"}]})
-    post = posteriors(gw.url, "basic", key=KEY, full=False)
+        r = _post(gw, "/v1/route", {"namespace": "cool", "pairs": [{"prompt": "p"}]})
+        assert r.status_code == 422
+    route(gw.url, pairs(1), ns="cool", key=KEY)
+    post = posteriors(gw.url, "cool", key=KEY, full=False)
     assert all(r["healthy"] and not r["in_cooldown"] for r in post["rms"])
 
 
