@@ -20,12 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.routing.config import BayesianConfig, WeightedScoreConfig, check_arms, check_array
+from gateway.routing.config import (
+    BayesianConfig,
+    WeightedScoreConfig,
+    check_arms,
+    check_array,
+    check_int,
+)
 from gateway.routing.posterior import GaussianPosteriors
 from reward_router.errors import ConfigError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compare fields with numpy, not ==
 class Selection:
     """What a policy decided for a batch.
 
@@ -84,8 +90,10 @@ class Policy(ABC):
     learns_online: bool = False
 
     def __init__(self, n_rms: int, dim: int, rng: np.random.Generator) -> None:
-        self.n_rms = n_rms
-        self.dim = dim
+        self.n_rms = check_int("n_rms", n_rms, low=1)
+        self.dim = check_int("dim", dim, low=1)
+        if not isinstance(rng, np.random.Generator):
+            raise ConfigError("rng", f"must be a numpy.random.Generator, got {type(rng).__name__}")
         self.rng = rng
 
     @abstractmethod
@@ -105,8 +113,9 @@ class Policy(ABC):
         Single-RM policies return the asked RM's margin (the first one present if a fallback
         left several), NaN if none answered.
 
-        >>> Policy.combine(None, np.array([[np.nan, 0.3, np.nan]])).tolist()  # type: ignore
-        [0.3]
+        >>> policy = NoOnlinePolicy(3, 1, np.random.default_rng(0), np.zeros((3, 1)))
+        >>> policy.combine(np.array([[np.nan, 0.3, np.nan], [np.nan] * 3])).tolist()
+        [0.3, nan]
         """
         margins = np.asarray(margins, dtype=np.float64)
         present = ~np.isnan(margins)
@@ -185,8 +194,10 @@ class BayesianPolicy(Policy):
     def update(self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         contexts, arms, rewards = self._check_feedback(contexts, arms, rewards)
         if self.config.forgetting < 1.0 and arms.size:
-            # Discount per observation, so the total forgetting does not depend on batch size.
-            self._posteriors.forget(self.config.forgetting**arms.size)
+            # Discount per observation, so the total forgetting does not depend on batch size;
+            # a huge batch may underflow gamma^B to 0, which means "back to the prior" anyway.
+            gamma = max(self.config.forgetting**arms.size, float(np.finfo(np.float64).tiny))
+            self._posteriors.forget(gamma)
         self._posteriors.observe(arms, contexts, rewards, self.config.sigma2)
 
 

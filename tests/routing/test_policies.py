@@ -343,3 +343,22 @@ def test_nan_contexts_and_rewards_fail_naming_the_field(name: str) -> None:
     with pytest.raises(ConfigError) as info:
         policy.update(contexts(0), np.full(10, N), np.ones(10))
     assert info.value.field == "arms"
+
+
+def test_forgetting_a_huge_batch_does_not_underflow_into_an_error() -> None:
+    policy = build_bayes(forgetting=0.5)
+    h = np.repeat(contexts(12, b=1), 2000, axis=0)
+    policy.update(h, np.zeros(2000, dtype=int), np.ones(2000))  # 0.5**2000 == 0.0 in float64
+    assert policy.posteriors.counts[0] == 2000
+    np.testing.assert_allclose(policy.posteriors.means()[1:], prior()[1:], atol=1e-12)
+
+
+def test_policies_built_directly_check_their_arguments() -> None:
+    from gateway.routing import RandomPolicy
+
+    with pytest.raises(ConfigError) as info:
+        RandomPolicy(n_rms=0, dim=3, rng=np.random.default_rng(0))
+    assert info.value.field == "n_rms"
+    with pytest.raises(ConfigError) as info:
+        RandomPolicy(n_rms=2, dim=3, rng=np.random.RandomState(0))  # type: ignore[arg-type]
+    assert info.value.field == "rng"
