@@ -313,6 +313,7 @@ class EmbeddingCache:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, keys=np.asarray(keys, dtype="S64"), rows=rows)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared by the user's tools
             os.replace(tmp, self.folder / name)
         finally:
             if os.path.exists(tmp):
@@ -348,6 +349,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

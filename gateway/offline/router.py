@@ -343,11 +343,13 @@ class OfflineRouter:
         os.close(fd)
         try:
             save_file(self.tensors(), tmp, metadata={"format": ARTIFACT_FORMAT})
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
             os.replace(tmp, out / WEIGHTS_FILE)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.config_json(), fh, indent=2, allow_nan=False)
                 fh.write("\n")
+            os.chmod(tmp, 0o644)
             os.replace(tmp, out / CONFIG_FILE)
         finally:
             if os.path.exists(tmp):
@@ -412,10 +414,18 @@ def read_artifact_config(directory: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- training
 
 
-def _split(
+def holdout_split(
     n: int, groups: Sequence[str] | None, valid_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Train/held-out row indices; whole groups go to one side."""
+    """Train and held-out row indices (sorted); whole groups go to one side.
+
+    Groups are drawn in a seeded random order until about ``valid_fraction`` of the rows are
+    held out; at least one row always stays for training.
+
+    >>> tr, va = holdout_split(6, ["a", "a", "b", "b", "c", "c"], 0.3, seed=0)
+    >>> len(va), sorted(set(tr) | set(va)) == list(range(6))
+    (2, True)
+    """
     rng = np.random.default_rng(seed)
     if valid_fraction == 0.0:
         return np.arange(n), np.zeros(0, dtype=np.int64)
@@ -499,12 +509,13 @@ def _build_net(input_dim: int, n_rms: int, cfg: RouterConfig, train_acc: np.ndar
                 width = hsz
             mods.append(nn.Linear(width, cfg.dim))
             self.mlp = nn.Sequential(*mods)
-            # Start from "route everything to the training-best RM": E_bt near zero, biases at
-            # each RM's training log-odds; training has to earn any departure from that.
+            # Start from "route everything to the training-best RM": E_bt zero, biases at each
+            # RM's training log-odds; training has to earn any departure from that, and the
+            # epoch-0 checkpoint is exactly the training-best single RM.
             logit = np.log(np.clip(train_acc, 0.02, 0.98) / (1 - np.clip(train_acc, 0.02, 0.98)))
-            self.bt_embeddings = nn.Parameter(0.01 * torch.randn(n_rms, cfg.dim))
+            self.bt_embeddings = nn.Parameter(torch.zeros(n_rms, cfg.dim))
             self.bt_bias = nn.Parameter(torch.tensor(logit, dtype=torch.float32))
-            self.cls_weight = nn.Parameter(0.01 * torch.randn(n_rms, cfg.dim))
+            self.cls_weight = nn.Parameter(torch.zeros(n_rms, cfg.dim))
             self.cls_bias = nn.Parameter(torch.tensor(logit, dtype=torch.float32))
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,7 +570,7 @@ def train_router(
 
     cfg = config if config is not None else RouterConfig()
     x, c = _validate_inputs(features, correct, rms, groups, valid_fraction)
-    tr, va = _split(len(x), groups, valid_fraction, cfg.seed)
+    tr, va = holdout_split(len(x), groups, valid_fraction, cfg.seed)
     start = time.perf_counter()
     train_acc = c[tr].mean(axis=0)
     train_best = int(np.argmax(train_acc))
