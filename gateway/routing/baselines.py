@@ -67,7 +67,7 @@ class MajorityPolicy(AskAllPolicy):
     name = "majority"
 
     def combine(self, margins: np.ndarray) -> np.ndarray:
-        margins = np.asarray(margins, dtype=np.float64)
+        margins = self._check_margins(margins)
         present = ~np.isnan(margins)
         votes = np.sign(np.where(present, margins, 0.0)).sum(axis=1)
         return np.where(present.any(axis=1), votes, np.nan)
@@ -106,7 +106,7 @@ class UwoPolicy(AskAllPolicy):
             )
 
     def combine(self, margins: np.ndarray) -> np.ndarray:
-        margins = np.asarray(margins, dtype=np.float64) / self.margin_scales
+        margins = self._check_margins(margins) / self.margin_scales
         present = ~np.isnan(margins)
         count = present.sum(axis=1)
         safe = np.maximum(count, 1)
@@ -125,7 +125,7 @@ class OraclePolicy(AskAllPolicy):
     requires_labels = True
 
     def combine(self, margins: np.ndarray) -> np.ndarray:
-        margins = np.asarray(margins, dtype=np.float64)
+        margins = self._check_margins(margins)
         present = ~np.isnan(margins)
         best = np.where(present, margins, -np.inf).max(axis=1, initial=-np.inf)
         return np.where(present.any(axis=1), best, np.nan)

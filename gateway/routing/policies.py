@@ -117,7 +117,7 @@ class Policy(ABC):
         >>> policy.combine(np.array([[np.nan, 0.3, np.nan], [np.nan] * 3])).tolist()
         [0.3, nan]
         """
-        margins = np.asarray(margins, dtype=np.float64)
+        margins = self._check_margins(margins)
         present = ~np.isnan(margins)
         first = np.argmax(present, axis=1)
         out = margins[np.arange(margins.shape[0]), first]
@@ -125,6 +125,18 @@ class Policy(ABC):
         return out
 
     # ---- shared checks -------------------------------------------------------------------
+
+    def _check_margins(self, margins: np.ndarray) -> np.ndarray:
+        """``margins`` as float64 (B, N); NaN marks an RM not asked, so only NaN is allowed."""
+        try:
+            array: np.ndarray = np.asarray(margins, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("margins", "must be a numeric (B, N) array") from exc
+        if array.ndim != 2 or array.shape[1] != self.n_rms:
+            raise ConfigError("margins", f"must have shape (B, {self.n_rms}), got {array.shape}")
+        if np.isinf(array).any():
+            raise ConfigError("margins", "must be finite or NaN (not asked), found inf")
+        return array
 
     def _check_contexts(self, contexts: np.ndarray) -> np.ndarray:
         return check_array("contexts", contexts, (None, self.dim))

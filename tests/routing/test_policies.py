@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from gateway.routing import (
+    DEFAULT_LAMBDA0,
+    DEFAULT_SIGMA2,
     POLICY_NAMES,
     BayesianPolicy,
     GaussianPosteriors,
@@ -139,8 +141,8 @@ def test_bayesian_update_goes_into_the_posterior_and_no_offline_ignores_the_prio
     h = contexts(7)
     policy.update(h, np.arange(10) % N, np.ones(10))
     assert policy.posteriors.counts.tolist() == [3, 3, 2, 2]
-    expected = GaussianPosteriors.from_prior(prior(), lambda0=1.0)
-    expected.observe(np.arange(10) % N, h, np.ones(10), sigma2=0.25)
+    expected = GaussianPosteriors.from_prior(prior(), lambda0=DEFAULT_LAMBDA0)
+    expected.observe(np.arange(10) % N, h, np.ones(10), sigma2=DEFAULT_SIGMA2)
     np.testing.assert_allclose(policy.posteriors.means(), expected.means(), atol=1e-12)
 
 
@@ -362,3 +364,12 @@ def test_policies_built_directly_check_their_arguments() -> None:
     with pytest.raises(ConfigError) as info:
         RandomPolicy(n_rms=2, dim=3, rng=np.random.RandomState(0))  # type: ignore[arg-type]
     assert info.value.field == "rng"
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_combine_checks_the_margins_shape(name: str) -> None:
+    policy = build(name)
+    for bad in (np.zeros((2, N + 1)), np.zeros(N), np.array([[np.inf, 0.0, 0.0, 0.0]])):
+        with pytest.raises(ConfigError) as info:
+            policy.combine(bad)
+        assert info.value.field == "margins"
