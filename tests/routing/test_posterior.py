@@ -47,6 +47,7 @@ def test_posterior_matches_closed_form(lambda0: float, sigma2: float) -> None:
         mean, cov = closed_form(prior[n], lambda0, contexts[rows], rewards[rows], sigma2)
         np.testing.assert_allclose(means[n], mean, rtol=0, atol=1e-10)
         np.testing.assert_allclose(covs[n], cov, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(post.covariance_diagonals()[n], np.diag(cov), atol=1e-10)
         np.testing.assert_allclose(post.mean_scores(probe)[:, n], probe @ mean, atol=1e-10)
         exact_var = np.einsum("bi,ij,bj->b", probe, cov, probe)
         np.testing.assert_allclose(post.variances(probe)[:, n], exact_var, rtol=1e-9, atol=0)
