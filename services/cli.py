@@ -1,5 +1,177 @@
-"""``reward-router rm ...`` commands."""
+"""``reward-router rm ...``: serve one RM, train the small specialists, run a pool.
+
+Heavy libraries (torch, transformers, uvicorn) are imported inside the commands so that
+``reward-router --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from reward_router.errors import RewardRouterError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def serve(
+    config: Path | None = typer.Option(None, help="YAML settings file (see docs/services.md)."),
+    host: str | None = typer.Option(None, help="Override the bind address."),
+    port: int | None = typer.Option(None, help="Override the port."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve one reward model over HTTP (/v1/score, /v1/compare, /v1/info, /metrics)."""
+    import uvicorn
+
+    from services.app import create_app
+    from services.settings import load_settings
+
+    try:
+        settings = load_settings(config, host=host, port=port)
+    except RewardRouterError as exc:
+        raise _fail(exc) from exc
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        # Keep-alive longer than a client's pool idle time avoids resets on reused sockets.
+        timeout_keep_alive=30,
+    )
+
+
+@app.command()
+def train(
+    domain: str = typer.Option(..., help="chat | safety | math"),
+    out: Path = typer.Option(..., help="Output folder (a Hugging Face model folder)."),
+    max_pairs: int = typer.Option(2000, help="Cap on training pairs (seeded subset)."),
+    epochs: int = typer.Option(1, help="Passes over the training pairs."),
+    batch_size: int = typer.Option(16, help="Pairs per step."),
+    lr: float = typer.Option(5e-5, help="AdamW learning rate."),
+    max_length: int = typer.Option(256, help="Tokens per (prompt, response)."),
+    max_eval_pairs: int = typer.Option(600, help="Held-out pairs scored at the end."),
+    freeze_layers: int = typer.Option(2, help="Frozen lowest encoder layers (-1: none)."),
+    threads: int | None = typer.Option(None, help="torch threads."),
+    seed: int = typer.Option(0),
+    data_dir: Path = typer.Option(Path("data/pairs"), help="Folder of the shipped pairs."),
+) -> None:
+    """Train a MiniLM-L6 specialist RM on one domain; prints its held-out accuracy."""
+    from services.train import TrainConfig, train_specialist
+
+    try:
+        cfg = TrainConfig(
+            max_pairs=max_pairs,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            max_length=max_length,
+            max_eval_pairs=max_eval_pairs,
+            freeze_layers=freeze_layers,
+            seed=seed,
+            threads=threads,
+        )
+        report = train_specialist(domain, out, cfg, data_dir=data_dir)
+    except RewardRouterError as exc:
+        raise _fail(exc) from exc
+    typer.echo(
+        f"{domain}: trained on {report['train_pairs']} pairs; held-out accuracy "
+        f"{report['heldout_accuracy']:.3f} on {report['heldout_evaluated']} pairs -> {out}"
+    )
+
+
+@app.command()
+def heldout(
+    domain: str = typer.Option(..., help="chat | safety | math"),
+    out: Path = typer.Option(..., help="Pairs file to write (.jsonl or .jsonl.gz)."),
+    limit: int | None = typer.Option(None, help="Seeded sample of at most this many pairs."),
+    seed: int = typer.Option(0),
+    data_dir: Path = typer.Option(Path("data/pairs")),
+) -> None:
+    """Write the held-out pairs of a domain (never trained on) for evaluation."""
+    import random
+
+    from services.train import domain_split, write_pairs
+
+    try:
+        _, held = domain_split(domain, data_dir)
+    except RewardRouterError as exc:
+        raise _fail(exc) from exc
+    if limit is not None and limit < len(held):
+        held = random.Random(seed).sample(held, limit)
+    write_pairs(held, out)
+    typer.echo(json.dumps({"domain": domain, "pairs": len(held), "out": str(out)}))
+
+
+@app.command()
+def collect(
+    pairs: Path = typer.Option(..., help="Pairs file (data/README.md format)."),
+    rms: Path = typer.Option(..., help="Pool file (e.g. deploy/rms/pool.yaml)."),
+    out: Path = typer.Option(..., help="Behaviour file to write (.jsonl or .jsonl.gz)."),
+    start: bool = typer.Option(False, help="Start the RM services that are not running."),
+    batch_size: int = typer.Option(32, help="Pairs per /v1/compare request."),
+    limit: int | None = typer.Option(None, help="Seeded sample of at most this many pairs."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Run every RM of a pool (through its service) on a pairs file; write a behaviour file."""
+    import random
+
+    from reward_router.data import load_pairs
+    from services.pool import collect as collect_pairs
+    from services.pool import load_pool, open_all
+
+    try:
+        members = load_pool(rms)
+        loaded = load_pairs(pairs)
+    except RewardRouterError as exc:
+        raise _fail(exc) from exc
+    if limit is not None and limit < len(loaded):
+        loaded = random.Random(seed).sample(loaded, limit)
+    with open_all(members, start):
+        n = collect_pairs(loaded, members, out, batch_size=batch_size, progress=True)
+    typer.echo(json.dumps({"pairs": len(loaded), "rms": [m.name for m in members], "lines": n}))
+
+
+@app.command()
+def accuracy(
+    pairs: Path = typer.Option(..., help="Pairs file."),
+    behavior: Path = typer.Option(..., help="Behaviour file of those pairs."),
+    by: str = typer.Option("domain", help="domain | source | subset | all"),
+) -> None:
+    """Print each RM's accuracy (mean `correct`) per domain / source / subset."""
+    from reward_router.data import load_pairs
+    from services.pool import accuracy_table, markdown_table
+
+    try:
+        rm_names, table = accuracy_table(load_pairs(pairs), behavior, by=by)
+    except RewardRouterError as exc:
+        raise _fail(exc) from exc
+    typer.echo(markdown_table(table, rm_names))
+
+
+@app.command()
+def evaluate(
+    rms: Path = typer.Option(Path("deploy/rms/pool.yaml"), help="Pool file."),
+    out: Path = typer.Option(Path("results/pool-eval"), help="Folder for behaviour files."),
+    limit: int = typer.Option(400, help="Pairs sampled per column (seeded)."),
+    start: bool = typer.Option(True, help="Start the RM services that are not running."),
+    seed: int = typer.Option(0),
+    data_dir: Path = typer.Option(Path("data/pairs")),
+) -> None:
+    """The pool's accuracy table: held-out chat / safety / math and the shipped eval sets."""
+    from services.pool import load_pool, open_all, run_evaluation
+
+    try:
+        members = load_pool(rms)
+        with open_all(members, start):
+            text = run_evaluation(members, out, data_dir=data_dir, limit=limit, seed=seed)
+    except RewardRouterError as exc:
+        raise _fail(exc) from exc
+    typer.echo(text)

@@ -1,0 +1,131 @@
+"""``hf``: any Hugging Face sequence-classification reward model folder (one label).
+
+The same code path serves a 7B Skywork-Reward or InternLM2-reward on a GPU and our MiniLM
+specialists on a CPU:
+
+* a tokenizer with a chat template (decoder RMs) gets the conversation rendered by that
+  template, the response as the final assistant turn;
+* a tokenizer without one (BERT-style encoders) gets the prompt text and the response as a
+  text pair (``[CLS] prompt [SEP] response [SEP]``).
+
+Truncation policy ``left`` keeps the *end* of each part (the latest turns of the prompt, the
+end of the response where a final answer sits) and reports the item as truncated; the
+training code of ``reward-router rm train`` uses :func:`encode_batch` too, so a trained model is
+served exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from reward_router.data import Message, prompt_text
+from services.backends.base import Backend, Scored, ScoreInput
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_batch(
+    tokenizer: Any,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    max_length: int,
+) -> tuple[dict[str, Any], list[bool]]:
+    """Tokenize (prompt, response) pairs for a reward model; returns the padded tensors and,
+    per item, whether it had to be cut to ``max_length`` tokens.
+
+    >>> enc, cut = encode_batch(tok, [[{"role": "user", "content": "hi"}]], ["hello"], 256)
+    ...                                                                 # doctest: +SKIP
+    """
+    tokenizer.truncation_side = "left"
+    tokenizer.padding_side = "right"
+    if has_chat_template(tokenizer):
+        texts = [
+            tokenizer.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        full = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(
+            texts,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+    else:
+        ptexts = [prompt_text(p) for p in prompts]
+        full = tokenizer(ptexts, list(responses))["input_ids"]
+        # longest_first trims whichever part is longer, from the left (truncation_side):
+        # a long prompt loses its oldest turns before the response loses anything.
+        enc = tokenizer(
+            ptexts,
+            list(responses),
+            truncation="longest_first",
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+    return dict(enc), [len(ids) > max_length for ids in full]
+
+
+class HFBackend(Backend):
+    """A local ``AutoModelForSequenceClassification`` folder with ``num_labels == 1``."""
+
+    kind = "hf"
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from reward_router.errors import ConfigError
+
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(s.model))
+            model = AutoModelForSequenceClassification.from_pretrained(str(s.model), dtype=dtype)
+        except OSError as exc:
+            raise ConfigError(
+                "model", f"cannot load a Hugging Face model from {s.model}: {exc}"
+            ) from exc
+        if model.config.num_labels != 1:
+            raise ConfigError(
+                "model", f"a reward model has one output label, {s.model} has {model.num_labels}"
+            )
+        if self.tokenizer.pad_token is None:
+            # Decoder RMs often ship without a pad token; padding on the right with EOS is
+            # safe because the score is read at the last non-pad position.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model.to(s.device).eval()
+        self._torch = torch
+
+    def score_batch(self, items: Sequence[ScoreInput]) -> list[Scored]:
+        s = self.settings
+        prompts, responses = [i.prompt for i in items], [i.response for i in items]
+        enc, cut = encode_batch(self.tokenizer, prompts, responses, s.max_length)
+        keep = [k for k in range(len(items)) if not (cut[k] and s.truncation == "error")]
+        out = [Scored(float("nan"), too_long=True)] * len(items)
+        if not keep:
+            return out
+        if len(keep) < len(items):
+            # Re-encode without the refused items so they do not set the padded length.
+            enc, _ = encode_batch(
+                self.tokenizer,
+                [prompts[k] for k in keep],
+                [responses[k] for k in keep],
+                s.max_length,
+            )
+        torch = self._torch
+        inputs = {k: v.to(s.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits[:, 0].float().cpu().tolist()
+        for k, score in zip(keep, logits, strict=True):
+            out[k] = Scored(float(score), truncated=cut[k])
+        return out

@@ -1,0 +1,293 @@
+"""A pool of RM services: its YAML file, collecting behaviour files, accuracy tables.
+
+A pool file lists the RM services of a pool; each entry points at a service YAML file
+(relative to the pool file) and may give the URL it runs at (default ``http://HOST:PORT`` of
+that file)::
+
+    rms:
+      - config: chat-rm.yaml
+      - config: judge.yaml
+        url: http://judge.internal:8104
+
+``collect`` sends every pair to every RM's ``/v1/compare`` (chosen as ``response_a``) and
+writes one behaviour line per (pair, RM) in the format of data/README.md: ``correct`` is 1 when
+the RM preferred the chosen response, 0 when the rejected one, 0.5 for a tie (an abstaining
+verifier ties), with the RM's two scores. The offline router trains on such a file exactly as
+on the published RM outputs.
+
+>>> pool = load_pool("deploy/rms/pool.yaml")                           # doctest: +SKIP
+>>> collect(load_pairs("pairs.jsonl.gz"), pool, Path("behavior.jsonl.gz"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from reward_router.data import Pair, load_behavior
+from reward_router.errors import ConfigError
+from services.settings import ServiceSettings, load_settings, read_yaml
+
+#: Where a pair's reference answer may sit in its ``meta`` (first found wins).
+REFERENCE_KEYS = ("reference", "ground_truth", "answer")
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    """One RM of a pool: its settings file, its settings, where it answers."""
+
+    config: Path
+    settings: ServiceSettings
+    url: str
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+def load_pool(path: str | Path) -> list[PoolMember]:
+    """Read a pool file; every entry's service settings are validated now."""
+    p = Path(path)
+    data = read_yaml(p)
+    entries = data.get("rms")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("rms", f"{p}: must be a non-empty list of {{config, url?}} entries")
+    members: list[PoolMember] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), str):
+            raise ConfigError(f"rms[{i}].config", f"{p}: each entry needs a 'config' file")
+        cfg = (p.parent / entry["config"]).resolve()
+        settings = load_settings(cfg)
+        url = entry.get("url") or f"http://{settings.host}:{settings.port}"
+        members.append(PoolMember(cfg, settings, str(url).rstrip("/")))
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ConfigError("rms", f"{p}: RM names must be unique, got {names}")
+    return members
+
+
+def reference_of(pair: Pair) -> str | None:
+    for key in REFERENCE_KEYS:
+        value = pair.meta.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def _is_ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def started(members: Sequence[PoolMember], timeout_s: float = 600.0) -> Iterator[None]:
+    """Start (as child processes) the members not already answering; stop them after."""
+    import subprocess
+    import time
+
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for m in members:
+            if _is_ready(m.url):
+                continue
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "services", "serve", "--config", str(m.config)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + timeout_s
+        for m in members:
+            while not _is_ready(m.url):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rm {m.name} at {m.url} not ready within {timeout_s}s")
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"an RM service exited during start-up (rm {m.name}?)")
+                time.sleep(0.5)
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _compare_all(
+    member: PoolMember,
+    pairs: Sequence[Pair],
+    batch_size: int,
+    timeout_s: float,
+    progress: Callable[[int], None],
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    with httpx.Client(base_url=member.url, timeout=timeout_s) as client:
+        limit = int(client.get("/v1/info").json().get("max_request_items", batch_size))
+        step = max(1, min(batch_size, limit))
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            body = {
+                "pairs": [
+                    {
+                        "prompt": p.prompt,
+                        "response_a": p.chosen,
+                        "response_b": p.rejected,
+                        "reference": reference_of(p),
+                    }
+                    for p in chunk
+                ]
+            }
+            r = client.post("/v1/compare", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"rm {member.name} answered {r.status_code}: {r.text[:500]}")
+            got = r.json()["results"]
+            if len(got) != len(chunk):
+                raise RuntimeError(f"rm {member.name} returned {len(got)} of {len(chunk)} results")
+            results.extend(got)
+            progress(len(chunk))
+    return results
+
+
+def collect(
+    pairs: Sequence[Pair],
+    members: Sequence[PoolMember],
+    out: Path,
+    *,
+    batch_size: int = 32,
+    timeout_s: float = 600.0,
+    progress: bool = False,
+) -> int:
+    """Ask every RM about every pair (RMs in parallel) and write the behaviour file.
+
+    Returns the number of lines written (pairs x RMs).
+    """
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        tasks = {m.name: bar.add_task(m.name, total=len(pairs)) for m in members}
+
+        def run(m: PoolMember) -> list[dict[str, Any]]:
+            return _compare_all(
+                m, pairs, batch_size, timeout_s, lambda n: bar.update(tasks[m.name], advance=n)
+            )
+
+        with ThreadPoolExecutor(max_workers=len(members)) as ex:
+            answers = dict(zip([m.name for m in members], ex.map(run, members), strict=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    opener: Callable[..., Any] = gzip.open if out.suffix == ".gz" else open
+    lines = 0
+    with opener(out, "wt", encoding="utf-8") as fh:
+        for i, pair in enumerate(pairs):
+            for m in members:
+                res = answers[m.name][i]
+                correct = {"a": 1.0, "b": 0.0, "tie": 0.5}[res["preferred"]]
+                row = {
+                    "pair_id": pair.id,
+                    "rm": m.name,
+                    "correct": correct,
+                    "score_chosen": res["score_a"],
+                    "score_rejected": res["score_b"],
+                }
+                fh.write(json.dumps(row) + "\n")
+                lines += 1
+    return lines
+
+
+def accuracy_table(
+    pairs: Sequence[Pair], behavior: Path, by: str = "domain"
+) -> tuple[list[str], dict[str, dict[str, tuple[float, int]]]]:
+    """Mean ``correct`` per RM per group (``domain`` | ``source`` | ``subset`` | ``all``).
+
+    Returns the RM names and ``{group: {rm: (accuracy, n_pairs)}}``.
+    """
+    if by not in ("domain", "source", "subset", "all"):
+        raise ConfigError("by", f"must be domain, source, subset or all, got {by!r}")
+    matrix = load_behavior(behavior, pairs)
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, pair in enumerate(matrix.pairs):
+        rows["all" if by == "all" else str(getattr(pair, by))].append(i)
+    table: dict[str, dict[str, tuple[float, int]]] = {}
+    for group, idx in sorted(rows.items()):
+        table[group] = {
+            rm: (float(matrix.correct[idx, n].mean()), len(idx)) for n, rm in enumerate(matrix.rms)
+        }
+    return matrix.rms, table
+
+
+def markdown_table(columns: dict[str, dict[str, tuple[float, int]]], rms: Sequence[str]) -> str:
+    """RMs as rows, the given columns (e.g. eval sets) as columns, best per column in bold."""
+    names = list(columns)
+    head = "| RM | " + " | ".join(f"{c} (n={next(iter(columns[c].values()))[1]})" for c in names)
+    lines = [head + " |", "|---|" + "---:|" * len(names)]
+    best = {c: max(v[0] for v in columns[c].values()) for c in names}
+    for rm in rms:
+        cells = []
+        for c in names:
+            acc = columns[c].get(rm, (float("nan"), 0))[0]
+            text = f"{acc:.3f}"
+            cells.append(f"**{text}**" if acc == best[c] else text)
+        lines.append(f"| {rm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    members: Sequence[PoolMember],
+    out_dir: Path,
+    *,
+    data_dir: Path = Path("data/pairs"),
+    limit: int = 400,
+    eval_sets: Sequence[str] = ("rm-bench", "llmbar", "hhh-alignment", "rewardbench-math-prm"),
+    seed: int = 0,
+    progress: bool = True,
+) -> str:
+    """Held-out accuracy of every pool RM on chat / safety / math and on the eval sets.
+
+    Each column is a seeded sample of at most ``limit`` pairs; behaviour files and the
+    markdown table land in ``out_dir``. Returns the table.
+    """
+    import random
+
+    from reward_router.data import load_pairs
+    from services.train import domain_split
+
+    columns: dict[str, dict[str, tuple[float, int]]] = {}
+    sets: list[tuple[str, list[Pair]]] = []
+    for domain in ("chat", "safety", "math"):
+        _, held = domain_split(domain, data_dir)
+        sets.append((f"{domain} held-out", held))
+    for name in eval_sets:
+        sets.append((name, load_pairs(data_dir / f"{name}.jsonl.gz")))
+    rms = [m.name for m in members]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for label, pairs in sets:
+        sample = pairs if len(pairs) <= limit else random.Random(seed).sample(pairs, limit)
+        path = out_dir / f"{label.replace(' ', '-')}.behavior.jsonl.gz"
+        collect(sample, members, path, progress=progress)
+        _, table = accuracy_table(sample, path, by="all")
+        columns[label] = table["all"]
+    text = markdown_table(columns, rms)
+    (out_dir / "accuracy.md").write_text(text + "\n")
+    return text
+
+
+def open_all(members: Sequence[PoolMember], start: bool) -> ExitStack:
+    """An ExitStack that, with ``start``, owns the started services."""
+    stack = ExitStack()
+    if start:
+        stack.enter_context(started(members))
+    return stack

@@ -1,0 +1,140 @@
+"""The scoring service's one settings object, read once at start-up.
+
+Sources, highest priority first: environment variables ``RR_RM_<FIELD>`` (e.g.
+``RR_RM_PORT=8101``), then the YAML file given with ``--config`` (or ``RR_RM_CONFIG``), then the
+defaults below. A bad value fails at start-up with a :class:`~reward_router.errors.ConfigError`
+naming the field.
+
+>>> s = load_settings(None, name="length-rm", backend="length")
+>>> (s.name, s.host, s.max_batch_size)
+('length-rm', '127.0.0.1', 32)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from reward_router.errors import ConfigError
+
+BackendName = Literal["hf", "vllm", "judge", "verifier", "length"]
+BACKENDS: tuple[str, ...] = ("hf", "vllm", "judge", "verifier", "length")
+
+
+class ServiceSettings(BaseSettings):
+    """Configuration of one RM scoring service (one process per RM)."""
+
+    model_config = SettingsConfigDict(env_prefix="RR_RM_", extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    backend: BackendName
+    # A local folder (relative paths in a YAML file are relative to that file), or a named
+    # default the backend knows ("smollm2" for the judge).
+    model: str | None = None
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    max_length: int = Field(default=512, ge=16, le=131072)
+    # "left": cut the oldest tokens of the prompt (and, if still too long, of the response) and
+    # report it in the response's ``truncated``; "error": answer 422 naming the item instead.
+    truncation: Literal["left", "error"] = "left"
+    # Most items (score) or pairs (compare) one request may carry.
+    max_request_items: int = Field(default=256, ge=1, le=100_000)
+    # Most sequences in one forward pass; the micro-batcher never exceeds it.
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    # How long the batcher waits for more requests once it holds one (milliseconds).
+    batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    microbatch: bool = True
+    # A request still unanswered after this is failed with a 504, never left hanging.
+    request_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    # Two scores at most this far apart are a tie.
+    tie_epsilon: float = Field(default=0.0, ge=0.0)
+    torch_threads: int | None = Field(default=None, ge=1, le=1024)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    # vllm backend: the running `vllm serve` server and the model name it serves.
+    vllm_url: str | None = None
+    vllm_model: str | None = None
+    vllm_timeout_s: float = Field(default=60.0, gt=0.0)
+    # A local tokenizer folder whose chat template renders prompts for the vllm backend.
+    tokenizer: str | None = None
+    # verifier backend: the neutral score given when it abstains (no reference / no answer).
+    abstain_score: float = 0.5
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> ServiceSettings:
+        if self.backend == "hf" and not self.model:
+            raise ValueError("model: the hf backend needs a model folder")
+        if self.backend == "vllm" and not self.vllm_url:
+            raise ValueError("vllm_url: the vllm backend needs the URL of a `vllm serve` server")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: an operator can override one field of a shipped YAML file
+        # (e.g. the port of a second replica) without editing it.
+        return (env_settings, init_settings)
+
+
+def _field_of(err: Any) -> str:
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    msg = str(err.get("msg", ""))
+    # Model-level validators name their field at the start of the message ("model: ...").
+    if not loc and ": " in msg:
+        head = msg.removeprefix("Value error, ").split(": ", 1)[0]
+        if head in ServiceSettings.model_fields:
+            return head
+    return loc or "settings"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a service YAML file; relative ``model``/``tokenizer`` paths become absolute."""
+    if not path.exists():
+        raise ConfigError("config", f"file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path}: must be a mapping of settings")
+    for key in ("model", "tokenizer"):
+        value = data.get(key)
+        if isinstance(value, str) and (value.startswith("./") or value.startswith("../")):
+            data[key] = str((path.parent / value).resolve())
+    return data
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Build the settings from a YAML file, ``RR_RM_*`` variables and explicit overrides.
+
+    Explicit overrides (command-line flags) win over everything.
+    """
+    path = config or os.environ.get("RR_RM_CONFIG")
+    data: dict[str, Any] = read_yaml(Path(path)) if path else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = ServiceSettings(**{**data, **given})
+        if given:
+            settings = ServiceSettings.model_validate({**settings.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        field = _field_of(err)
+        msg = msg.removeprefix(f"{field}: ")
+        raise ConfigError(field, msg) from exc
+    return settings

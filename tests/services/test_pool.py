@@ -1,0 +1,160 @@
+"""Training a specialist (on a tiny model and tiny data) and collecting a pool's behaviour."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from reward_router.data import first_user_turn, load_behavior, load_pairs
+from services.backends import ScoreInput, make_backend
+from services.cli import app as rm_cli
+from services.pool import accuracy_table, load_pool
+from services.settings import load_settings
+from services.train import TrainConfig, domain_split, train_specialist
+from tests.services.conftest import rm_services, write_config
+from tests.tiny_models import tiny_bert
+
+
+def _pair(i: int, domain: str, use: str = "train-or-eval", **kw: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "id": f"{domain}-{use}-{i}",
+        "source": "test",
+        "domain": domain,
+        "group": f"g-{domain}-{i}",
+        "prompt": [{"role": "user", "content": f"question {i} about {domain}"}],
+        "chosen": "good helpful answer " * (1 + i % 3),
+        "rejected": "bad",
+        "use": use,
+    }
+    row.update(kw)
+    return row
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> Path:
+    with gzip.open(path, "wt") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pairs")
+    hh = [_pair(i, "chat") for i in range(40)] + [_pair(i, "safety") for i in range(20)]
+    _write(d / "hh-rlhf.jsonl.gz", hh)
+    _write(d / "xstest.jsonl.gz", [_pair(100 + i, "safety") for i in range(10)])
+    _write(d / "gsm8k-solutions.jsonl.gz", [_pair(i, "math") for i in range(10)])
+    # An eval-only file sharing two prompts with the training data: they must be dropped.
+    _write(d / "evalset.jsonl.gz", [_pair(3, "chat", use="eval"), _pair(7, "chat", use="eval")])
+    return d
+
+
+def test_domain_split_filters_eval_prompts_and_splits_by_group(data_dir: Path) -> None:
+    train, held = domain_split("chat", data_dir, heldout_fraction=0.3)
+    assert len(train) + len(held) == 38  # 40 chat pairs minus the 2 eval prompts
+    keys = {first_user_turn(p.prompt) for p in train + held}
+    assert "question 3 about chat" not in keys and "question 7 about chat" not in keys
+    assert {p.group for p in train}.isdisjoint({p.group for p in held})
+    assert held and train
+    assert domain_split("chat", data_dir, heldout_fraction=0.3)[1] == held  # stable
+    safety_train, safety_held = domain_split("safety", data_dir)
+    assert len(safety_train) + len(safety_held) == 30  # hh-rlhf harmless + xstest
+
+
+def test_train_specialist_saves_a_servable_rm(tmp_path: Path, data_dir: Path) -> None:
+    base = tiny_bert(tmp_path / "base")
+    out = tmp_path / "rm"
+    cfg = TrainConfig(max_pairs=16, batch_size=8, max_length=64, epochs=2, threads=1)
+    report = train_specialist("chat", out, cfg, data_dir=data_dir, base_model=base, progress=False)
+    assert report["train_pairs"] == 16
+    assert 0.0 <= report["heldout_accuracy"] <= 1.0
+    assert json.loads((out / "train_report.json").read_text())["domain"] == "chat"
+    rm = make_backend(load_settings(None, name="chat-rm", backend="hf", model=str(out)))
+    rm.load()
+    prompt = [{"role": "user", "content": "question 1 about chat"}]
+    scores = rm.score_batch([ScoreInput(prompt, "good helpful answer"), ScoreInput(prompt, "bad")])
+    assert all(np.isfinite(s.score) for s in scores)
+    # Two epochs on "chosen is the long, 'good' answer" separate the two sides.
+    assert scores[0].score > scores[1].score
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Iterator[Path]:
+    """A pool of three real services: verifier, length and a tiny-Llama judge."""
+    d = tmp_path_factory.mktemp("pool")
+    write_config(d / "verifier.yaml", name="verifier", backend="verifier")
+    write_config(d / "length.yaml", name="length", backend="length", max_request_items=3)
+    write_config(
+        d / "judge.yaml", name="judge", backend="judge", model=str(llama_dir), max_length=256
+    )
+    (d / "pool.yaml").write_text(
+        yaml.safe_dump(
+            {"rms": [{"config": f} for f in ("verifier.yaml", "length.yaml", "judge.yaml")]}
+        )
+    )
+    names = ("verifier.yaml", "length.yaml", "judge.yaml")
+    with rm_services(*((d / n, "/readyz") for n in names)):
+        yield d / "pool.yaml"
+
+
+def test_judge_service_compares_natively(pool: Path) -> None:
+    import httpx
+
+    judge = next(m for m in load_pool(pool) if m.name == "judge")
+    info = httpx.get(judge.url + "/v1/info").json()
+    assert info["pairwise"] is True and info["backend"] == "judge"
+    body = {
+        "pairs": [
+            {"prompt": "q", "response_a": "yes", "response_b": "no"},
+            {"prompt": "q", "response_a": "no", "response_b": "yes"},
+        ]
+    }
+    res = httpx.post(judge.url + "/v1/compare", json=body).json()["results"]
+    assert res[0]["score_a"] == pytest.approx(res[1]["score_b"], abs=1e-5)
+    assert res[0]["score_a"] + res[0]["score_b"] == pytest.approx(1.0)
+
+
+def test_collect_writes_a_behavior_file(pool: Path, tmp_path: Path) -> None:
+    rows = [
+        _pair(
+            0,
+            "math",
+            meta={"ground_truth": "so 2 + 2 = 4\nA: 4"},
+            chosen="it is 4",
+            rejected="it is 5, as one can show by a long argument",
+        ),
+        _pair(
+            1,
+            "math",
+            meta={"ground_truth": "#### 10"},
+            chosen="the total is 10 apples",
+            rejected="7",
+        ),
+        _pair(2, "chat", chosen="yes", rejected="no, never"),
+        _pair(3, "chat"),
+        _pair(4, "chat"),
+    ]
+    pairs_file = _write(tmp_path / "pairs.jsonl.gz", rows)
+    out = tmp_path / "behavior.jsonl.gz"
+    result = CliRunner().invoke(
+        rm_cli,
+        ["collect", "--pairs", str(pairs_file), "--rms", str(pool), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    pairs = load_pairs(pairs_file)
+    matrix = load_behavior(out, pairs)
+    assert matrix.rms == ["verifier", "length", "judge"] and matrix.n_pairs == 5
+    verifier, length = matrix.correct[:, 0], matrix.correct[:, 1]
+    assert verifier.tolist() == [1.0, 1.0, 0.5, 0.5, 0.5]  # abstains (tie) without reference
+    assert length.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]  # prefers whichever is longer
+    assert np.isfinite(matrix.margins).all()
+    _, table = accuracy_table(pairs, out, by="domain")
+    assert table["math"]["verifier"] == (1.0, 2)
+    assert table["chat"]["length"] == (pytest.approx(2 / 3), 3)

@@ -1,0 +1,102 @@
+"""The vllm backend against a stand-in `vllm serve` speaking vLLM's documented /classify schema.
+
+Only the remote server is faked (tests/services/fake_vllm.py); our service runs for real. A real
+vLLM on a GPU was not available to these tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import Proc, free_port, python_module_args, running
+from tests.services.conftest import rm_service, write_config
+from tests.services.fake_vllm import MODEL
+
+
+@pytest.fixture(scope="module")
+def fake_vllm() -> Iterator[Proc]:
+    port = free_port()
+    args = python_module_args("tests.services.fake_vllm", "--port", str(port))
+    with running(args, port, ready_url=f"http://127.0.0.1:{port}/v1/models") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def vllm_rm(tmp_path_factory: pytest.TempPathFactory, fake_vllm: Proc) -> Iterator[Proc]:
+    cfg = write_config(
+        tmp_path_factory.mktemp("vllm") / "vllm.yaml",
+        name="skywork-vllm",
+        backend="vllm",
+        vllm_url=fake_vllm.url,
+        max_length=4096,
+    )
+    with rm_service(cfg) as proc:
+        yield proc
+
+
+def test_raw_rewards_in_order(vllm_rm: Proc, fake_vllm: Proc) -> None:
+    responses = ["good good", "bad", "fine", "good bad good good"]
+    r = httpx.post(
+        vllm_rm.url + "/v1/score",
+        json={"items": [{"prompt": "rate me", "response": x} for x in responses]},
+    )
+    assert r.status_code == 200, r.text
+    # use_activation: false -> raw logits (count(good) - count(bad) + 0.5), not sigmoids.
+    assert r.json()["scores"] == [2.5, -0.5, 0.5, 2.5]
+    assert r.json()["model"] == "skywork-vllm"
+    seen = httpx.get(fake_vllm.url + "/seen").json()
+    assert seen[-1] == {"n": 4, "use_activation": False}
+    assert httpx.get(vllm_rm.url + "/v1/info").json()["model"] == MODEL
+
+
+def test_compare_through_vllm(vllm_rm: Proc) -> None:
+    r = httpx.post(
+        vllm_rm.url + "/v1/compare",
+        json={
+            "pairs": [
+                {"prompt": "q", "response_a": "bad", "response_b": "good"},
+                {
+                    "prompt": [{"role": "user", "content": "q"}],
+                    "response_a": "good",
+                    "response_b": "ok",
+                },
+            ]
+        },
+    ).json()
+    assert [x["preferred"] for x in r["results"]] == ["b", "a"]
+    assert r["results"][0]["score_b"] == 1.5
+
+
+def test_upstream_failure_is_502_naming_the_rm(vllm_rm: Proc) -> None:
+    r = httpx.post(
+        vllm_rm.url + "/v1/score", json={"items": [{"prompt": "q", "response": "explode"}]}
+    )
+    assert r.status_code == 502, r.text
+    err = r.json()["error"]
+    assert err["type"] == "upstream_error" and err["rm"] == "skywork-vllm"
+    assert "500" in err["message"]
+    ok = httpx.post(vllm_rm.url + "/v1/score", json={"items": [{"prompt": "q", "response": "x"}]})
+    assert ok.status_code == 200
+
+
+def test_unreachable_vllm_server_is_not_ready(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "down.yaml",
+        name="down-vllm",
+        backend="vllm",
+        vllm_url=f"http://127.0.0.1:{free_port()}",
+    )
+    with rm_service(cfg, wait="/healthz") as proc:
+        r = httpx.get(proc.url + "/readyz")
+        for _ in range(100):
+            if "unreachable" in r.text:
+                break
+            time.sleep(0.1)
+            r = httpx.get(proc.url + "/readyz")
+        assert r.status_code == 503
+        assert "unreachable" in r.json()["error"]["message"]
