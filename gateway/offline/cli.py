@@ -73,6 +73,13 @@ def train(
     valid_fraction: Annotated[
         float, typer.Option(help="Share of prompt groups held out for checkpoint selection.")
     ] = 0.2,
+    select_margin: Annotated[
+        float,
+        typer.Option(
+            help="A checkpoint must beat the training-best RM on held-out rows by this many "
+            "standard errors to be kept (0 = any gain)."
+        ),
+    ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of split, init and shuffling.")] = 0,
     threads: Annotated[int, typer.Option(help="Torch threads for the MLP.")] = 1,
 ) -> None:
@@ -108,6 +115,7 @@ def _train(**opt: Any) -> None:
         batch_size=opt["batch_size"],
         seed=opt["seed"],
         num_threads=opt["threads"],
+        select_margin=opt["select_margin"],
     )
     if not 0.0 <= opt["valid_fraction"] <= 0.9:
         raise ConfigError("valid_fraction", f"must be in [0, 0.9], got {opt['valid_fraction']}")
@@ -181,7 +189,13 @@ def _train(**opt: Any) -> None:
         f"{report.best_epoch} of {report.epochs_run}; training {report.seconds:.1f}s; "
         f"routes to: {picks}"
     )
-    if report.n_valid and not report.beats_best_single:
+    if report.n_valid and report.best_epoch == 0:
+        typer.echo(
+            f"note: no checkpoint beat the training-best RM ({report.train_best_rm}) on the "
+            f"held-out rows by {cfg.select_margin} standard errors; the router starts as that "
+            "RM (zero E_bt, per-RM biases) and leaves routing to the online phase."
+        )
+    elif report.n_valid and not report.beats_best_single:
         typer.echo(
             "note: the router does not beat the best single RM on the held-out rows "
             "(held-out accuracy is also what picked the checkpoint, so it is optimistic)."

@@ -101,6 +101,9 @@ class RouterConfig:
     seed: int = 0
     #: torch threads while training; a small MLP runs fastest on one.
     num_threads: int = 1
+    #: a checkpoint replaces the untrained router (= the training-best RM) only if its held-out
+    #: routing accuracy is higher by this many paired standard errors (0 = any gain).
+    select_margin: float = 1.0
 
     def __post_init__(self) -> None:
         hs = self.hidden_sizes
@@ -122,6 +125,7 @@ class RouterConfig:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("num_threads", self.num_threads, 1)
+        _check_float("select_margin", self.select_margin, 0.0, 10.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -525,6 +529,20 @@ def _build_net(input_dim: int, n_rms: int, cfg: RouterConfig, train_acc: np.ndar
     return RouterNet()
 
 
+def _beats(picked: np.ndarray, base: np.ndarray, margin: float) -> bool:
+    """Whether per-row correctness ``picked`` beats ``base`` by ``margin`` paired std errors.
+
+    >>> _beats(np.array([1, 1, 1, 0.0]), np.array([0, 1, 1, 0.0]), 0.0)
+    True
+    >>> _beats(np.array([1, 1, 1, 0.0]), np.array([0, 1, 1, 0.0]), 2.0)
+    False
+    """
+    diff = picked - base
+    gain = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return gain > 0 and gain > margin * se
+
+
 def _losses(
     scores: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lambda_cls: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -557,9 +575,12 @@ def train_router(
     """Train an offline router on pair features and per-RM correctness.
 
     Keeps the checkpoint with the best held-out routing accuracy (ties: lower held-out loss,
-    then the earlier epoch). The held-out split is by ``groups`` when given (whole prompts on
-    one side), else by row; ``valid_fraction=0`` trains on everything and keeps the last epoch.
-    Deterministic given ``config.seed``; torch's global RNG state is left as it was.
+    then the earlier epoch), among those that beat the untrained router (which routes
+    everything to the training-best RM) by ``config.select_margin`` paired standard errors;
+    if none does, the untrained router is kept and the router stays the best single RM until
+    the online phase learns otherwise. The held-out split is by ``groups`` when given (whole
+    prompts on one side), else by row; ``valid_fraction=0`` trains on everything and keeps the
+    last epoch. Deterministic given ``config.seed``; torch's global RNG state is left as it was.
 
     >>> router, report = train_router(feats, correct, ["rm-a", "rm-b"], RouterConfig(epochs=50),
     ...                               groups=[p.group for p in pairs])       # doctest: +SKIP
@@ -597,21 +618,25 @@ def train_router(
         cs = torch.from_numpy(c.astype(np.float32))
         x_tr, c_tr, x_va, c_va = xs[tr], cs[tr], xs[va], cs[va]
 
-        def evaluate() -> tuple[float, float]:
+        def evaluate() -> tuple[float, float, np.ndarray]:
+            """Held-out loss, routing accuracy, and the picked RM's correctness per row."""
             if len(va) == 0:
-                return math.nan, math.nan
+                return math.nan, math.nan, np.zeros(0)
             net.eval()
             with torch.no_grad():
                 s, lg = net(x_va)
                 loss = _losses(s, lg, c_va, cfg.lambda_cls)[0].item()
-            return loss, routing_accuracy(s.numpy(), c[va])
+            picked = c[va][np.arange(len(va)), np.argmax(s.numpy(), axis=1)]
+            return loss, float(picked.mean()), picked
 
         def snapshot() -> dict[str, torch.Tensor]:
             return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
-        v_loss, v_acc = evaluate()
+        v_loss, v_acc, base_picked = evaluate()
         history = [EpochLog(0, math.nan, math.nan, math.nan, v_loss, v_acc)]
-        best_key = (v_acc, -v_loss)
+        # Two trackers: the kept checkpoint (must beat epoch 0, the training-best RM, by
+        # select_margin standard errors) and the raw best, which drives early stopping.
+        kept_key = raw_key = (v_acc, -v_loss)
         best_epoch, best_state, since_best = 0, snapshot(), 0
         stopped_early = False
         with _epoch_progress(progress, cfg.epochs) as tick:
@@ -628,15 +653,17 @@ def train_router(
                     opt.step()
                     for j, part in enumerate((loss, bt, cl)):
                         sums[j] += part.item() * len(idx) / len(tr)
-                v_loss, v_acc = evaluate()
+                v_loss, v_acc, picked = evaluate()
                 history.append(EpochLog(epoch, sums[0], sums[1], sums[2], v_loss, v_acc))
                 tick(epoch, v_acc)
                 if len(va) == 0:
                     best_epoch, best_state = epoch, snapshot()
                     continue
                 key = (v_acc, -v_loss)
-                if key > best_key:
-                    best_key, best_epoch, best_state, since_best = key, epoch, snapshot(), 0
+                if key > kept_key and _beats(picked, base_picked, cfg.select_margin):
+                    kept_key, best_epoch, best_state = key, epoch, snapshot()
+                if key > raw_key:
+                    raw_key, since_best = key, 0
                 else:
                     since_best += 1
                     if cfg.patience and since_best >= cfg.patience:

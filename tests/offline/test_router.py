@@ -66,6 +66,7 @@ def test_keeps_the_checkpoint_with_best_held_out_routing_accuracy() -> None:
         dropout=0.0,
         input_dropout=0.0,
         weight_decay=0.0,
+        select_margin=0.0,
     )
     router, report = train_router(x, c, RMS, cfg, groups=groups)
     accs = [log.valid_routing_acc for log in report.history]
@@ -89,10 +90,29 @@ def test_untrained_router_is_the_training_best_rm_so_no_learnable_signal_does_no
     rng = np.random.default_rng(5)
     x = rng.normal(size=(300, 16)).astype(np.float32)
     c = (rng.random((300, 3)) < [0.55, 0.75, 0.6]).astype(float)  # features carry nothing
-    _, report = train_router(x, c, RMS, FAST)
+    loose = RouterConfig(hidden_sizes=(32,), dim=8, epochs=120, patience=40, select_margin=0.0)
+    _, report = train_router(x, c, RMS, loose)
     assert report.train_best_rm == "chat-rm"
     assert report.history[0].valid_routing_acc == pytest.approx(report.valid_train_best_acc)
     assert report.valid_routing_acc >= report.valid_train_best_acc
+
+
+def test_selection_margin_keeps_the_best_single_rm_unless_routing_clearly_wins() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    c = (rng.random((300, 3)) < [0.55, 0.75, 0.6]).astype(float)  # features carry nothing
+    strict = RouterConfig(hidden_sizes=(32,), dim=8, epochs=120, patience=40, select_margin=3.0)
+    router, report = train_router(x, c, RMS, strict)
+    # Some epoch did beat epoch 0 by luck, but not by 3 standard errors: nothing is kept.
+    accs = [log.valid_routing_acc for log in report.history]
+    assert max(accs) > accs[0]
+    assert report.best_epoch == 0
+    assert set(router.route(x)) == {RMS.index("chat-rm")}
+    np.testing.assert_array_equal(router.prior_means[:, :-1], 0.0)
+    # A real signal passes the same bar.
+    xs, cs, groups = specialist_problem()
+    _, report = train_router(xs, cs, RMS, strict, groups=groups)
+    assert report.best_epoch > 0 and report.beats_best_single
 
 
 def test_group_split_keeps_prompts_on_one_side() -> None:
@@ -203,6 +223,7 @@ def test_no_held_out_split_trains_every_epoch() -> None:
         ("batch_size", True),
         ("seed", -3),
         ("num_threads", 0),
+        ("select_margin", -1.0),
     ],
 )
 def test_bad_config_values_name_the_field(field: str, value: object) -> None:
