@@ -1,6 +1,182 @@
-"""``reward-router replay``: evaluate routing policies on recorded reward-model behaviour."""
+"""``reward-router replay``: every routing policy, replayed on recorded reward-model behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from reward_router.errors import RewardRouterError
+
+console = Console(stderr=True)
 
 
-def replay() -> None:
-    """Replay evaluation (being built)."""
-    raise SystemExit("not built yet")
+def _parse_settings(items: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``POLICY.PARAM=VALUE`` → policy params; ``router.PARAM=VALUE`` → router params."""
+    from reward_router.errors import ConfigError
+
+    policy: dict[str, dict[str, Any]] = {}
+    router: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        target, dot, param = key.partition(".")
+        if not sep or not dot or not param:
+            raise ConfigError("--set", f"expected POLICY.PARAM=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if target == "router":
+            router[param] = value
+        else:
+            policy.setdefault(target, {})[param] = value
+    return policy, router
+
+
+def replay(
+    pairs: Annotated[Path, typer.Option(help="Pairs file (JSONL or JSONL.gz).")],
+    behavior: Annotated[Path, typer.Option(help="Behaviour file: what each RM said per pair.")],
+    policies: Annotated[str, typer.Option(help="'all' or a comma-separated list.")] = "all",
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds (split by group).")] = 5,
+    seeds: Annotated[int, typer.Option(help="Repetitions with new folds and stream order.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Pairs per routing batch.")] = 8,
+    reward_noise: Annotated[
+        float, typer.Option(help="Probability of flipping the online reward (noisy −DPO).")
+    ] = 0.0,
+    encoder: Annotated[
+        str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
+    ] = "minilm",
+    max_length: Annotated[int, typer.Option(help="Encoder token limit per side.")] = 256,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Embedding cache (default: the project cache).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Parameter override, repeatable: POLICY.PARAM=VALUE (e.g. bayesian.lambda0=2)"
+            " or router.PARAM=VALUE (e.g. router.epochs=200).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Root seed.")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write results JSON here.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
+) -> None:
+    """Replay every policy on recorded RM behaviour, cross-fitted, and compare them."""
+    try:
+        _replay(
+            pairs, behavior, policies, folds, seeds, batch_size, reward_noise, encoder,
+            max_length, cache_dir, set_ or [], seed, json_out, plot,
+        )  # fmt: skip
+    except RewardRouterError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from exc
+
+
+def _replay(
+    pairs_path: Path,
+    behavior_path: Path,
+    policies_spec: str,
+    folds: int,
+    seeds: int,
+    batch_size: int,
+    reward_noise: float,
+    encoder_ref: str,
+    max_length: int,
+    cache_dir: Path | None,
+    settings: list[str],
+    seed: int,
+    json_out: Path | None,
+    plot: Path | None,
+) -> None:
+    from rich.progress import Progress
+
+    from gateway.replay import ReplayConfig, parse_policies, run_replay, torch_router_fitter
+    from reward_router.data import load_behavior, load_pairs
+
+    policy_params, router_params = _parse_settings(settings)
+    config = ReplayConfig(
+        folds=folds,
+        seeds=seeds,
+        batch_size=batch_size,
+        reward_noise=reward_noise,
+        policies=parse_policies(policies_spec),
+        policy_params=policy_params,
+        router_params=router_params,
+        seed=seed,
+    )
+    pairs = load_pairs(pairs_path)
+    matrix = load_behavior(behavior_path, pairs)
+    console.print(
+        f"{behavior_path.name}: {matrix.n_pairs} pairs with behaviour lines "
+        f"({matrix.skipped_pairs} of {len(pairs)} in the pairs file skipped), {matrix.n_rms} RMs"
+    )
+    features = _features(matrix, encoder_ref, max_length, cache_dir)
+    fitter = torch_router_fitter(router_params)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("replay", total=seeds * folds)
+
+        def progress(done: int, total: int, message: str) -> None:
+            bar.update(task, completed=done, description=f"replay {message}")
+
+        result = run_replay(matrix, features, config, fitter, progress)
+    _print_table(result)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    if plot is not None:
+        from gateway.replay_plot import plot_replay
+
+        plot_replay(result, plot, title=behavior_path.name)
+        console.print(f"wrote {plot}")
+
+
+def _features(matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | None) -> Any:
+    from gateway.features import PairFeaturizer, load_encoder
+    from reward_router.models import cache_root
+
+    encoder = load_encoder(encoder_ref, max_length=max_length)
+    featurizer = PairFeaturizer(encoder, cache_dir=cache_dir or cache_root() / "embeddings")
+    return featurizer.featurize(
+        [p.prompt for p in matrix.pairs],
+        [p.chosen for p in matrix.pairs],
+        [p.rejected for p in matrix.pairs],
+    )
+
+
+def _print_table(result: Any) -> None:
+    out = Console(width=max(Console().width, 140))
+    domains = sorted(set(result.domains))
+    table = Table(
+        title=f"replay: {result.n_pairs} pairs, {result.folds} folds x {result.seeds} seeds"
+    )
+    table.add_column("policy")
+    table.add_column("accuracy", justify="right")
+    table.add_column("± std", justify="right")
+    table.add_column("RM calls/pair", justify="right")
+    for d in domains:
+        table.add_column(d, justify="right")
+    summary = result.to_json()["policies"]
+    for name, row in sorted(summary.items(), key=lambda kv: -kv[1]["accuracy"]):
+        table.add_row(
+            name,
+            f"{row['accuracy']:.3f}",
+            f"{row['accuracy_std']:.3f}",
+            f"{row['rm_calls_per_pair']:.2f}",
+            *(f"{row['by_domain'][d]:.3f}" for d in domains),
+        )
+    out.print(table)
+    if "bayesian" in summary and "best-single" in summary:
+        delta = summary["bayesian"]["accuracy"] - summary["best-single"]["accuracy"]
+        verdict = "beats" if delta > 0 else "does NOT beat"
+        out.print(f"bayesian {verdict} best-single: {delta:+.3f} accuracy")
+    if result.router_valid_accuracy:
+        acc = sum(result.router_valid_accuracy) / len(result.router_valid_accuracy)
+        out.print(f"offline router, mean held-out routing accuracy on training folds: {acc:.3f}")

@@ -1,0 +1,132 @@
+"""The replay evaluation: cross-fitting, the output shape, and that routing really learns."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import numpy as np
+import pytest
+
+from gateway.replay import (
+    ReplayConfig,
+    group_folds,
+    oriented_margins,
+    parse_policies,
+    run_replay,
+    torch_router_fitter,
+)
+from gateway.routing import POLICY_NAMES
+from reward_router.data import BehaviorMatrix, Pair
+from reward_router.errors import ConfigError
+
+
+def _matrix(
+    correct: np.ndarray, domains: list[str], groups: list[str] | None = None
+) -> BehaviorMatrix:
+    pairs = [
+        Pair(
+            id=f"p{i}",
+            prompt=[{"role": "user", "content": "q"}],
+            chosen="c",
+            rejected="r",
+            domain=domains[i],
+            group=groups[i] if groups else f"g{i}",
+        )
+        for i in range(correct.shape[0])
+    ]
+    rms = [f"rm{n}" for n in range(correct.shape[1])]
+    return BehaviorMatrix(pairs, rms, correct, np.full(correct.shape, np.nan))
+
+
+def _specialists(n_pairs: int = 240, seed: int = 0) -> tuple[BehaviorMatrix, np.ndarray]:
+    """Two domains; RM0 is right 90% on domain x and 30% on y, RM1 the reverse, RM2 at 55%.
+
+    The features carry the domain (plus noise), so a router can learn who to ask.
+    """
+    rng = np.random.default_rng(seed)
+    domain = rng.integers(0, 2, n_pairs)
+    p_right = np.where(domain[:, None] == 0, [0.9, 0.3, 0.55], [0.3, 0.9, 0.55])
+    correct = (rng.random((n_pairs, 3)) < p_right).astype(np.float64)
+    features = rng.normal(0, 0.3, (n_pairs, 16))
+    features[:, 0] += np.where(domain == 0, 1.0, -1.0)
+    return _matrix(correct, ["x" if d == 0 else "y" for d in domain]), features.astype(np.float32)
+
+
+def test_group_folds_keep_groups_together_and_balance_rows() -> None:
+    groups = [f"g{i // 3}" for i in range(300)]  # 100 groups of 3 rows
+    folds = group_folds(groups, 5, np.random.default_rng(1))
+    for g in set(groups):
+        assert len({folds[i] for i, gg in enumerate(groups) if gg == g}) == 1
+    counts = np.bincount(folds, minlength=5)
+    assert counts.max() - counts.min() <= 3
+
+
+def test_group_folds_need_enough_groups() -> None:
+    with pytest.raises(ConfigError, match="folds"):
+        group_folds(["a", "a", "b"], 3, np.random.default_rng(0))
+
+
+def test_oriented_margins_agree_with_correct() -> None:
+    m = _matrix(np.array([[1.0, 0.0, 0.5]]), ["x"])
+    m.margins[0] = [-2.0, 3.0, np.nan]  # magnitudes kept, signs follow `correct`
+    assert oriented_margins(m).tolist() == [[2.0, -3.0, 0.0]]
+
+
+def test_parse_policies() -> None:
+    assert parse_policies("all") == POLICY_NAMES
+    with pytest.raises(ConfigError, match="policies"):
+        parse_policies("bayesian,nope")
+    with pytest.raises(ConfigError, match="reward_noise"):
+        ReplayConfig(reward_noise=0.7)
+    with pytest.raises(ConfigError, match="folds"):
+        ReplayConfig(folds=1)
+
+
+def test_json_shape_calls_and_bounds() -> None:
+    matrix, features = _specialists(n_pairs=120)
+    config = ReplayConfig(folds=3, seeds=2, router_params={"epochs": 30})
+    result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 30}))
+    out = result.to_json()
+    assert set(out) == {"pairs", "rms", "folds", "seeds", "policies"}
+    assert out["pairs"] == 120 and out["rms"] == ["rm0", "rm1", "rm2"]
+    assert set(out["policies"]) == set(POLICY_NAMES)
+    for name, row in out["policies"].items():
+        assert set(row) == {"accuracy", "accuracy_std", "rm_calls_per_pair", "by_domain"}
+        assert set(row["by_domain"]) == {"x", "y"}
+        expected_calls = 3.0 if name in ("majority", "uwo", "oracle") else 1.0
+        assert row["rm_calls_per_pair"] == pytest.approx(expected_calls), name
+    acc = {n: r["accuracy"] for n, r in out["policies"].items()}
+    # the oracle is right whenever any RM is: nothing can beat it
+    assert acc["oracle"] == max(acc.values())
+    # every pair of every seed was evaluated exactly once
+    for trace in result.traces.values():
+        for rows in trace.rows:
+            assert sorted(rows.tolist()) == list(range(120))
+
+
+def test_bayesian_learns_who_to_ask() -> None:
+    matrix, features = _specialists(n_pairs=300, seed=3)
+    policies = ("bayesian", "random", "best-single", "majority", "bayesian-no-online")
+    config = ReplayConfig(folds=5, seeds=2, policies=policies)
+    result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 60}))
+    acc = {n: float(result.accuracy(n).mean()) for n in policies}
+    # per domain the right specialist is right 90% of the time; any single RM ~60%
+    assert acc["bayesian"] > 0.8, acc
+    assert acc["bayesian"] > acc["best-single"] + 0.15, acc
+    assert acc["bayesian"] > acc["random"] + 0.15, acc
+    share = result.pick_share("bayesian")
+    assert share[2] < 0.2, share  # the mediocre generalist is rarely asked
+
+
+def test_reward_noise_is_seeded_and_reproducible() -> None:
+    matrix, features = _specialists(n_pairs=90)
+    config = ReplayConfig(folds=3, seeds=1, reward_noise=0.2, policies=("bayesian-no-offline",))
+
+    def no_router(*args: object) -> NoReturn:
+        raise AssertionError("a policy without an offline prior must not fit a router")
+
+    a = run_replay(matrix, features, config, no_router).to_json()
+    b = run_replay(matrix, features, config, no_router).to_json()
+    c = run_replay(matrix, features, ReplayConfig(**{**config.__dict__, "seed": 1}), no_router)
+    assert a == b
+    assert c.to_json() != a
