@@ -34,7 +34,7 @@ def plot_replay(result: ReplayResult, path: Path, title: str = "") -> None:
     right.set_xlabel("pairs seen in the held-out stream")
     right.set_ylabel("running accuracy")
     right.set_title("cumulative accuracy over the stream")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,9 @@ def load_pairs(path: str | Path) -> list[Pair]:
     for lineno, obj in iter_jsonl(path):
         pid = _require_str(obj, "id", p, lineno)
         if pid in seen:
-            raise DataFormatError(p, lineno, "id", f"duplicate id {pid!r} (first on line {seen[pid]})")
+            raise DataFormatError(
+                p, lineno, "id", f"duplicate id {pid!r} (first on line {seen[pid]})"
+            )
         seen[pid] = lineno
         if "prompt" not in obj:
             raise DataFormatError(p, lineno, "prompt", "missing")
