@@ -79,6 +79,14 @@ def _parse_results(rm: str, body: Any, n: int) -> list[Comparison]:
         raise RMUnavailable(rm, f"malformed /v1/compare answer: {exc}") from None
 
 
+_Job = tuple[list[dict[str, Any]], "asyncio.Future[list[Comparison]]"]
+
+
+def _fail(fut: asyncio.Future[list[Comparison]], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
 class RMClient:
     """One RM service: an httpx.AsyncClient with explicit timeouts plus its health state."""
 
@@ -113,8 +121,11 @@ class RMClient:
             base_url=self.url,
             timeout=timeout,
             transport=transport,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
+        self._pending: list[_Job] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
         self.consecutive_failures = 0
         self.cooldown_until = 0.0
         self.healthy = True  # until a health check says otherwise
@@ -144,12 +155,59 @@ class RMClient:
     # ---- calls ----------------------------------------------------------------------------
 
     async def compare(self, pairs: Sequence[dict[str, Any]]) -> list[Comparison]:
-        """``POST /v1/compare`` in chunks of ``max_batch``; raises :class:`RMError`."""
-        out: list[Comparison] = []
-        for start in range(0, len(pairs), self.max_batch):
-            chunk = list(pairs[start : start + self.max_batch])
-            out += await self._compare_chunk(chunk)
-        return out
+        """``POST /v1/compare`` for ``pairs``; raises :class:`RMError`.
+
+        Calls made in the same event-loop turn (concurrent requests routed to this RM) are
+        merged into one HTTP call of up to ``max_batch`` pairs: under load that turns hundreds
+        of one-pair calls into a few batched ones (the RM batches anyway), and a failure of a
+        merged call counts once toward cooldown.
+        """
+        if not pairs:
+            return []
+        fut: asyncio.Future[list[Comparison]] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(pairs), fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # one loop turn: let the other callers of this moment join
+        jobs, self._pending = self._pending, []
+        chunks: list[list[_Job]] = [[]]
+        size = 0
+        for job in jobs:
+            if chunks[-1] and size + len(job[0]) > self.max_batch:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(job)
+            size += len(job[0])
+        for chunk in chunks:
+            task = asyncio.create_task(self._send(chunk))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, jobs: list[_Job]) -> None:
+        allpairs = [p for pairs, _ in jobs for p in pairs]
+        try:
+            results: list[Comparison] = []
+            for start in range(0, len(allpairs), self.max_batch):
+                results += await self._compare_chunk(allpairs[start : start + self.max_batch])
+        except RMRejected as exc:
+            if len(jobs) == 1:
+                _fail(jobs[0][1], exc)
+                return
+            # Someone's input was bad for the RM: ask again per caller, so only they get the 4xx.
+            await asyncio.gather(*(self._send([job]) for job in jobs))
+            return
+        except Exception as exc:  # RMUnavailable, or a bug: every waiting caller hears of it
+            for _, fut in jobs:
+                _fail(fut, exc)
+            return
+        start = 0
+        for pairs, fut in jobs:
+            if not fut.done():
+                fut.set_result(results[start : start + len(pairs)])
+            start += len(pairs)
 
     async def _compare_chunk(self, pairs: list[dict[str, Any]]) -> list[Comparison]:
         try:

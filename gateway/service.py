@@ -209,7 +209,8 @@ class NsState:
     seq: int = 0
     obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     last_refresh: float = -math.inf
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inflight: asyncio.Future[NsState] | None = None
+    inflight_started: float = -math.inf
 
 
 @dataclass
@@ -425,25 +426,45 @@ class GatewayService:
         return await self._refresh(st, force=force_refresh, create=create)
 
     async def _refresh(self, st: NsState, *, force: bool, create: bool) -> NsState:
+        """Bring ``st`` up to the store's log (single-flight: concurrent callers share one read).
+
+        A route joins a refresh already in flight (so 200 concurrent routes cost one store round
+        trip, not 200 queued ones); ``force`` (after a feedback, for /v1/posteriors) waits for
+        one that started after the call, so it sees everything acknowledged before it.
+        """
         interval = self.settings.refresh_interval_ms / 1000.0
         if not force and interval > 0 and time.monotonic() - st.last_refresh < interval:
             return st
+        called = time.monotonic()
+        while True:
+            task = st.inflight
+            if task is not None and not task.done():
+                if not force or st.inflight_started >= called:
+                    return await asyncio.shield(task)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(task)  # an older read: wait for it, then read anew
+                continue
+            st.inflight_started = time.monotonic()
+            st.inflight = asyncio.ensure_future(self._read_log(st, create))
+            return await asyncio.shield(st.inflight)
+
+    async def _read_log(self, st: NsState, create: bool) -> NsState:
         ns = st.meta.name
-        async with st.lock:
-            started = time.monotonic()
-            meta, tail = await self.store.read_tail(ns, st.meta.gen, st.seq)
-            if meta is None:  # deleted (by an admin, maybe on another replica)
-                self._ns.pop(ns, None)
-                if not create:
-                    raise UnknownNamespace(ns)
-                return await self._state(ns, create=True)
-            if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
-                fresh = self._new_state(meta)
-                self._ns[ns] = fresh
-                meta, tail = await self.store.read_tail(ns, fresh.meta.gen, 0)
-                st = fresh
-            self._fold(st, tail)
-            st.last_refresh = started
+        started = time.monotonic()
+        meta, tail = await self.store.read_tail(ns, st.meta.gen, st.seq)
+        if meta is None:  # deleted (by an admin, maybe on another replica)
+            if self._ns.get(ns) is st:
+                del self._ns[ns]
+            if not create:
+                raise UnknownNamespace(ns)
+            return await self._state(ns, create=True)
+        if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
+            fresh = self._new_state(meta)
+            self._ns[ns] = fresh
+            meta, tail = await self.store.read_tail(ns, fresh.meta.gen, 0)
+            st = fresh
+        self._fold(st, tail)
+        st.last_refresh = started
         return st
 
     def _fold(self, st: NsState, tail: list[Observation]) -> None:

@@ -102,3 +102,24 @@ async def test_read_timeout_is_a_failure(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         srv.close()
+
+
+async def test_concurrent_calls_merge_and_only_the_bad_caller_is_rejected(rm: Proc) -> None:
+    import asyncio
+
+    client = RMClient("len", rm.url, max_batch=8, failure_threshold=1)
+    try:
+        good = [PAIR, {**PAIR, "response_a": "4"}]
+        bad = [{"prompt": "x", "response_a": "a"}]
+        out = await asyncio.gather(
+            client.compare(good),
+            client.compare(bad),
+            client.compare([PAIR] * 10),  # more than max_batch: split over calls
+            return_exceptions=True,
+        )
+        assert isinstance(out[1], RMRejected)
+        assert isinstance(out[0], list) and [c.preferred for c in out[0]] == ["a", "tie"]
+        assert isinstance(out[2], list) and len(out[2]) == 10
+        assert client.available()
+    finally:
+        await client.aclose()
