@@ -50,7 +50,7 @@ from gateway.protocol import (
 )
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
 from gateway.settings import NAMESPACE_RE, GatewaySettings
-from gateway.store import EmbeddedStore, NamespaceMeta, Observation, Outcome, Store
+from gateway.store import EmbeddedStore, NamespaceMeta, Observation, Outcome, Store, new_uid
 from reward_router.errors import ConfigError, RewardRouterError
 
 if TYPE_CHECKING:
@@ -575,24 +575,33 @@ class GatewayService:
             )
             raise
 
+    def _first_round(
+        self, ranking: np.ndarray, asked: np.ndarray, ensemble: bool
+    ) -> list[list[int]]:
+        """What each pair asks first: the policy's asked set (ensembles), or the first available
+        RM of the draw's ranking (single-RM policies; skipping one counts as a fallback)."""
+        out = []
+        for i in range(ranking.shape[0]):
+            if ensemble:
+                out.append([int(a) for a in ranking[i] if asked[i, int(a)]])
+                continue
+            first = self._order(ranking[i], set())[:1]
+            top = int(ranking[i, 0])
+            if first and first[0] != top:
+                self.metrics.fallbacks.labels(self.pool.clients[top].name, "cooldown").inc()
+            out.append(first)
+        return out
+
     async def _dispatch(
-        self, payloads: list[dict[str, Any]], ranking: np.ndarray, asked: np.ndarray, ensemble: bool
+        self, payloads: list[dict[str, Any]], ranking: np.ndarray, first: list[list[int]]
     ) -> tuple[list[dict[int, Comparison]], float]:
         """Ask RMs until every pair has an answer; returns the answers per pair and RM wait."""
         b = len(payloads)
         answers: list[dict[int, Comparison]] = [{} for _ in range(b)]
         tried: list[set[int]] = [set() for _ in range(b)]
-        # First round: what the policy asked (single-RM: the first available of the ranking).
         targets: dict[int, list[int]] = {}
         for i in range(b):
-            if ensemble:
-                first = [int(a) for a in ranking[i] if asked[i, int(a)]]
-            else:
-                first = self._order(ranking[i], set())[:1]
-                top = int(ranking[i, 0])
-                if first and first[0] != top:
-                    self.metrics.fallbacks.labels(self.pool.clients[top].name, "cooldown").inc()
-            for a in first:
+            for a in first[i]:
                 targets.setdefault(a, []).append(i)
         wait = 0.0
         while targets:
@@ -626,19 +635,44 @@ class GatewayService:
         t_start = time.perf_counter()
         timing = Timing()
         self._check_sizes(req.pairs)
-        st = await self._state(req.namespace, create=True)
+        # The log refresh (a store read) runs while the pairs are encoded.
+        state_task = asyncio.ensure_future(self._state(req.namespace, create=True))
         t0 = time.perf_counter()
-        h = await self.contexts(req.pairs)
+        try:
+            h = await self.contexts(req.pairs)
+        except BaseException:
+            state_task.cancel()
+            raise
         timing.encode = time.perf_counter() - t0
         self.metrics.encode.observe(timing.encode)
+        st = await state_task
         selection = st.policy.select(h)
         ranking = np.asarray(selection.ranking)
-        asked = np.asarray(selection.asked)
         ensemble = st.policy.calls_per_pair > 1
+        first = self._first_round(ranking, np.asarray(selection.asked), ensemble)
+        # Route records are written while the RMs work, under the RM planned for each pair;
+        # the few that end up answered by a fallback RM are rewritten before the response, so
+        # no feedback (which needs the response's route id) can see the planned one.
+        uids = [new_uid() for _ in req.pairs]
+        planned = [next(int(a) for a in ranking[i] if int(a) in f) for i, f in enumerate(first)]
+        write = asyncio.ensure_future(
+            self.store.put_routes(
+                req.namespace,
+                st.meta.gen,
+                [(a, h[i]) for i, a in enumerate(planned)],
+                self.settings.route_ttl_s,
+                uids=uids,
+            )
+        )
         payloads = [p.model_dump(exclude={"id"}, exclude_none=True) for p in req.pairs]
-        answers, timing.rm_wait = await self._dispatch(payloads, ranking, asked, ensemble)
+        try:
+            answers, timing.rm_wait = await self._dispatch(payloads, ranking, first)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                await write
+            raise
+        ids = await write
 
-        records: list[tuple[int, np.ndarray]] = []
         results: list[RouteResult] = []
         margins = np.full((len(req.pairs), self.n_rms), np.nan)
         for i, ans in enumerate(answers):
@@ -646,9 +680,14 @@ class GatewayService:
                 margins[i, arm] = cmp.score_a - cmp.score_b
         combined = st.policy.combine(margins) if ensemble else None
         ns_label = self.metrics.ns_label(req.namespace)
+        moved: list[int] = []
+        arms: list[int] = []
         for i, ans in enumerate(answers):
             order = [int(a) for a in ranking[i] if int(a) in ans]
             arm = order[0]
+            arms.append(arm)
+            if arm != planned[i]:
+                moved.append(i)
             names = [self.rm_names[a] for a in order]
             if ensemble and combined is not None:
                 m = float(combined[i])
@@ -658,12 +697,11 @@ class GatewayService:
             else:
                 c = ans[arm]
                 preferred, score_a, score_b = c.preferred, c.score_a, c.score_b
-            records.append((arm, h[i]))
             self.metrics.routes.labels(ns_label, self.rm_names[arm]).inc()
             results.append(
                 RouteResult(
                     id=req.pairs[i].id,
-                    route_id="",
+                    route_id=ids[i],
                     rm=self.rm_names[arm],
                     rms=names if ensemble else None,
                     preferred=preferred,  # type: ignore[arg-type]
@@ -672,11 +710,15 @@ class GatewayService:
                     fallback=(not ensemble) and arm != int(ranking[i, 0]),
                 )
             )
-        ids = await self.store.put_routes(
-            req.namespace, st.meta.gen, records, self.settings.route_ttl_s
-        )
-        for r, rid in zip(results, ids, strict=True):
-            r.route_id = rid
+        if moved:
+            await self.store.put_routes(
+                req.namespace,
+                st.meta.gen,
+                [(arms[i], h[i]) for i in moved],
+                self.settings.route_ttl_s,
+                uids=[uids[i] for i in moved],
+                uncount=[planned[i] for i in moved],
+            )
         timing.total = time.perf_counter() - t_start
         self._update_rm_gauges()
         return RouteResponse(namespace=req.namespace, results=results), timing

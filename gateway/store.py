@@ -160,8 +160,18 @@ class Store(Protocol):
     async def list_namespaces(self) -> list[str]: ...
 
     async def put_routes(
-        self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float
-    ) -> list[str]: ...
+        self,
+        ns: str,
+        gen: str,
+        records: Sequence[tuple[int, np.ndarray]],
+        ttl_s: float,
+        *,
+        uids: Sequence[str] | None = None,
+        uncount: Sequence[int] = (),
+    ) -> list[str]:
+        """Write route records (new uids unless given: a rewrite keeps the id) and count them
+        per RM; ``uncount`` takes back the counts of rewritten records' old RMs."""
+        ...
 
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]: ...
 
@@ -231,7 +241,14 @@ class EmbeddedStore:
             del self._routes[k]
 
     async def put_routes(
-        self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float
+        self,
+        ns: str,
+        gen: str,
+        records: Sequence[tuple[int, np.ndarray]],
+        ttl_s: float,
+        *,
+        uids: Sequence[str] | None = None,
+        uncount: Sequence[int] = (),
     ) -> list[str]:
         now = self._clock()
         self._puts += 1
@@ -239,12 +256,16 @@ class EmbeddedStore:
             self._sweep(now)
         ids = []
         st = self._ns.get(ns)
-        for arm, h in records:
-            uid = new_uid()
+        counting = st is not None and st.meta.gen == gen
+        given = list(uids) if uids is not None else [new_uid() for _ in records]
+        for (arm, h), uid in zip(records, given, strict=True):
             self._routes[(ns, gen, uid)] = (now + ttl_s, encode_record(arm, h, uid))
-            if st is not None and st.meta.gen == gen:
+            if st is not None and counting:
                 st.routes[arm] = st.routes.get(arm, 0) + 1
             ids.append(f"{ns}:{gen}:{uid}")
+        if st is not None and counting:
+            for arm in uncount:
+                st.routes[arm] = st.routes.get(arm, 0) - 1
         return ids
 
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]:

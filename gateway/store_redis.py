@@ -172,13 +172,22 @@ class RedisStore:
         return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
     async def put_routes(
-        self, ns: str, gen: str, records: Sequence[tuple[int, np.ndarray]], ttl_s: float
+        self,
+        ns: str,
+        gen: str,
+        records: Sequence[tuple[int, np.ndarray]],
+        ttl_s: float,
+        *,
+        uids: Sequence[str] | None = None,
+        uncount: Sequence[int] = (),
     ) -> list[str]:
         ttl_ms = max(1, round(ttl_s * 1000))
-        uids = [new_uid() for _ in records]
+        uids = list(uids) if uids is not None else [new_uid() for _ in records]
         counts: dict[int, int] = {}
         for arm, _ in records:
             counts[arm] = counts.get(arm, 0) + 1
+        for arm in uncount:
+            counts[arm] = counts.get(arm, 0) - 1
 
         async def run() -> None:
             # Not a transaction: every SET is independent and idempotent (a retry rewrites the
@@ -187,7 +196,8 @@ class RedisStore:
                 for uid, (arm, h) in zip(uids, records, strict=True):
                     p.set(self.keys.route(ns, gen, uid), encode_record(arm, h, uid), px=ttl_ms)
                 for arm, c in counts.items():
-                    p.hincrby(self.keys.routes(ns, gen), str(arm), c)
+                    if c:
+                        p.hincrby(self.keys.routes(ns, gen), str(arm), c)
                 await p.execute()
 
         await self._call(run)

@@ -113,3 +113,15 @@ async def test_concurrent_feedback_for_one_route_applies_once(store: Store) -> N
     _, log = await store.read_tail("ns", meta.gen, 0)
     assert sorted(o.route_id for o in log) == sorted(ids)
     assert [o.seq for o in log] == list(range(1, 21))
+
+
+async def test_rewrite_keeps_the_id_and_moves_the_count(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(0, _h(0)), (0, _h(1))], ttl_s=60)
+    uid = ids[1].split(":")[2]
+    again = await store.put_routes("ns", meta.gen, [(2, _h(1))], ttl_s=60, uids=[uid], uncount=[0])
+    assert again == [ids[1]]
+    assert await store.route_counts("ns", meta.gen) == {0: 1, 2: 1}
+    await store.apply_feedback([(ids[1], 1.0)])
+    _, log = await store.read_tail("ns", meta.gen, 0)
+    assert [o.arm for o in log] == [2]  # the rewritten record is the one applied
