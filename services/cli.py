@@ -160,8 +160,9 @@ def accuracy(
 def evaluate(
     rms: Path = typer.Option(Path("deploy/rms/pool.yaml"), help="Pool file."),
     out: Path = typer.Option(Path("results/pool-eval"), help="Folder for behaviour files."),
-    limit: int = typer.Option(400, help="Pairs sampled per column (seeded)."),
+    limit: int = typer.Option(200, help="Pairs sampled per column (seeded)."),
     start: bool = typer.Option(True, help="Start the RM services that are not running."),
+    reuse: bool = typer.Option(False, help="Read behaviour files already in --out (resume)."),
     seed: int = typer.Option(0),
     data_dir: Path = typer.Option(Path("data/pairs")),
 ) -> None:
@@ -171,7 +172,9 @@ def evaluate(
     try:
         members = load_pool(rms)
         with open_all(members, start):
-            text = run_evaluation(members, out, data_dir=data_dir, limit=limit, seed=seed)
+            text = run_evaluation(
+                members, out, data_dir=data_dir, limit=limit, seed=seed, reuse=reuse
+            )
     except RewardRouterError as exc:
         raise _fail(exc) from exc
     typer.echo(text)

@@ -49,6 +49,9 @@ class PoolMember:
     config: Path
     settings: ServiceSettings
     url: str
+    # `rm evaluate` scores this RM on only the first `eval_limit` pairs of each column's sample
+    # (for RMs too slow on a CPU to score the whole sample, e.g. an LM judge).
+    eval_limit: int | None = None
 
     @property
     def name(self) -> str:
@@ -69,7 +72,10 @@ def load_pool(path: str | Path) -> list[PoolMember]:
         cfg = (p.parent / entry["config"]).resolve()
         settings = load_settings(cfg)
         url = entry.get("url") or f"http://{settings.host}:{settings.port}"
-        members.append(PoolMember(cfg, settings, str(url).rstrip("/")))
+        limit = entry.get("eval_limit")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"rms[{i}].eval_limit", f"{p}: must be a positive integer")
+        members.append(PoolMember(cfg, settings, str(url).rstrip("/"), limit))
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise ConfigError("rms", f"{p}: RM names must be unique, got {names}")
@@ -230,19 +236,35 @@ def accuracy_table(
 
 
 def markdown_table(columns: dict[str, dict[str, tuple[float, int]]], rms: Sequence[str]) -> str:
-    """RMs as rows, the given columns (e.g. eval sets) as columns, best per column in bold."""
+    """RMs as rows, the given columns (e.g. eval sets) as columns, best per column in bold.
+
+    A cell measured on fewer pairs than its column's largest count shows its own ``n``.
+    """
     names = list(columns)
-    head = "| RM | " + " | ".join(f"{c} (n={next(iter(columns[c].values()))[1]})" for c in names)
+    size = {c: max(n for _, n in columns[c].values()) for c in names}
+    head = "| RM | " + " | ".join(f"{c} (n={size[c]})" for c in names)
     lines = [head + " |", "|---|" + "---:|" * len(names)]
     best = {c: max(v[0] for v in columns[c].values()) for c in names}
     for rm in rms:
         cells = []
         for c in names:
-            acc = columns[c].get(rm, (float("nan"), 0))[0]
+            acc, n = columns[c].get(rm, (float("nan"), 0))
             text = f"{acc:.3f}"
-            cells.append(f"**{text}**" if acc == best[c] else text)
+            text = f"**{text}**" if acc == best[c] else text
+            cells.append(text if n == size[c] else f"{text} (n={n})")
         lines.append(f"| {rm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _reusable(path: Path, pairs: Sequence[Pair], rm: str) -> bool:
+    """Whether ``path`` already holds ``rm``'s lines for exactly these pairs."""
+    if not path.exists():
+        return False
+    try:
+        matrix = load_behavior(path, pairs)
+    except ValueError:
+        return False
+    return matrix.rms == [rm] and matrix.n_pairs == len(pairs) and matrix.skipped_pairs == 0
 
 
 def run_evaluation(
@@ -250,37 +272,53 @@ def run_evaluation(
     out_dir: Path,
     *,
     data_dir: Path = Path("data/pairs"),
-    limit: int = 400,
-    eval_sets: Sequence[str] = ("rm-bench", "llmbar", "hhh-alignment", "rewardbench-math-prm"),
+    limit: int = 200,
+    eval_sets: Sequence[str] = (
+        "rm-bench",
+        "llmbar",
+        "hhh-alignment",
+        "evalbiasbench",
+        "rewardbench-math-prm",
+    ),
     seed: int = 0,
+    reuse: bool = False,
     progress: bool = True,
 ) -> str:
     """Held-out accuracy of every pool RM on chat / safety / math and on the eval sets.
 
-    Each column is a seeded sample of at most ``limit`` pairs; behaviour files and the
-    markdown table land in ``out_dir``. Returns the table.
+    Each column is a seeded sample of at most ``limit`` pairs (a member's ``eval_limit`` takes
+    the first pairs of it). One behaviour file per (column, RM) lands in ``out_dir``; with
+    ``reuse`` a file already there for the same pairs is read instead of asking the RM again,
+    so an interrupted evaluation resumes. Writes and returns the markdown table.
     """
     import random
 
     from reward_router.data import load_pairs
     from services.train import domain_split
 
-    columns: dict[str, dict[str, tuple[float, int]]] = {}
     sets: list[tuple[str, list[Pair]]] = []
     for domain in ("chat", "safety", "math"):
         _, held = domain_split(domain, data_dir)
         sets.append((f"{domain} held-out", held))
     for name in eval_sets:
         sets.append((name, load_pairs(data_dir / f"{name}.jsonl.gz")))
-    rms = [m.name for m in members]
     out_dir.mkdir(parents=True, exist_ok=True)
+    columns: dict[str, dict[str, tuple[float, int]]] = {}
+
+    def one(label: str, sample: Sequence[Pair], m: PoolMember) -> tuple[float, int]:
+        mine = sample[: m.eval_limit] if m.eval_limit else sample
+        path = out_dir / f"{label.replace(' ', '-')}.{m.name}.behavior.jsonl.gz"
+        if not (reuse and _reusable(path, mine, m.name)):
+            collect(mine, [m], path, progress=progress)
+        _, table = accuracy_table(mine, path, by="all")
+        return table["all"][m.name]
+
     for label, pairs in sets:
         sample = pairs if len(pairs) <= limit else random.Random(seed).sample(pairs, limit)
-        path = out_dir / f"{label.replace(' ', '-')}.behavior.jsonl.gz"
-        collect(sample, members, path, progress=progress)
-        _, table = accuracy_table(sample, path, by="all")
-        columns[label] = table["all"]
-    text = markdown_table(columns, rms)
+        with ThreadPoolExecutor(max_workers=len(members)) as ex:
+            cells = list(ex.map(lambda m, lb=label, sm=sample: one(lb, sm, m), members))
+        columns[label] = {m.name: cell for m, cell in zip(members, cells, strict=True)}
+    text = markdown_table(columns, [m.name for m in members])
     (out_dir / "accuracy.md").write_text(text + "\n")
     return text
 

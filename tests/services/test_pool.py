@@ -13,9 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from reward_router.data import first_user_turn, load_behavior, load_pairs
+from reward_router.errors import ConfigError
 from services.backends import ScoreInput, make_backend
 from services.cli import app as rm_cli
-from services.pool import accuracy_table, load_pool
+from services.pool import accuracy_table, load_pool, markdown_table
 from services.settings import load_settings
 from services.train import TrainConfig, domain_split, train_specialist
 from tests.services.conftest import rm_services, write_config
@@ -158,3 +159,30 @@ def test_collect_writes_a_behavior_file(pool: Path, tmp_path: Path) -> None:
     _, table = accuracy_table(pairs, out, by="domain")
     assert table["math"]["verifier"] == (1.0, 2)
     assert table["chat"]["length"] == (pytest.approx(2 / 3), 3)
+
+
+def test_markdown_table_marks_best_and_smaller_samples() -> None:
+    columns = {
+        "chat": {"a": (0.7, 200), "b": (0.6, 200), "judge": (0.55, 20)},
+        "math": {"a": (0.5, 100), "b": (0.9, 100), "judge": (0.9, 20)},
+    }
+    lines = markdown_table(columns, ["a", "b", "judge"]).splitlines()
+    assert lines[0] == "| RM | chat (n=200) | math (n=100) |"
+    assert lines[2] == "| a | **0.700** | 0.500 |"
+    assert lines[3] == "| b | 0.600 | **0.900** |"
+    assert lines[4] == "| judge | 0.550 (n=20) | **0.900** (n=20) |"
+
+
+def test_pool_file_errors_name_the_entry(tmp_path: Path) -> None:
+    write_config(tmp_path / "len.yaml", name="length", backend="length")
+    (tmp_path / "pool.yaml").write_text(
+        yaml.safe_dump({"rms": [{"config": "len.yaml", "eval_limit": 0}]})
+    )
+    with pytest.raises(ConfigError) as info:
+        load_pool(tmp_path / "pool.yaml")
+    assert info.value.field == "rms[0].eval_limit"
+    (tmp_path / "pool.yaml").write_text(
+        yaml.safe_dump({"rms": [{"config": "len.yaml"}, {"config": "len.yaml"}]})
+    )
+    with pytest.raises(ConfigError, match="unique"):
+        load_pool(tmp_path / "pool.yaml")
