@@ -1,0 +1,120 @@
+"""The Online DPO trainer process end to end: real gateway + real RM services + real Redis +
+the trainer as a child process with a tiny random Llama policy built in the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load_file
+
+from tests.procs import free_port
+
+
+def _train(gateway: str, policy: Path, prompts: Path, out: Path, *extra: str) -> str:
+    args = [
+        sys.executable, "-m", "trainer_client.online_dpo",
+        "--gateway", gateway, "--policy", str(policy), "--prompts", str(prompts),
+        "--out", str(out), "--prompts-per-step", "2", "-k", "3", "--max-new-tokens", "12",
+        "--lr", "1e-2", "--save-every", "1", "--torch-threads", "1", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _observations(gateway: str, ns: str) -> dict[str, int]:
+    r = httpx.get(f"{gateway}/v1/posteriors", params={"namespace": ns}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {rm["name"]: rm["observations"] for rm in r.json()["rms"]}
+
+
+def test_three_steps_route_train_feedback_and_resume(
+    trainer_gateway: str, tiny_policy: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    ns = "e2e-dpo"
+    _train(trainer_gateway, tiny_policy, prompts_file, out, "--steps", "2", "--namespace", ns)
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2]
+    routed = sum(r["routed"] for r in log)
+    assert routed > 0
+    # every routed pair was labelled by one of the RMs and its feedback applied once
+    assert all(r["feedback"]["applied"] == r["routed"] for r in log)
+    assert sum(_observations(trainer_gateway, ns).values()) == routed
+    assert not (out / "pending_feedback.json").exists()
+
+    # resume to step 3: same namespace, the log continues, counts keep growing
+    _train(trainer_gateway, tiny_policy, prompts_file, out, "--steps", "3", "--resume")
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    routed = sum(r["routed"] for r in log)
+    assert sum(_observations(trainer_gateway, ns).values()) == routed
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["namespace"] == ns
+    assert state["totals"]["routed"] == routed
+    shares = json.loads((out / "summary.json").read_text())["routing_share"]
+    assert set(shares) <= {"length", "verifier"} and abs(sum(shares.values()) - 1) < 1e-9
+
+    # the policy's weights changed from the initial ones
+    before = load_file(str(tiny_policy / "model.safetensors"))
+    after = load_file(str(out / "checkpoint" / "model.safetensors"))
+    changed = [k for k in after if k in before and not (after[k] == before[k]).all()]
+    assert changed, "no weight changed after 3 DPO steps"
+    # the checkpoint is a loadable Hugging Face folder
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out / "checkpoint"))
+
+
+def test_refuses_to_overwrite_a_run_without_resume(
+    trainer_gateway: str, tiny_policy: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    args = [
+        sys.executable, "-m", "trainer_client", "--gateway", trainer_gateway,
+        "--policy", str(tiny_policy), "--prompts", str(prompts_file), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "out_dir" in proc.stderr and "--resume" in proc.stderr
+
+
+def test_gateway_down_stalls_then_stops_with_pending_feedback_kept(
+    tiny_policy: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    """Nothing listens on the port: the run says so, retries, and stops with exit code 3."""
+    url = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "trainer_client.online_dpo", "--gateway", url,
+        "--policy", str(tiny_policy), "--prompts", str(prompts_file), "--out", str(out),
+        "--steps", "1", "--max-new-tokens", "4", "--gateway-patience-s", "3",
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "retrying" in proc.stderr and url in proc.stderr
+    assert "still failing" in proc.stderr
+    # it checkpointed before stopping, so --resume can continue
+    assert (out / "checkpoint" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("bad", [["--beta", "0"], ["-k", "1"], ["--gateway", "ftp://x"]])
+def test_bad_options_name_the_field(tiny_policy: Path, tmp_path: Path, bad: list[str]) -> None:
+    args = [
+        sys.executable, "-m", "trainer_client", "--gateway", "http://127.0.0.1:1",
+        "--out", str(tmp_path / "o"), "--policy", str(tiny_policy), *bad,
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    field = {"--beta": "beta", "-k": "samples_per_prompt", "--gateway": "gateway"}[bad[0]]
+    assert f"error: {field}:" in proc.stderr
