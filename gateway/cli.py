@@ -50,4 +50,5 @@ def serve(
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        timeout_keep_alive=int(settings.keep_alive_s),
     )

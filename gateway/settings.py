@@ -84,6 +84,9 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    # Longer than a client pool's idle expiry (httpx: 5 s), so the server never closes a
+    # keep-alive connection a client is just reusing (that shows up as a client ReadError).
+    keep_alive_s: float = Field(default=30.0, gt=0, le=3600)
 
     rms: list[RMEndpoint] = Field(default_factory=list, validate_default=True)
     router_path: Path | None = None
