@@ -177,6 +177,12 @@ def _print_table(result: Any) -> None:
         delta = summary["bayesian"]["accuracy"] - summary["best-single"]["accuracy"]
         verdict = "beats" if delta > 0 else "does NOT beat"
         out.print(f"bayesian {verdict} best-single: {delta:+.3f} accuracy")
+    for name in ("bayesian", "bayesian-no-online", "laser"):
+        if name in result.traces:
+            share = result.pick_share(name)
+            top = sorted(zip(share, result.rms, strict=True), reverse=True)[:4]
+            picks = ", ".join(f"{rm} {s:.0%}" for s, rm in top if s > 0)
+            out.print(f"{name} routing share: {picks}")
     if result.router_valid_accuracy:
         acc = sum(result.router_valid_accuracy) / len(result.router_valid_accuracy)
         out.print(f"offline router, mean held-out routing accuracy on training folds: {acc:.3f}")
