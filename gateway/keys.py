@@ -12,6 +12,7 @@ needs no scan over the keyspace.
     {p}:ns:{ns}:g:{gen}:log             LIST  observations, append-only; index + 1 = sequence no.
     {p}:ns:{ns}:g:{gen}:routes          HASH  rm index -> routes taken
     {p}:ns:{ns}:g:{gen}:r:{uuid}        STR   route record, TTL route_ttl_s; "A" once applied
+    {p}:ns:{ns}:g:{gen}:snap            HASH  seq, blob: a replica's folded state at seq
 
 >>> k = Keys("rr")
 >>> k.log("run-1", "9f3a")
@@ -43,6 +44,9 @@ class Keys:
 
     def routes(self, ns: str, gen: str) -> str:
         return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:routes"
+
+    def snapshot(self, ns: str, gen: str) -> str:
+        return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:snap"
 
     def route(self, ns: str, gen: str, uid: str) -> str:
         return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:r:{uid}"

@@ -104,6 +104,9 @@ class PosteriorsResponse(BaseModel):
     namespace: str
     policy: str
     seq: int = Field(description="Observations folded into this replica's posterior.")
+    snapshot_seq: int = Field(
+        default=0, description="The latest snapshot this replica stored or started from."
+    )
     rms: list[RMPosterior]
     params: PosteriorParams | None = None
 

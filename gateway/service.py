@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import logging
 import math
 import time
@@ -208,6 +210,7 @@ class NsState:
     forgetting: bool
     seq: int = 0
     obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    snapshot_seq: int = 0
     last_refresh: float = -math.inf
     inflight: asyncio.Future[NsState] | None = None
     inflight_started: float = -math.inf
@@ -422,7 +425,9 @@ class GatewayService:
                             raise UnknownNamespace(ns)
                         config = self._full_config(None)
                         meta, _ = await self.store.create_namespace(ns, config)
-                    st = self._ns[ns] = self._new_state(meta)
+                    st = self._new_state(meta)
+                    await self._load_snapshot(st)
+                    self._ns[ns] = st
         return await self._refresh(st, force=force_refresh, create=create)
 
     async def _refresh(self, st: NsState, *, force: bool, create: bool) -> NsState:
@@ -465,7 +470,61 @@ class GatewayService:
             st = fresh
         self._fold(st, tail)
         st.last_refresh = started
+        every = self.settings.snapshot_every
+        if every and st.seq - st.snapshot_seq >= every:
+            with contextlib.suppress(RewardRouterError):  # a snapshot is an optimisation
+                await self._save_snapshot(st)
         return st
+
+    # ---- snapshots: the folded state at a sequence number ---------------------------------------
+
+    @staticmethod
+    def _snapshottable(st: NsState) -> bool:
+        # Only the Bayesian family keeps all it learned in `.posteriors`; other learning
+        # policies (laser) are rebuilt from the whole log.
+        from gateway.routing import GaussianPosteriors
+
+        return isinstance(getattr(st.policy, "posteriors", None), GaussianPosteriors)
+
+    async def _save_snapshot(self, st: NsState) -> None:
+        if not self._snapshottable(st):
+            return
+        arrays = dict(st.policy.posteriors.to_arrays())  # type: ignore[attr-defined]
+        arrays["obs_counts"] = st.obs_counts.copy()
+        norm = st.normalizer.state() if st.normalizer is not None else None
+        head = json.dumps({"seq": st.seq, "normalizer": norm}).encode()
+        arrays["head"] = np.frombuffer(head, dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        await self.store.put_snapshot(st.meta.name, st.meta.gen, st.seq, buf.getvalue())
+        st.snapshot_seq = st.seq
+
+    async def _load_snapshot(self, st: NsState) -> None:
+        if not self.settings.snapshot_every or not self._snapshottable(st):
+            return
+        got = await self.store.get_snapshot(st.meta.name, st.meta.gen)
+        if got is None:
+            return
+        from gateway.routing import GaussianPosteriors
+
+        try:
+            with np.load(io.BytesIO(got[1]), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            head = json.loads(arrays.pop("head").tobytes())
+            counts = arrays.pop("obs_counts")
+            posteriors = GaussianPosteriors.from_arrays(arrays)
+            st.policy.posteriors = posteriors  # type: ignore[attr-defined]
+            if st.normalizer is not None:
+                st.normalizer = type(st.normalizer).from_state(head["normalizer"])
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            # Unreadable (another version, another policy config): the log is the truth.
+            log.warning("ignoring snapshot of %s: %s", st.meta.name, exc)
+            st.policy, st.normalizer, st.forgetting = self._policy_from(
+                st.meta.name, st.meta.config
+            )
+            return
+        st.obs_counts = counts.astype(np.int64)
+        st.seq = st.snapshot_seq = int(head["seq"])
 
     def _fold(self, st: NsState, tail: list[Observation]) -> None:
         """Fold observations (in sequence order) into the normaliser and the policy."""
@@ -789,5 +848,10 @@ class GatewayService:
             for n, c in enumerate(self.pool.clients)
         ]
         return PosteriorsResponse(
-            namespace=ns, policy=st.policy.name, seq=st.seq, rms=rms, params=params
+            namespace=ns,
+            policy=st.policy.name,
+            seq=st.seq,
+            snapshot_seq=st.snapshot_seq,
+            rms=rms,
+            params=params,
         )

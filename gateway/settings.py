@@ -105,6 +105,9 @@ class GatewaySettings(BaseSettings):
 
     route_ttl_s: float = Field(default=86400.0, gt=0, le=30 * 86400)
     refresh_interval_ms: float = Field(default=0.0, ge=0, le=600_000)
+    # Every this many observations a replica stores its folded state, so a restart reads the
+    # snapshot plus the log after it, not the whole log (0 = never).
+    snapshot_every: int = Field(default=1000, ge=0)
 
     api_keys: list[SecretStr] = Field(default_factory=list)
     admin_key: SecretStr | None = None

@@ -181,6 +181,14 @@ class Store(Protocol):
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]: ...
 
+    async def get_snapshot(self, ns: str, gen: str) -> tuple[int, bytes] | None:
+        """The newest snapshot ``(seq, blob)`` of a namespace generation, if any."""
+        ...
+
+    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
+        """Store a snapshot unless one at ``seq`` or later is there already."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -189,6 +197,7 @@ class _EmbeddedNs:
     meta: NamespaceMeta
     log: list[bytes] = field(default_factory=list)
     routes: dict[int, int] = field(default_factory=dict)
+    snapshot: tuple[int, bytes] | None = None
 
 
 class EmbeddedStore:
@@ -306,6 +315,19 @@ class EmbeddedStore:
         if st is None or st.meta.gen != gen:
             return {}
         return dict(st.routes)
+
+    async def get_snapshot(self, ns: str, gen: str) -> tuple[int, bytes] | None:
+        st = self._ns.get(ns)
+        if st is None or st.meta.gen != gen:
+            return None
+        return st.snapshot
+
+    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
+        st = self._ns.get(ns)
+        if st is None or st.meta.gen != gen or (st.snapshot and st.snapshot[0] >= seq):
+            return False
+        st.snapshot = (seq, blob)
+        return True
 
     async def aclose(self) -> None:
         return None

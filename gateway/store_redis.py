@@ -86,6 +86,17 @@ return out
 """
 
 
+# KEYS[1] snapshot hash; ARGV[1] seq, ARGV[2] blob -> 1 stored, 0 a newer one is there
+_SNAPSHOT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'blob', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def _meta(ns: str, gen: Any, config: Any, created: Any) -> NamespaceMeta:
     def s(x: Any) -> str:
         return x.decode() if isinstance(x, bytes) else str(x)
@@ -102,6 +113,7 @@ class RedisStore:
         self._create = client.register_script(_CREATE)
         self._reset = client.register_script(_RESET)
         self._feedback = client.register_script(_FEEDBACK)
+        self._snapshot = client.register_script(_SNAPSHOT)
 
     @classmethod
     def from_url(
@@ -148,7 +160,11 @@ class RedisStore:
         old_gen = old.decode() if isinstance(old, bytes) else str(old)
         # The old generation's log and counters are unreachable now; drop them to free memory.
         await self._call(
-            lambda: self._r.delete(self.keys.log(ns, old_gen), self.keys.routes(ns, old_gen))
+            lambda: self._r.delete(
+                self.keys.log(ns, old_gen),
+                self.keys.routes(ns, old_gen),
+                self.keys.snapshot(ns, old_gen),
+            )
         )
         return await self.get_namespace(ns)
 
@@ -161,7 +177,11 @@ class RedisStore:
             async with self._r.pipeline(transaction=True) as p:
                 p.delete(self.keys.meta(ns))
                 p.srem(self.keys.namespaces(), ns)
-                p.delete(self.keys.log(ns, meta.gen), self.keys.routes(ns, meta.gen))
+                p.delete(
+                    self.keys.log(ns, meta.gen),
+                    self.keys.routes(ns, meta.gen),
+                    self.keys.snapshot(ns, meta.gen),
+                )
                 await p.execute()
 
         await self._call(run)
@@ -253,6 +273,19 @@ class RedisStore:
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
         raw = await self._call(lambda: self._r.hgetall(self.keys.routes(ns, gen)))
         return {int(k): int(v) for k, v in raw.items()}
+
+    async def get_snapshot(self, ns: str, gen: str) -> tuple[int, bytes] | None:
+        seq, blob = await self._call(
+            lambda: self._r.hmget(self.keys.snapshot(ns, gen), "seq", "blob")
+        )
+        if seq is None or blob is None:
+            return None
+        return int(seq), blob if isinstance(blob, bytes) else blob.encode()
+
+    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
+        key = self.keys.snapshot(ns, gen)
+        res = await self._call(lambda: self._snapshot(keys=[key], args=[seq, blob]))
+        return bool(res)
 
     async def aclose(self) -> None:
         await self._r.aclose()

@@ -57,6 +57,7 @@ def cluster(
         "router": router_dir,
         "redis_url": url,
         "policy": {"name": "bayesian", "params": {"lambda0": 1.0, "sigma2": 0.25}},
+        "snapshot_every": 7,  # so a restart starts from a snapshot and folds only the tail
     }
     cfg_a = gateway_config(root, rm_pool.urls, **common)
     cfg_b = gateway_config(root, rm_pool.urls, **common)
@@ -118,6 +119,7 @@ def test_kill_9_after_ack_then_restart_gives_the_same_posterior(cluster: Cluster
     after = posteriors(cluster.a.url, ns)
     never_crashed = posteriors(cluster.b.url, ns)
     assert after["seq"] == 30
+    assert 0 < after["snapshot_seq"] <= 30  # rebuilt from a snapshot + the log after it
     assert_same_posterior(after, never_crashed)
     # and the restarted replica keeps serving the namespace from that state
     more = route(cluster.a.url, pairs(3, offset=200), ns=ns)["results"]

@@ -125,3 +125,13 @@ async def test_rewrite_keeps_the_id_and_moves_the_count(store: Store) -> None:
     await store.apply_feedback([(ids[1], 1.0)])
     _, log = await store.read_tail("ns", meta.gen, 0)
     assert [o.arm for o in log] == [2]  # the rewritten record is the one applied
+
+
+async def test_snapshots_only_move_forward(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    assert await store.get_snapshot("ns", meta.gen) is None
+    assert await store.put_snapshot("ns", meta.gen, 10, b"\x00ten")
+    assert not await store.put_snapshot("ns", meta.gen, 7, b"seven")  # an older state: kept out
+    assert await store.get_snapshot("ns", meta.gen) == (10, b"\x00ten")
+    new = await store.reset_namespace("ns")
+    assert new is not None and await store.get_snapshot("ns", new.gen) is None
