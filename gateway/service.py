@@ -470,11 +470,29 @@ class GatewayService:
             st = fresh
         self._fold(st, tail)
         st.last_refresh = started
+        if tail:
+            self._posterior_gauges(st)
         every = self.settings.snapshot_every
         if every and st.seq - st.snapshot_seq >= every:
             with contextlib.suppress(RewardRouterError):  # a snapshot is an optimisation
                 await self._save_snapshot(st)
         return st
+
+    def _posterior_gauges(self, st: NsState) -> tuple[list[float], list[float]] | None:
+        """Per RM: norm of the posterior mean and sqrt(mean diagonal of the covariance); also
+        exported as gauges. None for policies without a posterior."""
+        post = getattr(st.policy, "posteriors", None)
+        if post is None:
+            return None
+        means = post.means()
+        cov = post.covariances()
+        norms = [float(np.linalg.norm(means[n])) for n in range(self.n_rms)]
+        unc = [float(np.sqrt(np.mean(np.diagonal(cov[n])))) for n in range(self.n_rms)]
+        label = self.metrics.ns_label(st.meta.name)
+        for n, name in enumerate(self.rm_names):
+            self.metrics.posterior_mean_norm.labels(label, name).set(norms[n])
+            self.metrics.posterior_uncertainty.labels(label, name).set(unc[n])
+        return norms, unc
 
     # ---- snapshots: the folded state at a sequence number ---------------------------------------
 
@@ -817,23 +835,18 @@ class GatewayService:
         self._check_ns(ns)
         st = await self._state(ns, create=False, force_refresh=True)
         routes = await self.store.route_counts(ns, st.meta.gen)
-        post = getattr(st.policy, "posteriors", None)
+        summary = self._posterior_gauges(st)
         norms: list[float | None] = [None] * self.n_rms
         unc: list[float | None] = [None] * self.n_rms
         params = None
-        label = self.metrics.ns_label(ns)
-        if post is not None:
-            means = post.means()
-            cov = post.covariances()
-            for n in range(self.n_rms):
-                norm_n = float(np.linalg.norm(means[n]))
-                unc_n = float(np.sqrt(np.mean(np.diagonal(cov[n]))))
-                norms[n], unc[n] = norm_n, unc_n
-                self.metrics.posterior_mean_norm.labels(label, self.rm_names[n]).set(norm_n)
-                self.metrics.posterior_uncertainty.labels(label, self.rm_names[n]).set(unc_n)
+        if summary is not None:
+            norms, unc = list(summary[0]), list(summary[1])
             if full:
+                post = st.policy.posteriors  # type: ignore[attr-defined]
                 params = PosteriorParams(
-                    means=means.tolist(), eta=post.eta.tolist(), precision=post.precision.tolist()
+                    means=post.means().tolist(),
+                    eta=post.eta.tolist(),
+                    precision=post.precision.tolist(),
                 )
         rms = [
             RMPosterior(

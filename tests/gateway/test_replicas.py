@@ -141,6 +141,21 @@ def test_redis_restart_loses_no_acknowledged_feedback(cluster: Cluster) -> None:
     assert httpx.get(f"{cluster.b.url}/readyz").json()["store"] is True
 
 
+def test_reset_on_one_replica_is_seen_by_the_other(cluster: Cluster) -> None:
+    ns = "reset-x"
+    res = route(cluster.a.url, pairs(6, offset=600), ns=ns)["results"]
+    assert feedback(cluster.a.url, [(x["route_id"], -0.5) for x in res[:3]])["applied"] == 3
+    assert posteriors(cluster.a.url, ns)["seq"] == 3
+    r = httpx.post(f"{cluster.b.url}/v1/namespaces/{ns}/reset")  # no admin key configured
+    assert r.status_code == 200, r.text
+    after = posteriors(cluster.a.url, ns)  # A held the old state; it sees the new generation
+    assert after["seq"] == 0 and all(r["observations"] == 0 for r in after["rms"])
+    assert feedback(cluster.a.url, [(x["route_id"], -0.5) for x in res[3:]])["unknown"] == 3
+    fresh = route(cluster.a.url, pairs(2, offset=650), ns=ns)["results"]
+    assert feedback(cluster.b.url, [(x["route_id"], -0.5) for x in fresh])["applied"] == 2
+    assert_same_posterior(posteriors(cluster.a.url, ns), posteriors(cluster.b.url, ns))
+
+
 def _wait(pred: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
