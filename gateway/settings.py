@@ -152,6 +152,8 @@ class GatewaySettings(BaseSettings):
         d = self.model_dump(mode="json", exclude={"api_keys", "admin_key"})
         d["api_keys"] = f"{len(self.api_keys)} configured"
         d["admin_key"] = "configured" if self.admin_key else None
+        if self.redis_url:
+            d["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
         return d
 
 

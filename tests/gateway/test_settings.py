@@ -59,3 +59,9 @@ def test_bad_values_name_the_field(overrides: dict[str, object], field: str) -> 
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_safe_dict_hides_the_redis_password() -> None:
+    s = load_settings(None, rms=RMS, redis_url="redis://:s3cret@127.0.0.1:6390/0")
+    assert "s3cret" not in str(s.safe_dict())
+    assert s.safe_dict()["redis_url"] == "redis://***@127.0.0.1:6390/0"
