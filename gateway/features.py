@@ -50,6 +50,9 @@ CACHE_FORMAT = "pairfeat-v1"
 PROGRESS_MIN_TEXTS = 256
 
 Pooling = Literal["mean", "last"]
+#: Written next to an encoder saved by :meth:`HFEncoder.save` (e.g. a fine-tuned one): its
+#: pooling, which the folder's architecture alone may not tell (a bare ``LlamaModel``).
+ENCODER_INFO_FILE = "reward_router_encoder.json"
 
 
 class Encoder(Protocol):
@@ -101,6 +104,9 @@ class HFEncoder:
         progress: bool = True,
     ) -> None:
         self.ref = ref
+        #: what keys this encoder's embeddings in the cache: ``ref``, plus a fingerprint of
+        #: the weights for fine-tuned encoders (whose folder path says nothing about them).
+        self.cache_id = ref
         self.model = model
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
@@ -121,12 +127,22 @@ class HFEncoder:
         """Embed (first, second) text pairs, truncating the longer of the two first."""
         if len(firsts) != len(seconds):
             raise ValueError(f"{len(firsts)} firsts but {len(seconds)} seconds")
-        seconds = [RESPONSE_SEPARATOR + s for s in seconds]
         return self._run(
-            [len(a) + len(b) for a, b in zip(firsts, seconds, strict=True)],
-            lambda idx: self.tokenizer(
-                [firsts[i] for i in idx], [seconds[i] for i in idx], **self._tok_kwargs()
-            ),
+            [
+                len(a) + len(b) + len(RESPONSE_SEPARATOR)
+                for a, b in zip(firsts, seconds, strict=True)
+            ],
+            lambda idx: self._tokenize_pairs([firsts[i] for i in idx], [seconds[i] for i in idx]),
+        )
+
+    def embed_pairs(self, firsts: list[str], seconds: list[str]) -> torch.Tensor:
+        """Like :meth:`encode_pairs` for one batch, as a tensor that keeps the autograd graph
+        (for fine-tuning the encoder; runs under whatever grad mode the caller set)."""
+        return self._embed(self._tokenize_pairs(firsts, seconds))
+
+    def _tokenize_pairs(self, firsts: list[str], seconds: list[str]) -> Any:
+        return self.tokenizer(
+            firsts, [RESPONSE_SEPARATOR + s for s in seconds], **self._tok_kwargs()
         )
 
     def _tok_kwargs(self) -> dict[str, Any]:
@@ -136,6 +152,18 @@ class HFEncoder:
             "padding": True,
             "return_tensors": "pt",
         }
+
+    def _embed(self, enc: Any) -> torch.Tensor:
+        import torch
+
+        # Decoder-only models take no segment ids; BERT-like ones get theirs.
+        names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+        if self.pooling == "last":
+            names = names[:2]
+        batch = {k: v.to(self.device) for k, v in enc.items() if k in names}
+        hidden = self.model(**batch).last_hidden_state.float()
+        pooled = _pool(hidden, batch["attention_mask"], self.pooling)
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
     def _run(self, lengths: list[int], tokenize: Callable[[list[int]], Any]) -> np.ndarray:
         import torch
@@ -147,21 +175,48 @@ class HFEncoder:
         # shows up at the start of the progress bar rather than as a surprise at the end.
         order = np.argsort(-np.asarray(lengths), kind="stable")
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        with _progress(self.progress and len(lengths) >= PROGRESS_MIN_TEXTS) as advance:
-            for idx in batches:
-                enc = tokenize([int(i) for i in idx])
-                # Decoder-only models take no segment ids; BERT-like ones get theirs.
-                names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
-                if self.pooling == "last":
-                    names = names[:2]
-                enc = {k: v.to(self.device) for k, v in enc.items() if k in names}
-                with torch.inference_mode():
-                    hidden = self.model(**enc).last_hidden_state.float()
-                pooled = _pool(hidden, enc["attention_mask"], self.pooling)
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-                out[idx] = pooled.cpu().numpy()
-                advance(len(idx), f"encoding with {Path(self.ref).name}")
+        was_training = bool(getattr(self.model, "training", False))
+        self.model.eval()
+        try:
+            with _progress(self.progress and len(lengths) >= PROGRESS_MIN_TEXTS) as advance:
+                for idx in batches:
+                    with torch.inference_mode():
+                        pooled = self._embed(tokenize([int(i) for i in idx]))
+                    out[idx] = pooled.cpu().numpy()
+                    advance(len(idx), f"encoding with {Path(self.ref).name}")
+        finally:
+            self.model.train(was_training)
         return out
+
+    def save(self, folder: str | Path) -> Path:
+        """Save weights (safetensors), tokenizer and pooling, loadable by :func:`load_encoder`."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        info = {
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+            "fingerprint": weights_fingerprint(self.model),
+        }
+        _atomic_write(out / ENCODER_INFO_FILE, json.dumps(info, indent=2).encode())
+        return out
+
+
+def weights_fingerprint(model: Any) -> str:
+    """sha256 over a torch module's parameters and buffers (names, shapes, bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_id(encoder: Encoder) -> str:
+    return str(getattr(encoder, "cache_id", encoder.ref))
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -252,7 +307,18 @@ def load_encoder(
         raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size!r}")
     ref = resolve_model_ref(ref)
     pooling: Pooling
-    if ref == "smollm2" or (ref != "minilm" and is_causal_lm_folder(ref)):
+    saved = Path(ref) / ENCODER_INFO_FILE if ref not in ("minilm", "smollm2") else None
+    saved_info: dict[str, Any] = {}
+    if saved is not None and saved.exists():
+        from transformers import AutoModel, AutoTokenizer
+
+        saved_info = json.loads(saved.read_text())
+        pooling = "last" if saved_info.get("pooling") == "last" else "mean"
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModel.from_pretrained(ref).to(device).eval()
+    elif ref == "smollm2" or (ref != "minilm" and is_causal_lm_folder(ref)):
         causal, tokenizer = load_causal_lm(ref, device=device)
         # The decoder body without the LM head: its last hidden state is what we pool.
         model, pooling = causal.base_model, "last"
@@ -263,7 +329,7 @@ def load_encoder(
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModel.from_pretrained(folder).to(device).eval()
         pooling = "mean"
-    return HFEncoder(
+    enc = HFEncoder(
         ref,
         model,
         tokenizer,
@@ -273,6 +339,9 @@ def load_encoder(
         batch_size=batch_size,
         progress=progress,
     )
+    if saved is not None and saved.exists() and saved_info.get("fingerprint"):
+        enc.cache_id = f"finetuned#{saved_info['fingerprint']}"
+    return enc
 
 
 class EmbeddingCache:
@@ -367,7 +436,7 @@ class PairFeaturizer:
     def __init__(self, encoder: Encoder, cache_dir: Path | None = None) -> None:
         self.encoder = encoder
         self.cache = (
-            EmbeddingCache(cache_dir, encoder.ref, encoder.max_length)
+            EmbeddingCache(cache_dir, _cache_id(encoder), encoder.max_length)
             if cache_dir is not None
             else None
         )
@@ -380,7 +449,7 @@ class PairFeaturizer:
     def key(self, prompt: str, response: str) -> str:
         """Content hash of one side: encoder ref, max_length, prompt text and response."""
         enc = self.encoder
-        text = f"{CACHE_FORMAT}\0{enc.ref}\0{enc.max_length}\0{prompt}\0{response}"
+        text = f"{CACHE_FORMAT}\0{_cache_id(enc)}\0{enc.max_length}\0{prompt}\0{response}"
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def embed_sides(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> np.ndarray:

@@ -80,6 +80,16 @@ def train(
             "standard errors to be kept (0 = any gain)."
         ),
     ] = 1.0,
+    finetune_encoder: Annotated[
+        bool,
+        typer.Option(
+            help="Fine-tune the encoder with the router (slow on CPU: meant for --device cuda); "
+            "the artifact then holds the encoder."
+        ),
+    ] = False,
+    encoder_lr: Annotated[
+        float, typer.Option(help="Encoder learning rate when fine-tuning.")
+    ] = 2e-5,
     seed: Annotated[int, typer.Option(help="Seed of split, init and shuffling.")] = 0,
     threads: Annotated[int, typer.Option(help="Torch threads for the MLP.")] = 1,
 ) -> None:
@@ -119,6 +129,8 @@ def _train(**opt: Any) -> None:
     )
     if not 0.0 <= opt["valid_fraction"] <= 0.9:
         raise ConfigError("valid_fraction", f"must be in [0, 0.9], got {opt['valid_fraction']}")
+    if opt["finetune_encoder"] and not 0.0 < opt["encoder_lr"] <= 1.0:
+        raise ConfigError("encoder_lr", f"must be in (0, 1], got {opt['encoder_lr']}")
     resolve_model_ref(opt["encoder"])
     pairs = load_pairs(opt["pairs"])
     matrix = load_behavior(opt["behavior"], pairs)
@@ -133,37 +145,59 @@ def _train(**opt: Any) -> None:
     from gateway.offline.router import train_router
     from reward_router.models import cache_root
 
-    t0 = time.perf_counter()
-    enc = load_encoder(
-        opt["encoder"],
-        max_length=opt["max_length"],
-        device=opt["device"],
-        batch_size=opt["encode_batch_size"],
-    )
     cache = None if opt["no_cache"] else (opt["cache_dir"] or cache_root() / "embeddings")
-    fz = PairFeaturizer(enc, cache)
-    t1 = time.perf_counter()
-    feats = fz.featurize(
-        [p.prompt for p in matrix.pairs],
-        [p.chosen for p in matrix.pairs],
-        [p.rejected for p in matrix.pairs],
-    )
-    t2 = time.perf_counter()
-    console.print(
-        f"features {feats.shape} from {enc.ref} (max_length {enc.max_length}): "
-        f"load {t1 - t0:.1f}s, featurize {t2 - t1:.1f}s"
-    )
-    router, report = train_router(
-        feats,
-        matrix.correct,
-        matrix.rms,
-        cfg,
-        groups=[p.group for p in matrix.pairs],
-        valid_fraction=opt["valid_fraction"],
-        encoder_ref=enc.ref,
-        max_length=enc.max_length,
-        progress=True,
-    )
+    prompts = [p.prompt for p in matrix.pairs]
+    chosen = [p.chosen for p in matrix.pairs]
+    rejected = [p.rejected for p in matrix.pairs]
+    groups = [p.group for p in matrix.pairs]
+    if opt["finetune_encoder"]:
+        from gateway.offline.finetune import finetune_router
+
+        console.print(f"fine-tuning {opt['encoder']} on {opt['device']} with the router")
+        router, report = finetune_router(
+            prompts,
+            chosen,
+            rejected,
+            matrix.correct,
+            matrix.rms,
+            cfg,
+            encoder_ref=opt["encoder"],
+            max_length=opt["max_length"],
+            device=opt["device"],
+            encoder_lr=opt["encoder_lr"],
+            encode_batch_size=opt["encode_batch_size"],
+            groups=groups,
+            valid_fraction=opt["valid_fraction"],
+            cache_dir=cache,
+            progress=True,
+        )
+        feats = router.load_featurizer(cache).featurize(prompts, chosen, rejected)
+    else:
+        t0 = time.perf_counter()
+        enc = load_encoder(
+            opt["encoder"],
+            max_length=opt["max_length"],
+            device=opt["device"],
+            batch_size=opt["encode_batch_size"],
+        )
+        t1 = time.perf_counter()
+        feats = PairFeaturizer(enc, cache).featurize(prompts, chosen, rejected)
+        t2 = time.perf_counter()
+        console.print(
+            f"features {feats.shape} from {enc.ref} (max_length {enc.max_length}): "
+            f"load {t1 - t0:.1f}s, featurize {t2 - t1:.1f}s"
+        )
+        router, report = train_router(
+            feats,
+            matrix.correct,
+            matrix.rms,
+            cfg,
+            groups=groups,
+            valid_fraction=opt["valid_fraction"],
+            encoder_ref=enc.ref,
+            max_length=enc.max_length,
+            progress=True,
+        )
     router.info["data"] = {
         "pairs": str(opt["pairs"]),
         "behavior": str(opt["behavior"]),

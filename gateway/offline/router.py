@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,12 +50,14 @@ from reward_router.errors import ConfigError, DataFormatError
 if TYPE_CHECKING:
     import torch
 
-    from gateway.features import PairFeaturizer
+    from gateway.features import HFEncoder, PairFeaturizer
 
 ARTIFACT_FORMAT = "reward-router/offline-router"
 ARTIFACT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+#: An ``encoder_ref`` starting with this is a folder inside the artifact (a fine-tuned encoder).
+LOCAL_PREFIX = "./"
 #: Floor on a feature's standard deviation, so constant features do not blow up.
 _STD_FLOOR = 1e-6
 
@@ -240,6 +243,11 @@ class OfflineRouter:
         self.bt_bias = np.asarray(bt_bias, dtype=np.float32)
         #: training summary and provenance, kept in config.json.
         self.info = dict(info or {})
+        #: a fine-tuned encoder held in memory (``encoder_ref`` is then ``./encoder``, a folder
+        #: inside the artifact that :meth:`save` writes).
+        self.encoder: HFEncoder | None = None
+        #: the folder this router was loaded from (resolves a relative ``encoder_ref``).
+        self.directory: Path | None = None
         self.input_dim = int(self.in_mean.shape[0])
         d = config.dim
         if self.bt_embeddings.shape != (len(self.rms), d) or self.bt_bias.shape != (len(self.rms),):
@@ -299,8 +307,13 @@ class OfflineRouter:
         """The featurizer this router was trained with (same encoder and max_length)."""
         from gateway.features import PairFeaturizer, load_encoder
 
+        if self.encoder is not None:
+            return PairFeaturizer(self.encoder, cache_dir)
         enc = load_encoder(
-            self.encoder_ref, max_length=self.max_length, device=device, batch_size=batch_size
+            self.resolved_encoder_ref(),
+            max_length=self.max_length,
+            device=device,
+            batch_size=batch_size,
         )
         if 2 * enc.dim != self.input_dim:
             raise ConfigError(
@@ -309,6 +322,14 @@ class OfflineRouter:
                 f"{self.input_dim}",
             )
         return PairFeaturizer(enc, cache_dir)
+
+    def resolved_encoder_ref(self) -> str:
+        """``encoder_ref`` with a ``./`` (inside-the-artifact) folder made absolute."""
+        if self.encoder_ref.startswith(LOCAL_PREFIX):
+            if self.directory is None:
+                raise ConfigError("encoder_ref", f"{self.encoder_ref!r} needs a saved router")
+            return str((self.directory / self.encoder_ref).resolve())
+        return self.encoder_ref
 
     # ----------------------------------------------------------------------------- storage
 
@@ -343,6 +364,12 @@ class OfflineRouter:
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        if self.encoder_ref.startswith(LOCAL_PREFIX):
+            target = out / self.encoder_ref
+            if self.encoder is not None:
+                self.encoder.save(target)
+            elif self.directory is not None and self.directory.resolve() != out.resolve():
+                shutil.copytree(self.directory / self.encoder_ref, target, dirs_exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=out)
         os.close(fd)
         try:
@@ -379,7 +406,7 @@ class OfflineRouter:
         try:
             router_cfg = RouterConfig.from_dict(cfg["router"])
             n_layers = len(router_cfg.hidden_sizes) + 1
-            return cls(
+            router = cls(
                 rms=[str(r) for r in cfg["rms"]],
                 encoder_ref=str(cfg["encoder_ref"]),
                 max_length=int(cfg["max_length"]),
@@ -395,6 +422,8 @@ class OfflineRouter:
             raise DataFormatError(str(folder), None, str(exc.args[0]), "missing") from exc
         except (ConfigError, ValueError, TypeError) as exc:
             raise DataFormatError(str(folder / CONFIG_FILE), None, None, str(exc)) from exc
+        router.directory = folder
+        return router
 
 
 def read_artifact_config(directory: str | Path) -> dict[str, Any]:
@@ -593,84 +622,154 @@ def train_router(
     x, c = _validate_inputs(features, correct, rms, groups, valid_fraction)
     tr, va = holdout_split(len(x), groups, valid_fraction, cfg.seed)
     start = time.perf_counter()
-    train_acc = c[tr].mean(axis=0)
-    train_best = int(np.argmax(train_acc))
-    in_mean = x[tr].mean(axis=0)
-    in_std = np.maximum(x[tr].std(axis=0), _STD_FLOOR).astype(np.float32)
-
+    in_mean, in_std = _standardiser(x[tr])
+    xs = torch.from_numpy((x - in_mean) / in_std)
     with _torch_threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        net = _build_net(x.shape[1], len(rms), cfg, train_acc)
-        # Decay weight matrices and E_bt; biases (b_n above all: "this RM is better in
-        # general") are not pulled toward zero.
-        named = list(net.named_parameters())
-        decay = [p for n, p in named if n.endswith("weight") or n == "bt_embeddings"]
-        no_decay = [p for n, p in named if not (n.endswith("weight") or n == "bt_embeddings")]
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
+        fit = _fit(
+            cfg,
+            c,
+            len(rms),
+            tr,
+            va,
+            x.shape[1],
+            lambda rows, _: xs[torch.from_numpy(rows)],
+            progress,
         )
-        xs = torch.from_numpy((x - in_mean) / in_std)
-        cs = torch.from_numpy(c.astype(np.float32))
-        x_tr, c_tr, x_va, c_va = xs[tr], cs[tr], xs[va], cs[va]
+    return _finish(fit, cfg, rms, x, c, tr, va, in_mean, in_std, encoder_ref, max_length, start)
 
-        def evaluate() -> tuple[float, float, np.ndarray]:
-            """Held-out loss, routing accuracy, and the picked RM's correctness per row."""
+
+def _standardiser(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x_train.mean(axis=0).astype(np.float32)
+    return mean, np.maximum(x_train.std(axis=0), _STD_FLOOR).astype(np.float32)
+
+
+@dataclass
+class _Fit:
+    net: Any
+    best_epoch: int
+    stopped_early: bool
+    history: list[EpochLog]
+
+
+def _fit(
+    cfg: RouterConfig,
+    c: np.ndarray,
+    n_rms: int,
+    tr: np.ndarray,
+    va: np.ndarray,
+    input_dim: int,
+    batch_x: Any,
+    progress: bool,
+    *,
+    encoder: Any = None,
+    encoder_lr: float = 0.0,
+    device: str = "cpu",
+) -> _Fit:
+    """The training loop, over standardised features ``batch_x(rows, train) -> tensor``.
+
+    With ``encoder`` (a torch module producing those features), its weights are trained too,
+    at ``encoder_lr``, and are part of every checkpoint. Call inside ``fork_rng``.
+    """
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_acc = c[tr].mean(axis=0)
+    net = _build_net(input_dim, n_rms, cfg, train_acc).to(device)
+    # Decay weight matrices and E_bt; biases (b_n above all: "this RM is better in general")
+    # are not pulled toward zero.
+    named = list(net.named_parameters())
+    decay = [p for n, p in named if n.endswith("weight") or n == "bt_embeddings"]
+    no_decay = [p for n, p in named if not (n.endswith("weight") or n == "bt_embeddings")]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if encoder is not None:
+        groups.append(
+            {"params": list(encoder.parameters()), "lr": encoder_lr, "weight_decay": 0.01}
+        )
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    cs = torch.from_numpy(c.astype(np.float32)).to(device)
+    modules = [net] if encoder is None else [net, encoder]
+
+    def evaluate() -> tuple[float, float, np.ndarray]:
+        """Held-out loss, routing accuracy, and the picked RM's correctness per row."""
+        if len(va) == 0:
+            return math.nan, math.nan, np.zeros(0)
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            s, lg = net(batch_x(va, False))
+            loss = _losses(s, lg, cs[torch.from_numpy(va)], cfg.lambda_cls)[0].item()
+        picked = c[va][np.arange(len(va)), np.argmax(s.cpu().numpy(), axis=1)]
+        return loss, float(picked.mean()), picked
+
+    def snapshot() -> list[dict[str, torch.Tensor]]:
+        return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+    v_loss, v_acc, base_picked = evaluate()
+    history = [EpochLog(0, math.nan, math.nan, math.nan, v_loss, v_acc)]
+    # Two trackers: the kept checkpoint (must beat epoch 0, the training-best RM, by
+    # select_margin standard errors) and the raw best, which drives early stopping.
+    kept_key = raw_key = (v_acc, -v_loss)
+    best_epoch, best_state, since_best = 0, snapshot(), 0
+    stopped_early = False
+    with _epoch_progress(progress, cfg.epochs) as tick:
+        for epoch in range(1, cfg.epochs + 1):
+            for m in modules:
+                m.train()
+            perm = torch.randperm(len(tr), generator=gen).numpy()
+            sums = [0.0, 0.0, 0.0]
+            for i in range(0, len(tr), cfg.batch_size):
+                rows = tr[perm[i : i + cfg.batch_size]]
+                s, lg = net(batch_x(rows, True))
+                loss, bt, cl = _losses(s, lg, cs[torch.from_numpy(rows)], cfg.lambda_cls)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for j, part in enumerate((loss, bt, cl)):
+                    sums[j] += part.item() * len(rows) / len(tr)
+            v_loss, v_acc, picked = evaluate()
+            history.append(EpochLog(epoch, sums[0], sums[1], sums[2], v_loss, v_acc))
+            tick(epoch, v_acc)
             if len(va) == 0:
-                return math.nan, math.nan, np.zeros(0)
-            net.eval()
-            with torch.no_grad():
-                s, lg = net(x_va)
-                loss = _losses(s, lg, c_va, cfg.lambda_cls)[0].item()
-            picked = c[va][np.arange(len(va)), np.argmax(s.numpy(), axis=1)]
-            return loss, float(picked.mean()), picked
+                best_epoch, best_state = epoch, snapshot()
+                continue
+            key = (v_acc, -v_loss)
+            if key > kept_key and _beats(picked, base_picked, cfg.select_margin):
+                kept_key, best_epoch, best_state = key, epoch, snapshot()
+            if key > raw_key:
+                raw_key, since_best = key, 0
+            else:
+                since_best += 1
+                if cfg.patience and since_best >= cfg.patience:
+                    stopped_early = True
+                    break
+    for m, state in zip(modules, best_state, strict=True):
+        m.load_state_dict(state)
+        m.eval()
+    return _Fit(net, best_epoch, stopped_early, history)
 
-        def snapshot() -> dict[str, torch.Tensor]:
-            return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
-        v_loss, v_acc, base_picked = evaluate()
-        history = [EpochLog(0, math.nan, math.nan, math.nan, v_loss, v_acc)]
-        # Two trackers: the kept checkpoint (must beat epoch 0, the training-best RM, by
-        # select_margin standard errors) and the raw best, which drives early stopping.
-        kept_key = raw_key = (v_acc, -v_loss)
-        best_epoch, best_state, since_best = 0, snapshot(), 0
-        stopped_early = False
-        with _epoch_progress(progress, cfg.epochs) as tick:
-            for epoch in range(1, cfg.epochs + 1):
-                net.train()
-                perm = torch.randperm(len(tr), generator=gen)
-                sums = [0.0, 0.0, 0.0]
-                for i in range(0, len(tr), cfg.batch_size):
-                    idx = perm[i : i + cfg.batch_size]
-                    s, lg = net(x_tr[idx])
-                    loss, bt, cl = _losses(s, lg, c_tr[idx], cfg.lambda_cls)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    for j, part in enumerate((loss, bt, cl)):
-                        sums[j] += part.item() * len(idx) / len(tr)
-                v_loss, v_acc, picked = evaluate()
-                history.append(EpochLog(epoch, sums[0], sums[1], sums[2], v_loss, v_acc))
-                tick(epoch, v_acc)
-                if len(va) == 0:
-                    best_epoch, best_state = epoch, snapshot()
-                    continue
-                key = (v_acc, -v_loss)
-                if key > kept_key and _beats(picked, base_picked, cfg.select_margin):
-                    kept_key, best_epoch, best_state = key, epoch, snapshot()
-                if key > raw_key:
-                    raw_key, since_best = key, 0
-                else:
-                    since_best += 1
-                    if cfg.patience and since_best >= cfg.patience:
-                        stopped_early = True
-                        break
-        net.load_state_dict(best_state)
+def _finish(
+    fit: _Fit,
+    cfg: RouterConfig,
+    rms: Sequence[str],
+    x: np.ndarray,
+    c: np.ndarray,
+    tr: np.ndarray,
+    va: np.ndarray,
+    in_mean: np.ndarray,
+    in_std: np.ndarray,
+    encoder_ref: str,
+    max_length: int,
+    start: float,
+) -> tuple[OfflineRouter, TrainReport]:
+    """The numpy router from a fitted net, and the report measured with that router on ``x``."""
+    import torch
 
+    net = fit.net.cpu()
     linears = [m for m in net.mlp if isinstance(m, torch.nn.Linear)]
     router = OfflineRouter(
         rms=rms,
@@ -683,14 +782,15 @@ def train_router(
         bt_embeddings=net.bt_embeddings.detach().numpy(),
         bt_bias=net.bt_bias.detach().numpy(),
     )
+    train_best = int(np.argmax(c[tr].mean(axis=0)))
     valid_c = c[va]
     nan = math.nan
     best_single = int(np.argmax(valid_c.mean(axis=0))) if len(va) else train_best
     report = TrainReport(
         rms=list(rms),
-        best_epoch=best_epoch,
-        epochs_run=len(history) - 1,
-        stopped_early=stopped_early,
+        best_epoch=fit.best_epoch,
+        epochs_run=len(fit.history) - 1,
+        stopped_early=fit.stopped_early,
         n_train=len(tr),
         n_valid=len(va),
         train_routing_acc=routing_accuracy(router.scores(x[tr]), c[tr]),
@@ -701,7 +801,7 @@ def train_router(
         train_best_rm=rms[train_best],
         valid_oracle_acc=float(valid_c.max(axis=1).mean()) if len(va) else nan,
         seconds=time.perf_counter() - start,
-        history=history,
+        history=fit.history,
     )
     router.info = {"train": report.summary()}
     return router, report
