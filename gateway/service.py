@@ -283,7 +283,9 @@ class GatewayService:
                 )
             rm_order = list(loaded.rms)
             featurizer = loaded.load_featurizer(
-                settings.feature_cache_dir, batch_size=settings.encoder_batch_size
+                settings.feature_cache_dir,
+                device=settings.encoder_device,
+                batch_size=settings.encoder_batch_size,
             )
             router = loaded
         by_name = {r.name: r for r in settings.rms}

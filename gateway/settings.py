@@ -91,6 +91,9 @@ class GatewaySettings(BaseSettings):
     rms: list[RMEndpoint] = Field(default_factory=list, validate_default=True)
     router_path: Path | None = None
     encoder_batch_size: int = Field(default=32, ge=1, le=1024)
+    # "cuda" puts the pair encoder on a GPU: on CPU a MiniLM encode of a 256-token pair costs
+    # ~100+ ms, which caps a replica at a few pairs/s per core (benchmarks/bench_gateway.py).
+    encoder_device: str = "cpu"
     feature_cache_dir: Path | None = None
     torch_threads: int = Field(default=1, ge=1, le=256)
 
