@@ -190,6 +190,12 @@ def test_rm_killed_mid_run_every_pair_still_answered(
     assert 'reward_router_gateway_fallbacks_total{reason="error",rm="len-b"}' in metrics or (
         'reward_router_gateway_fallbacks_total{reason="cooldown",rm="len-b"}' in metrics
     )
+    # An ensemble that asks every RM leaves the dead one out and still labels each pair.
+    ens = "rm-kill-majority"
+    created = httpx.post(f"{cluster.b.url}/v1/namespaces/{ens}", json={"policy": "majority"})
+    assert created.status_code == 200, created.text
+    for x in route(cluster.b.url, pairs(4, offset=800), ns=ens)["results"]:
+        assert sorted(x["rms"]) == ["len-a", "tiny-bert"] and x["rm"] != "len-b"
     # The way back in: the RM restarts, a health check sees it, it is asked again.
     rm_pool.restart("len-b")
     _wait(
