@@ -1,7 +1,7 @@
 """The trainer side of reward-router: what an RLHF trainer imports or runs.
 
 Light to import (httpx + pydantic): the clients and their errors. The Online DPO trainer
-process (``trainer_client.online_dpo``) and the TRL adapter (``trainer_client.trl``) import
+process (``trainer_client.online_dpo``) and the TRL adapter (``trainer_client.trl_adapter``) import
 torch / TRL inside, only when used.
 
 >>> from trainer_client import GatewayClient, GatewayError

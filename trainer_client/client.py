@@ -126,10 +126,9 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 def _route_body(pairs: Sequence[PairLike], namespace: str) -> dict[str, Any]:
     try:
-        req = RouteRequest(
-            namespace=namespace,
-            pairs=[p if isinstance(p, PairIn) else PairIn.model_validate(p) for p in pairs],
-        )
+        # Validated as one request so a bad field is named as the gateway names it.
+        raw = [p.model_dump(exclude_none=True) if isinstance(p, PairIn) else dict(p) for p in pairs]
+        req = RouteRequest.model_validate({"namespace": namespace, "pairs": raw})
     except ValidationError as exc:
         raise _invalid(exc) from None
     return req.model_dump(mode="json", exclude_none=True)
