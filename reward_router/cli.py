@@ -12,6 +12,7 @@ from gateway.cli import app as gateway_app
 from gateway.offline.cli import app as router_app
 from gateway.replay_cli import replay
 from services.cli import app as rm_app
+from trainer_client.cli import train_dpo
 
 app = typer.Typer(
     name="reward-router",
@@ -23,6 +24,7 @@ app.add_typer(router_app, name="router", help="Train and inspect the offline rou
 app.add_typer(rm_app, name="rm", help="Reward-model scoring services and the small RM pool.")
 app.add_typer(gateway_app, name="gateway", help="The router gateway.")
 app.command("replay")(replay)
+app.command("train-dpo")(train_dpo)
 
 
 def main() -> None:
