@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reward_router.data import Message
-from reward_router.errors import RewardRouterError
 from services.backends import Backend, Compared, PairInput, Scored, ScoreInput, make_backend
 from services.batching import MicroBatcher
 from services.errors import (
@@ -263,7 +262,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
             ) from exc
         except ServiceError:
             raise
-        except (RewardRouterError, Exception) as exc:
+        except Exception as exc:  # the backend raised inside the forward pass
             raise ModelError(f"rm {settings.name!r} failed: {type(exc).__name__}: {exc}") from exc
 
     @app.post("/v1/score", response_model=ScoreResponse)

@@ -121,19 +121,16 @@ def collect(
     seed: int = typer.Option(0),
 ) -> None:
     """Run every RM of a pool (through its service) on a pairs file; write a behaviour file."""
-    import random
-
     from reward_router.data import load_pairs
     from services.pool import collect as collect_pairs
-    from services.pool import load_pool, open_all
+    from services.pool import load_pool, open_all, seeded_sample
 
     try:
         members = load_pool(rms)
         loaded = load_pairs(pairs)
     except RewardRouterError as exc:
         raise _fail(exc) from exc
-    if limit is not None and limit < len(loaded):
-        loaded = random.Random(seed).sample(loaded, limit)
+    loaded = seeded_sample(loaded, limit, seed)
     with open_all(members, start):
         n = collect_pairs(loaded, members, out, batch_size=batch_size, progress=True)
     typer.echo(json.dumps({"pairs": len(loaded), "rms": [m.name for m in members], "lines": n}))

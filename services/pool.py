@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -256,6 +257,18 @@ def markdown_table(columns: dict[str, dict[str, tuple[float, int]]], rms: Sequen
     return "\n".join(lines)
 
 
+def seeded_sample(pairs: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
+    """At most ``limit`` pairs in a seeded random order. Prefix-stable: the sample of 100 is the
+    first 100 of the sample of 200, so a smaller ``eval_limit`` or ``--limit`` reuses work.
+
+    >>> [p for p in seeded_sample(list(range(10)), 3)] == seeded_sample(list(range(10)), 5)[:3]
+    True
+    """
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    return order if limit is None else order[:limit]
+
+
 def _reusable(path: Path, pairs: Sequence[Pair], rm: str) -> bool:
     """Whether ``path`` already holds ``rm``'s lines for exactly these pairs."""
     if not path.exists():
@@ -291,8 +304,6 @@ def run_evaluation(
     ``reuse`` a file already there for the same pairs is read instead of asking the RM again,
     so an interrupted evaluation resumes. Writes and returns the markdown table.
     """
-    import random
-
     from reward_router.data import load_pairs
     from services.train import domain_split
 
@@ -314,7 +325,7 @@ def run_evaluation(
         return table["all"][m.name]
 
     for label, pairs in sets:
-        sample = pairs if len(pairs) <= limit else random.Random(seed).sample(pairs, limit)
+        sample = seeded_sample(pairs, limit, seed)
         with ThreadPoolExecutor(max_workers=len(members)) as ex:
             cells = list(ex.map(lambda m, lb=label, sm=sample: one(lb, sm, m), members))
         columns[label] = {m.name: cell for m, cell in zip(members, cells, strict=True)}
