@@ -514,6 +514,8 @@ class OnlineDPOTrainer:
         )
         results = routed.results
 
+        t_gen = time.monotonic() - t0 - wait_route
+        t1 = time.monotonic()
         pol, ref = self._logps(prompt_ids, responses)
         offsets = np.cumsum([0] + [len(rs) for rs in responses])
         w_idx, l_idx, is_tie = [], [], []
@@ -541,6 +543,7 @@ class OnlineDPOTrainer:
         else:
             loss, grad_norm = None, 0.0
         self.step = step
+        t_update = time.monotonic() - t1
 
         rewards = [-float(v) for v in per_pair.detach()]
         fb, wait_fb = self._post_feedback(
@@ -566,6 +569,8 @@ class OnlineDPOTrainer:
             fallbacks=sum(r.fallback for r in results),
             feedback=fb,
             gateway_wait_s=round(wait_route + wait_fb, 3),
+            generate_s=round(t_gen, 3),
+            update_s=round(t_update, 3),
             step_s=round(time.monotonic() - t0, 3),
         )
         return rec
