@@ -62,20 +62,9 @@ def _column(kwargs: dict[str, Any], key: str, i: int) -> str | None:
     return None
 
 
-class GatewayPairReward:
-    """``reward_funcs`` entry for TRL's Online DPO: rows ``i`` and ``i + B`` are one pair.
-
-    A dataset column ``reference`` (or ``reference_column``) is sent with each pair, so the
-    verifier RM can check math answers. After each call, :attr:`last_routes` holds the route
-    id of each pair (``None`` where both completions were identical and nothing was routed).
-
-    >>> r = GatewayPairReward(GatewayClient("http://127.0.0.1:8080"))   # doctest: +SKIP
-    >>> r(prompts=["2+2?", "2+2?"], completions=["4", "5"], reference=["4", "4"])
-    ...                                                                  # doctest: +SKIP
-    [1.0, 0.0]
-    """
-
-    __name__ = "gateway_pair_reward"  # TRL names its logged columns after the function
+class _GatewayReward:
+    """What both reward functions share: the client, the namespace, the reference column, and
+    the route ids of the last call (``None`` where nothing was routed)."""
 
     def __init__(
         self,
@@ -89,6 +78,22 @@ class GatewayPairReward:
         self.reference_column = reference_column
         self.last_routes: list[str | None] = []
         self.last_rms: list[str | None] = []
+
+
+class GatewayPairReward(_GatewayReward):
+    """``reward_funcs`` entry for TRL's Online DPO: rows ``i`` and ``i + B`` are one pair.
+
+    A dataset column ``reference`` (or ``reference_column``) is sent with each pair, so the
+    verifier RM can check math answers. After each call, :attr:`last_routes` holds the route
+    id of each pair (``None`` where both completions were identical and nothing was routed).
+
+    >>> r = GatewayPairReward(GatewayClient("http://127.0.0.1:8080"))   # doctest: +SKIP
+    >>> r(prompts=["2+2?", "2+2?"], completions=["4", "5"], reference=["4", "4"])
+    ...                                                                  # doctest: +SKIP
+    [1.0, 0.0]
+    """
+
+    __name__ = "gateway_pair_reward"  # TRL names its logged columns after the function
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
@@ -121,7 +126,7 @@ class GatewayPairReward:
         return scores
 
 
-class GatewayScalarReward:
+class GatewayScalarReward(_GatewayReward):
     """A GRPO-style reward function: one score in [0, 1] per completion, via the gateway.
 
     The completions of one prompt come in the same call (GRPO generates a group per prompt);
@@ -131,18 +136,6 @@ class GatewayScalarReward:
     """
 
     __name__ = "gateway_scalar_reward"
-
-    def __init__(
-        self,
-        client: GatewayClient,
-        *,
-        namespace: str = "default",
-        reference_column: str = "reference",
-    ) -> None:
-        self.client = client
-        self.namespace = namespace
-        self.reference_column = reference_column
-        self.last_routes: list[str | None] = []
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
