@@ -89,7 +89,7 @@ def test_refuses_to_overwrite_a_run_without_resume(
     assert "out_dir" in proc.stderr and "--resume" in proc.stderr
 
 
-def test_gateway_down_stalls_then_stops_with_pending_feedback_kept(
+def test_gateway_down_stalls_then_stops_with_a_checkpoint(
     tiny_policy: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
     """Nothing listens on the port: the run says so, retries, and stops with exit code 3."""
@@ -118,3 +118,34 @@ def test_bad_options_name_the_field(tiny_policy: Path, tmp_path: Path, bad: list
     assert proc.returncode == 2
     field = {"--beta": "beta", "-k": "samples_per_prompt", "--gateway": "gateway"}[bad[0]]
     assert f"error: {field}:" in proc.stderr
+
+
+def test_undelivered_feedback_is_kept_and_sent_on_resume(
+    trainer_gateway: str, tmp_path: Path
+) -> None:
+    """Feedback the gateway did not take stays in pending_feedback.json until it does."""
+    from trainer_client import GatewayClient
+    from trainer_client.online_dpo import GatewayStalled, OnlineDPOConfig, OnlineDPOTrainer
+
+    ns = "pending-fb"
+    with GatewayClient(trainer_gateway) as gw:
+        routed = gw.route(
+            [{"prompt": "hi", "response_a": "a", "response_b": "bb"}] * 3, namespace=ns
+        )
+    items = [(r.route_id, -0.25) for r in routed.results]
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = OnlineDPOConfig(gateway=dead, out_dir=tmp_path, gateway_patience_s=1.5)
+    down = OnlineDPOTrainer(cfg, say=lambda msg: None)
+    with pytest.raises(GatewayStalled, match="still failing"):
+        down._post_feedback(items)
+    down.close()
+    pending = json.loads((tmp_path / "pending_feedback.json").read_text())
+    assert [tuple(x) for x in pending] == items
+
+    said: list[str] = []
+    up = OnlineDPOTrainer(cfg.model_copy(update={"gateway": trainer_gateway}), say=said.append)
+    up._flush_pending()
+    up.close()
+    assert not (tmp_path / "pending_feedback.json").exists()
+    assert up.totals.feedback_applied == 3 and any("pending" in m for m in said)
+    assert sum(_observations(trainer_gateway, ns).values()) == 3
