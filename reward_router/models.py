@@ -19,7 +19,9 @@ under ``<root>/models`` and pair embeddings under ``<root>/embeddings``.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,9 +160,57 @@ def is_causal_lm_folder(path: str | Path) -> bool:
     return any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(cfg, "is_decoder", False))
 
 
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (fp32 safetensors), made once.
+
+    Loading through the GGUF costs ~25 s every time (dequantisation and tokenizer conversion);
+    the first call saves the dequantised model and tokenizer under
+    ``<cache_root>/models/smollm2-hf`` (about 540 MB), later calls load that in a second or two.
+    Written to a temporary folder and renamed, so concurrent first calls are safe.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = models_dir() / "smollm2-hf"
+    if (target / "config.json").exists():
+        return target
+    folder, name = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=name, dtype=torch.float32
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=target.parent))
+    try:
+        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
+        # fp32 tensors by now, so write them with safetensors (tied embeddings stored once).
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)  # the copy is plain fp32, not GGUF
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        for path in [tmp, *tmp.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp makes 0700
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first: its copy is as good as ours.
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def load_causal_lm(ref: str, *, device: str = "cpu") -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, in fp32 and eval mode, from ``"smollm2"`` or a folder.
 
+    ``"smollm2"`` loads the converted copy made by :func:`smollm2_folder` (made on first use).
     The tokenizer always has a pad token (the EOS token where the model has none).
 
     >>> model, tok = load_causal_lm("smollm2")            # doctest: +SKIP
@@ -168,14 +218,9 @@ def load_causal_lm(ref: str, *, device: str = "cpu") -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
-    if ref == "smollm2":
-        folder, name = smollm2_gguf()
-        source, kwargs["gguf_file"] = str(folder), name
-    else:
-        source = resolve_model_ref(ref)
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    source = str(smollm2_folder()) if ref == "smollm2" else resolve_model_ref(ref)
+    tok = AutoTokenizer.from_pretrained(source)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()

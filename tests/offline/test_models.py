@@ -86,6 +86,10 @@ def test_real_smollm2_loads_from_the_pypi_gguf() -> None:
     from gateway.features import load_encoder
 
     model, tok = models.load_causal_lm("smollm2")
+    # Loaded from the plain fp32 copy made once from the GGUF, not through the GGUF again.
+    copy = models.smollm2_folder()
+    assert (copy / "model.safetensors").exists()
+    assert "quantization_config" not in (copy / "config.json").read_text()
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2+2? Answer with a number."}],
         add_generation_prompt=True,
