@@ -545,7 +545,8 @@ def _build_net(input_dim: int, n_rms: int, cfg: RouterConfig, train_acc: np.ndar
             # Start from "route everything to the training-best RM": E_bt zero, biases at each
             # RM's training log-odds; training has to earn any departure from that, and the
             # epoch-0 checkpoint is exactly the training-best single RM.
-            logit = np.log(np.clip(train_acc, 0.02, 0.98) / (1 - np.clip(train_acc, 0.02, 0.98)))
+            acc = np.clip(train_acc, 1e-3, 1 - 1e-3)  # finite log-odds for always-right RMs
+            logit = np.log(acc / (1 - acc))
             self.bt_embeddings = nn.Parameter(torch.zeros(n_rms, cfg.dim))
             self.bt_bias = nn.Parameter(torch.tensor(logit, dtype=torch.float32))
             self.cls_weight = nn.Parameter(torch.zeros(n_rms, cfg.dim))
