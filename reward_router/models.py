@@ -189,6 +189,8 @@ def smollm2_folder() -> Path:
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg.pop("quantization_config", None)  # the copy is plain fp32, not GGUF
+        # GGUF configs carry no architectures; without them the folder would not say "causal LM".
+        cfg.setdefault("architectures", [type(model).__name__])
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -90,6 +90,7 @@ def test_real_smollm2_loads_from_the_pypi_gguf() -> None:
     copy = models.smollm2_folder()
     assert (copy / "model.safetensors").exists()
     assert "quantization_config" not in (copy / "config.json").read_text()
+    assert models.is_causal_lm_folder(copy)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2+2? Answer with a number."}],
         add_generation_prompt=True,
