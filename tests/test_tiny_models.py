@@ -17,6 +17,8 @@ def test_tiny_bert_encoder_and_classifier(tmp_path: Path) -> None:
     enc = tiny_bert(tmp_path / "enc")
     tok = AutoTokenizer.from_pretrained(enc)
     batch = tok(["what is the answer", "yes"], padding=True, return_tensors="pt")
+    # real word pieces, not [UNK] (id 1): the text reaches the model
+    assert 1 not in batch["input_ids"][0].tolist()
     out = AutoModel.from_pretrained(enc)(**batch).last_hidden_state
     assert out.shape[0] == 2 and out.shape[2] == 32
     cls = tiny_bert(tmp_path / "cls", seq_cls=True)

@@ -54,13 +54,12 @@ def tiny_bert(path: Path, *, seq_cls: bool = False, hidden: int = 32, seed: int 
         BertConfig,
         BertForSequenceClassification,
         BertModel,
-        BertTokenizerFast,
+        BertTokenizerFast,  # type: ignore[attr-defined]  # lazy export
     )
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab_file = path / "vocab.txt"
-    vocab_file.write_text("\n".join(_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=128)
+    vocab = {token: i for i, token in enumerate(_vocab())}
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=128)
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=len(_vocab()),
@@ -69,8 +68,8 @@ def tiny_bert(path: Path, *, seq_cls: bool = False, hidden: int = 32, seed: int 
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
-        num_labels=1,
     )
+    cfg.num_labels = 1  # a reward model: one scalar output
     model = BertForSequenceClassification(cfg) if seq_cls else BertModel(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
