@@ -54,7 +54,7 @@ def tiny_bert(path: Path, *, seq_cls: bool = False, hidden: int = 32, seed: int 
         BertConfig,
         BertForSequenceClassification,
         BertModel,
-        BertTokenizerFast,  # type: ignore[attr-defined]  # lazy export
+        BertTokenizerFast,
     )
 
     path.mkdir(parents=True, exist_ok=True)
