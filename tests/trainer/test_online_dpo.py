@@ -149,3 +149,20 @@ def test_undelivered_feedback_is_kept_and_sent_on_resume(
     assert not (tmp_path / "pending_feedback.json").exists()
     assert up.totals.feedback_applied == 3 and any("pending" in m for m in said)
     assert sum(_observations(trainer_gateway, ns).values()) == 3
+
+
+def test_lora_run_saves_an_adapter_and_resumes(
+    trainer_gateway: str, tiny_policy: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lora"
+    _train(trainer_gateway, tiny_policy, prompts_file, out, "--steps", "1", "--lora")
+    ckpt = out / "checkpoint"
+    first = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert first and not (ckpt / "model.safetensors").exists()
+    _train(trainer_gateway, tiny_policy, prompts_file, out, "--steps", "2", "--lora", "--resume")
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["feedback"]["applied"] == r["routed"] for r in log)
+    second = load_file(str(ckpt / "adapter_model.safetensors"))
+    # the adapter kept training after the resume (LoRA B starts at zero, so step 1 moved it)
+    assert any(not (second[k] == first[k]).all() for k in first)
