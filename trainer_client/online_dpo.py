@@ -280,7 +280,17 @@ class OnlineDPOTrainer:
             if state is not None:
                 from safetensors.torch import load_file
 
-                policy.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+                saved = load_file(str(ckpt / "model.safetensors"))
+                # Tied weights were saved under one name; every other key must match.
+                res = policy.load_state_dict(saved, strict=False)
+                tied = {k for k in res.missing_keys if k.endswith("lm_head.weight")}
+                if res.unexpected_keys or set(res.missing_keys) - tied:
+                    raise ConfigError(
+                        "policy",
+                        f"checkpoint {ckpt} does not fit {cfg.policy}: missing "
+                        f"{sorted(set(res.missing_keys) - tied)[:5]}, unexpected "
+                        f"{sorted(res.unexpected_keys)[:5]}",
+                    )
         self.policy = policy
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
