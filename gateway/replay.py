@@ -388,12 +388,12 @@ def torch_router_fitter(
 ) -> RouterFitter:
     """A :data:`RouterFitter` that trains the real offline router (torch) on each fold.
 
-    With ``calibrate`` (the default) the BT prior is mapped onto the reward scale and its
-    strength fitted by evidence on the router's held-out rows (:mod:`gateway.routing.prior`);
-    without it ``E_bt`` is injected raw, as in the paper.
+    With ``calibrate`` (the default) the policies get the router's calibrated prior and its
+    evidence-fitted strength (``OfflineRouter.prior_fit``, measured on the router's held-out
+    rows, see :mod:`gateway.routing.prior`); without it ``E_bt`` is injected raw, as in the
+    paper, with the policies' default strength.
     """
-    from gateway.offline.router import RouterConfig, holdout_split, train_router
-    from gateway.routing.prior import fit_prior
+    from gateway.offline.router import RouterConfig, train_router
 
     params = dict(router_params or {})
 
@@ -405,22 +405,13 @@ def torch_router_fitter(
         router, report = train_router(
             features, correct, rms, config, groups=groups, valid_fraction=valid_fraction
         )
-        if not calibrate:
-            return FittedRouter(router.hidden, router.prior_means, report.valid_routing_acc)
-        # the same rows train_router held out for checkpoint selection
-        _, valid = holdout_split(len(features), groups, valid_fraction, config.seed)
-        prior = fit_prior(
-            router.hidden(features[valid]),
-            router.scores(features[valid]),
-            correct[valid],
-            router.prior_means,
-        )
+        prior = router.prior_fit if calibrate else None
         return FittedRouter(
             contexts=router.hidden,
-            prior_means=prior.apply(router.prior_means),
+            prior_means=router.prior_means if prior is not None else router.bt_means,
             valid_accuracy=report.valid_routing_acc,
-            lambda0=prior.lambda0,
-            sigma2=prior.sigma2,
+            lambda0=prior.lambda0 if prior is not None else None,
+            sigma2=prior.sigma2 if prior is not None else None,
         )
 
     return fit

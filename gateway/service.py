@@ -364,6 +364,11 @@ class GatewayService:
         seed = self.settings.seed
         rng = np.random.default_rng(None if seed is None else [seed, zlib.crc32(ns.encode())])
         params = dict(config.get("params") or {})
+        prior_fit = getattr(self.contexts.router, "prior_fit", None)
+        if name == "bayesian" and prior_fit is not None:
+            # The router's evidence-fitted prior strength, unless the namespace sets its own.
+            params.setdefault("lambda0", prior_fit.lambda0)
+            params.setdefault("sigma2", prior_fit.sigma2)
         policy = make_policy(
             name,
             n_rms=self.n_rms,

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gateway.routing.prior import PriorFit, fit_prior
 from reward_router.errors import ConfigError, DataFormatError
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ class OfflineRouter:
         bt_embeddings: np.ndarray,
         bt_bias: np.ndarray,
         info: Mapping[str, Any] | None = None,
+        prior_fit: PriorFit | None = None,
     ) -> None:
         self.rms = list(rms)
         self.encoder_ref = encoder_ref
@@ -243,6 +245,9 @@ class OfflineRouter:
         self.bt_bias = np.asarray(bt_bias, dtype=np.float32)
         #: training summary and provenance, kept in config.json.
         self.info = dict(info or {})
+        #: calibration of the BT prior onto the reward scale and its fitted strength
+        #: (``gateway.routing.prior``), measured on the held-out rows; None = inject E_bt raw.
+        self.prior_fit = prior_fit
         #: a fine-tuned encoder held in memory (``encoder_ref`` is then ``./encoder``, a folder
         #: inside the artifact that :meth:`save` writes).
         self.encoder: HFEncoder | None = None
@@ -286,16 +291,28 @@ class OfflineRouter:
         return np.concatenate([h, np.ones((h.shape[0], 1))], axis=1)
 
     @property
-    def prior_means(self) -> np.ndarray:
-        """``[E_bt[n] ; b_n]`` per RM (N, d+1), float64: the online posteriors' prior means."""
+    def bt_means(self) -> np.ndarray:
+        """``[E_bt[n] ; b_n]`` per RM (N, d+1), float64: the Bradley-Terry head as trained."""
         return np.concatenate(
             [self.bt_embeddings.astype(np.float64), self.bt_bias.astype(np.float64)[:, None]],
             axis=1,
         )
 
+    @property
+    def prior_means(self) -> np.ndarray:
+        """The online posteriors' prior means (N, d+1), float64.
+
+        ``bt_means`` mapped onto the reward scale by ``prior_fit`` (one scale for all RMs plus
+        an offset on the intercept, so the ranking of RMs is unchanged); ``bt_means`` itself
+        when the router has no prior fit (no held-out rows at training).
+        """
+        if self.prior_fit is None:
+            return self.bt_means
+        return self.prior_fit.apply(self.bt_means)
+
     def scores(self, pair_feats: np.ndarray) -> np.ndarray:
-        """Offline Bradley-Terry scores (B, N): ``hidden() @ prior_means.T``."""
-        return self.hidden(pair_feats) @ self.prior_means.T
+        """Offline Bradley-Terry scores (B, N): ``hidden() @ bt_means.T``."""
+        return self.hidden(pair_feats) @ self.bt_means.T
 
     def route(self, pair_feats: np.ndarray) -> np.ndarray:
         """The offline choice per pair: index of the highest-scoring RM (B,)."""
@@ -351,6 +368,7 @@ class OfflineRouter:
             "input_dim": self.input_dim,
             "dim": self.dim,
             "router": self.config.to_dict(),
+            "prior": dataclasses.asdict(self.prior_fit) if self.prior_fit is not None else None,
             "info": self.info,
         }
 
@@ -417,6 +435,7 @@ class OfflineRouter:
                 bt_embeddings=t["bt.embeddings"],
                 bt_bias=t["bt.bias"],
                 info=cfg.get("info") or {},
+                prior_fit=PriorFit(**cfg["prior"]) if cfg.get("prior") else None,
             )
         except KeyError as exc:
             raise DataFormatError(str(folder), None, str(exc.args[0]), "missing") from exc
@@ -804,6 +823,11 @@ def _finish(
         seconds=time.perf_counter() - start,
         history=fit.history,
     )
+    if len(va) >= 2:
+        # Calibrate and size the prior on rows the weights were not trained on.
+        router.prior_fit = fit_prior(
+            router.hidden(x[va]), router.scores(x[va]), valid_c, router.bt_means
+        )
     router.info = {"train": report.summary()}
     return router, report
 

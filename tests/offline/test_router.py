@@ -144,7 +144,24 @@ def test_context_and_prior_means_reproduce_the_scores() -> None:
     np.testing.assert_array_equal(h[:, -1], 1.0)
     np.testing.assert_allclose(np.linalg.norm(h[:, :-1], axis=1), 1.0, rtol=1e-6)
     assert router.prior_means.shape == (3, router.dim)
-    np.testing.assert_allclose(router.scores(x), h @ router.prior_means.T)
+    np.testing.assert_allclose(router.scores(x), h @ router.bt_means.T)
+
+
+def test_prior_is_calibrated_to_the_reward_scale_without_changing_the_ranking() -> None:
+    x, c, groups = specialist_problem()
+    router, _ = train_router(x, c, RMS, FAST, groups=groups)
+    fit = router.prior_fit
+    assert fit is not None and fit.scale > 0 and fit.lambda0 > 0 and fit.sigma2 > 0
+    h = router.hidden(x)
+    expected = h @ router.prior_means.T  # predicted correctness per RM
+    # same ranking of RMs as the BT scores, now on the scale of the rewards (correctness)
+    np.testing.assert_array_equal(expected.argmax(axis=1), router.scores(x).argmax(axis=1))
+    assert 0.2 < expected.mean() < 0.9
+    assert abs(expected.mean() - c.mean()) < 0.1
+    # without held-out rows there is nothing to calibrate on: the raw BT head is the prior
+    bare, _ = train_router(x, c, RMS, FAST, valid_fraction=0.0)
+    assert bare.prior_fit is None
+    np.testing.assert_array_equal(bare.prior_means, bare.bt_means)
     with pytest.raises(ValueError, match=r"\(B, 16\)"):
         router.hidden(x[:, :8])
 
@@ -170,6 +187,7 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.hidden(x), router.hidden(x))
     np.testing.assert_array_equal(loaded.prior_means, router.prior_means)
     np.testing.assert_array_equal(loaded.scores(x), router.scores(x))
+    assert loaded.prior_fit == router.prior_fit is not None
 
 
 def test_damaged_artifacts_raise_data_format_errors(tmp_path: Path) -> None:
