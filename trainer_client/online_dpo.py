@@ -576,6 +576,7 @@ class OnlineDPOTrainer:
             grad_norm=grad_norm,
             rm_counts=dict(sorted(counts.items())),
             rm_share={n: c / len(results) for n, c in sorted(counts.items())},
+            rm_by_domain=_by_domain([items[p].domain for p, _, _ in pairs], results),
             fallbacks=sum(r.fallback for r in results),
             feedback=fb,
             gateway_wait_s=round(wait_route + wait_fb, 3),
@@ -636,6 +637,15 @@ class OnlineDPOTrainer:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _by_domain(domains: Sequence[str], results: Sequence[Any]) -> dict[str, dict[str, int]]:
+    """How many pairs of each prompt domain went to each RM (routing should differ by domain)."""
+    out: dict[str, dict[str, int]] = {}
+    for d, r in zip(domains, results, strict=True):
+        out.setdefault(d, {})
+        out[d][r.rm] = out[d].get(r.rm, 0) + 1
+    return out
 
 
 def _describe(rec: dict[str, Any]) -> str:

@@ -49,6 +49,7 @@ def test_three_steps_route_train_feedback_and_resume(
     assert routed > 0
     # every routed pair was labelled by one of the RMs and its feedback applied once
     assert all(r["feedback"]["applied"] == r["routed"] for r in log)
+    assert all(sum(sum(v.values()) for v in r["rm_by_domain"].values()) == r["routed"] for r in log)
     assert sum(_observations(trainer_gateway, ns).values()) == routed
     assert not (out / "pending_feedback.json").exists()
 
