@@ -152,6 +152,17 @@ def test_dashboard_has_every_panel_the_issue_asks_for() -> None:
         assert all(metric_names(t["expr"]) for t in p["targets"]), p["title"]
 
 
+def test_panels_fit_the_grid_without_overlapping() -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for p in dashboard()["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in taken, f"{p['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = p["title"]
+
+
 def test_metric_name_extraction() -> None:
     expr = (
         'sum by (namespace, rm) (rate(a_total{namespace=~"x.*", le="0.5"}[5m])) '
