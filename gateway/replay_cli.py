@@ -62,6 +62,13 @@ def replay(
             " or router.PARAM=VALUE (e.g. router.epochs=200).",
         ),
     ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Calibrate the BT prior onto the reward scale and fit its strength (default);"
+            " --no-calibrate injects E_bt raw, as in the paper.",
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option(help="Root seed.")] = 0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write results JSON here.")
@@ -72,7 +79,7 @@ def replay(
     try:
         _replay(
             pairs, behavior, policies, folds, seeds, batch_size, reward_noise, encoder,
-            max_length, cache_dir, set_ or [], seed, json_out, plot,
+            max_length, cache_dir, set_ or [], calibrate, seed, json_out, plot,
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
@@ -91,6 +98,7 @@ def _replay(
     max_length: int,
     cache_dir: Path | None,
     settings: list[str],
+    calibrate: bool,
     seed: int,
     json_out: Path | None,
     plot: Path | None,
@@ -118,7 +126,7 @@ def _replay(
         f"({matrix.skipped_pairs} of {len(pairs)} in the pairs file skipped), {matrix.n_rms} RMs"
     )
     features = _features(matrix, encoder_ref, max_length, cache_dir)
-    fitter = torch_router_fitter(router_params)
+    fitter = torch_router_fitter(router_params, calibrate=calibrate)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("replay", total=seeds * folds)
 
