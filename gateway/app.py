@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from gateway.api import BodyLimit, install_error_handlers, router
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
+from trainer_client.openrlhf import build_openrlhf_router
 
 
 def build_app(settings: GatewaySettings, service: GatewayService | None = None) -> FastAPI:
@@ -41,5 +42,6 @@ def build_app(settings: GatewaySettings, service: GatewayService | None = None) 
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(build_openrlhf_router())  # OpenRLHF's POST /get_reward (docs/trainer.md)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
