@@ -1,9 +1,8 @@
-"""OpenRLHF's remote reward model protocol on a real gateway process (with the OpenRLHF router
-mounted) over real RM services: sticky per-prompt routes, scores in [0, 1], feedback."""
+"""OpenRLHF's remote reward model protocol on a real gateway process over real RM services:
+sticky per-prompt routes, scores in [0, 1], feedback."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.helpers import gateway_config
-from tests.procs import start_process
+from tests.gateway.helpers import gateway_config, start_gateway
 from trainer_client.openrlhf import OpenRLHFRequest, StickyRoute, StickyRoutes, bt_probability
 
 
@@ -20,13 +18,10 @@ from trainer_client.openrlhf import OpenRLHFRequest, StickyRoute, StickyRoutes, 
 def rlhf_gateway(
     tmp_path_factory: pytest.TempPathFactory, trainer_rms: dict[str, str]
 ) -> Iterator[str]:
+    """The real gateway process (``python -m gateway serve``), which mounts ``/get_reward``."""
     root: Path = tmp_path_factory.mktemp("openrlhf-gw")
     cfg = gateway_config(root, trainer_rms, policy={"name": "bayesian-no-offline"})
-    import yaml
-
-    port = int(yaml.safe_load(cfg.read_text())["port"])
-    args = [sys.executable, "-m", "tests.trainer.openrlhf_gateway", str(cfg)]
-    proc = start_process(args, port, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=120)
+    proc = start_gateway(cfg)
     try:
         yield proc.url
     finally:
