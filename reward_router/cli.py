@@ -11,6 +11,7 @@ import typer
 from gateway.cli import app as gateway_app
 from gateway.offline.cli import app as router_app
 from gateway.replay_cli import replay
+from reward_router.cluster import up
 from services.cli import app as rm_app
 from trainer_client.cli import train_dpo
 
@@ -25,6 +26,7 @@ app.add_typer(rm_app, name="rm", help="Reward-model scoring services and the sma
 app.add_typer(gateway_app, name="gateway", help="The router gateway.")
 app.command("replay")(replay)
 app.command("train-dpo")(train_dpo)
+app.command("up")(up)
 
 
 def main() -> None:
