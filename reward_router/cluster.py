@@ -288,6 +288,8 @@ def run_cluster(cluster: Cluster, out: IO[str] | None = None) -> int:
         print(f"error: something already answers at {who}; is a cluster running?", file=sys.stderr)
         return 1
     cluster.log_dir.mkdir(parents=True, exist_ok=True)
+    ready_file = cluster.log_dir / "ready"
+    ready_file.unlink(missing_ok=True)  # a stale one from an earlier run would lie
     # Owner-only: the merged gateway settings may hold API keys and a Redis password.
     fd = os.open(cluster.log_dir / "gateway.yaml", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -301,6 +303,8 @@ def run_cluster(cluster: Cluster, out: IO[str] | None = None) -> int:
         if sup.wait_ready():
             _print_table(cluster, sup, out)
             print("Ctrl-C or SIGTERM stops every process.", file=out, flush=True)
+            # Scripts (and the tests) wait for this file rather than parse the table.
+            ready_file.write_text("ready\n")
             while not stop.wait(0.5):
                 sup.check_alive()
         return 0
@@ -308,6 +312,7 @@ def run_cluster(cluster: Cluster, out: IO[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        ready_file.unlink(missing_ok=True)
         sup.stop_all()
         for s, handler in previous.items():
             signal.signal(s, handler)

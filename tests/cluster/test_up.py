@@ -86,11 +86,21 @@ def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     return [p for p in pids if not _gone(p)]
 
 
+def _wait_ready_file(log_dir: Path, proc: subprocess.Popen[str], timeout: float = 90) -> None:
+    """The supervisor writes ``ready`` after every child answered /readyz and the table."""
+    deadline = time.monotonic() + timeout
+    while not (log_dir / "ready").exists():
+        assert proc.poll() is None, "reward-router up exited before it was ready"
+        assert time.monotonic() < deadline, "reward-router up not ready in time"
+        time.sleep(0.1)
+
+
 def test_up_serves_routes_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     config, ports = _light_cluster(tmp_path)
     with _running_up(config) as proc:
         gw = f"http://127.0.0.1:{ports['gateway']}"
         wait_for_http(gw + "/readyz", timeout=90, proc=proc)  # type: ignore[arg-type]
+        _wait_ready_file(tmp_path / "logs", proc)
         state = json.loads((tmp_path / "logs" / "cluster.json").read_text())
         assert set(state) == {"length", "verifier", "gateway-1"}
         pids = [int(v["pid"]) for v in state.values()]
@@ -107,6 +117,7 @@ def test_up_serves_routes_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert str(port) in out
     assert _wait_gone(pids) == []
     assert all(_port_free(p) for p in ports.values())
+    assert not (tmp_path / "logs" / "ready").exists()
 
 
 def test_two_replicas_share_redis_and_stop_on_ctrl_c(tmp_path: Path, redis_url: str) -> None:
@@ -116,6 +127,7 @@ def test_two_replicas_share_redis_and_stop_on_ctrl_c(tmp_path: Path, redis_url: 
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for url in urls:
             wait_for_http(url + "/readyz", timeout=90, proc=proc)  # type: ignore[arg-type]
+        _wait_ready_file(tmp_path / "logs", proc)
         state = json.loads((tmp_path / "logs" / "cluster.json").read_text())
         assert set(state) == {"length", "verifier", "gateway-1", "gateway-2"}
         pids = [int(v["pid"]) for v in state.values()]
