@@ -40,7 +40,8 @@ class ReplayConfig:
     """What a replay run does; every field is validated at construction.
 
     ``policy_params`` maps a policy name to keyword parameters for ``make_policy``
-    (e.g. ``{"bayesian": {"lambda0": 2.0}}``); ``router_params`` go to ``RouterConfig``.
+    (e.g. ``{"bayesian": {"lambda0": 2.0}}``). The offline router's own parameters belong to
+    the fitter (:func:`torch_router_fitter`), not here.
     """
 
     folds: int = 5
@@ -49,7 +50,6 @@ class ReplayConfig:
     reward_noise: float = 0.0
     policies: tuple[str, ...] = POLICY_NAMES
     policy_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    router_params: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:

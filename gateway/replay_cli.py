@@ -116,7 +116,6 @@ def _replay(
         reward_noise=reward_noise,
         policies=parse_policies(policies_spec),
         policy_params=policy_params,
-        router_params=router_params,
         seed=seed,
     )
     pairs = load_pairs(pairs_path)

@@ -50,8 +50,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise DataFormatError(str(p), lineno, None, "each line must be a JSON object")
                 yield lineno, obj
     except (OSError, EOFError, UnicodeDecodeError) as exc:
-        if isinstance(exc, DataFormatError):
-            raise
         raise DataFormatError(str(p), None, None, f"cannot read: {exc}") from exc
 
 

@@ -84,7 +84,7 @@ def test_parse_policies() -> None:
 
 def test_json_shape_calls_and_bounds() -> None:
     matrix, features = _specialists(n_pairs=120)
-    config = ReplayConfig(folds=3, seeds=2, router_params={"epochs": 30})
+    config = ReplayConfig(folds=3, seeds=2)
     result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 30}))
     out = result.to_json()
     assert set(out) == {"pairs", "rms", "folds", "seeds", "policies"}
