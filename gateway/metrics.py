@@ -58,8 +58,8 @@ class GatewayMetrics:
         )
         self.reward = Histogram(
             p + "reward_raw",
-            "The trainer's raw reward (−DPO loss) of applied feedback.",
-            ["namespace"],
+            "The trainer's raw reward (−DPO loss) of applied feedback, by the RM that was asked.",
+            ["namespace", "rm"],
             buckets=_REWARD_BUCKETS,
             registry=r,
         )

@@ -296,6 +296,7 @@ class GatewayService:
                 connect_timeout_s=by_name[name].connect_timeout_s,
                 read_timeout_s=by_name[name].read_timeout_s,
                 max_batch=by_name[name].max_batch,
+                api_key=(k.get_secret_value() if (k := by_name[name].api_key) else None),
                 failure_threshold=settings.failure_threshold,
                 cooldown_s=settings.cooldown_s,
             )
@@ -820,7 +821,9 @@ class GatewayService:
             counts[r.outcome] += 1
             if r.outcome is Outcome.APPLIED and r.namespace is not None:
                 touched.add(r.namespace)
-                self.metrics.reward.labels(self.metrics.ns_label(r.namespace)).observe(reward)
+                known = r.arm is not None and 0 <= r.arm < self.n_rms
+                rm = self.rm_names[r.arm] if known and r.arm is not None else "_unknown"
+                self.metrics.reward.labels(self.metrics.ns_label(r.namespace), rm).observe(reward)
         for o, n in counts.items():
             if n:
                 self.metrics.feedback.labels(o.value).inc(n)

@@ -67,11 +67,12 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """What happened to one feedback item; ``seq`` is set when it was applied."""
+    """What happened to one feedback item; ``seq`` and ``arm`` (the RM) are set when applied."""
 
     outcome: Outcome
     namespace: str | None = None
     seq: int | None = None
+    arm: int | None = None
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ class EmbeddedStore:
                 continue
             st.log.append(encode_reward(reward) + got[1])
             self._routes[key] = (got[0], APPLIED)
-            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, len(st.log)))
+            (arm, _) = _REC_HEAD.unpack_from(got[1], 0)
+            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, len(st.log), arm))
         return out
 
     async def read_tail(

@@ -67,18 +67,21 @@ return old
 """
 
 # Exactly-once feedback, for a batch; per item i: KEYS meta_i, route_i, log_i and ARGV gen_i,
-# reward_i (packed float64). Per item -> 0 unknown, -1 duplicate, seq (> 0) applied.
+# reward_i (packed float64). Per item two numbers: 0 unknown, -1 duplicate or seq (> 0) applied;
+# then the RM index of an applied item (the record's first two bytes, little-endian), else -1.
 _FEEDBACK = """
 local out = {}
 for i = 1, #KEYS / 3 do
   local meta, route, log = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local rec = redis.call('GET', route)
+  out[2 * i] = -1
   if not rec or redis.call('HGET', meta, 'gen') ~= ARGV[2 * i - 1] then
-    out[i] = 0
+    out[2 * i - 1] = 0
   elseif rec == 'A' then
-    out[i] = -1
+    out[2 * i - 1] = -1
   else
-    out[i] = redis.call('RPUSH', log, ARGV[2 * i] .. rec)
+    out[2 * i - 1] = redis.call('RPUSH', log, ARGV[2 * i] .. rec)
+    out[2 * i] = string.byte(rec, 1) + 256 * string.byte(rec, 2)
     redis.call('SET', route, 'A', 'KEEPTTL')
   end
 end
@@ -242,10 +245,10 @@ class RedisStore:
             where.append((i, rid))
         if where:
             res = await self._call(lambda: self._feedback(keys=keys, args=args))
-            for (i, rid), code in zip(where, res, strict=True):
+            for (i, rid), code, arm in zip(where, res[::2], res[1::2], strict=True):
                 code = int(code)
                 if code > 0:
-                    out[i] = FeedbackResult(Outcome.APPLIED, rid.ns, code)
+                    out[i] = FeedbackResult(Outcome.APPLIED, rid.ns, code, int(arm))
                 elif code < 0:
                     out[i] = FeedbackResult(Outcome.DUPLICATE, rid.ns)
                 else:

@@ -3,6 +3,7 @@ routing, feedback outcomes, namespaces and policies, auth, every bad-input case,
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -118,7 +119,7 @@ def test_namespaces_have_their_own_policies(gw: Proc) -> None:
 def test_reset_and_delete_need_the_admin_key(gw: Proc) -> None:
     res = route(gw.url, pairs(2, offset=400), ns="adm", key=KEY)["results"]
     assert feedback(gw.url, [(res[0]["route_id"], -0.3)], KEY)["applied"] == 1
-    assert _error(_post(gw, "/v1/namespaces/adm/reset", key=KEY), 401)["field"] == "authorization"
+    assert _error(_post(gw, "/v1/namespaces/adm/reset", key=KEY), 403)["field"] == "authorization"
     assert _error(_post(gw, "/v1/namespaces/adm/reset", key=None), 401)
     r = _post(gw, "/v1/namespaces/adm/reset", key=ADMIN)
     assert r.status_code == 200, r.text
@@ -214,7 +215,9 @@ def test_bad_input_never_cools_an_rm_down(gw: Proc) -> None:
     assert all(r["healthy"] and not r["in_cooldown"] for r in post["rms"])
 
 
-def test_metrics_and_openapi(gw: Proc) -> None:
+def test_metrics_and_openapi(gw: Proc, rm_pool: RMPoolProcs) -> None:
+    res = route(gw.url, pairs(3), ns="metrics", key=KEY)["results"]
+    assert feedback(gw.url, [(r["route_id"], -0.5) for r in res], key=KEY)["applied"] == 3
     text = httpx.get(f"{gw.url}/metrics").text
     for name in (
         "reward_router_gateway_routes_total",
@@ -227,5 +230,10 @@ def test_metrics_and_openapi(gw: Proc) -> None:
     ):
         assert name in text, name
     assert 'reward_router_gateway_feedback_total{outcome="duplicate"}' in text
+    # The reward histogram names the RM that scored the pair whose feedback was applied.
+    found = re.findall(r'reward_raw_count\{namespace="metrics",rm="([^"]+)"\} (\S+)', text)
+    counts = {rm: float(n) for rm, n in found}
+    assert set(counts) <= set(rm_pool.urls) and sum(counts.values()) == 3
+    assert counts == {rm: [r["rm"] for r in res].count(rm) for rm in counts}
     spec = httpx.get(f"{gw.url}/openapi.json").json()
     assert {"/v1/route", "/v1/feedback", "/v1/posteriors"} <= set(spec["paths"])

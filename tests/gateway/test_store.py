@@ -39,6 +39,13 @@ async def test_namespace_create_is_idempotent(store: Store) -> None:
     assert await store.get_namespace("other") is None
 
 
+async def test_applied_feedback_names_a_two_byte_rm_index(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(258, _h(0))], ttl_s=60)
+    (res,) = await store.apply_feedback([(ids[0], 1.0)])
+    assert (res.outcome, res.arm) == (Outcome.APPLIED, 258)
+
+
 async def test_feedback_applied_once_then_duplicate_and_unknown(store: Store) -> None:
     meta, _ = await store.create_namespace("ns", {})
     ids = await store.put_routes("ns", meta.gen, [(1, _h(0)), (0, _h(1))], ttl_s=60)
@@ -54,6 +61,7 @@ async def test_feedback_applied_once_then_duplicate_and_unknown(store: Store) ->
         Outcome.APPLIED,
     ]
     assert [r.seq for r in res] == [1, None, None, None, 2]
+    assert [r.arm for r in res] == [1, None, None, None, 0]
     again = await store.apply_feedback([(ids[1], 3.0)])
     assert again[0].outcome is Outcome.DUPLICATE
     meta2, log = await store.read_tail("ns", meta.gen, 0)
