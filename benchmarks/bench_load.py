@@ -163,6 +163,10 @@ class LoadConfig:
     pairs_per_request: int = 2
     drain_s: float = 30.0  # after the last scheduled send; then the rest is cancelled
     request_timeout_s: float = 30.0
+    # Past this many requests in flight a scheduled request is not sent but counted as an
+    # error: an overloaded system shows up as errors instead of the driver itself choking on
+    # thousands of open connections (and minutes-long latencies that measure only the backlog).
+    max_inflight: int = 256
     namespace: str = "load"
 
     @property
@@ -189,6 +193,7 @@ class LoadResult:
     feedback_ms: list[float] = field(default_factory=list)
     send_lag_ms: list[float] = field(default_factory=list)  # actual minus scheduled send
     send_window_s: float = 0.0  # first to last send
+    peak_inflight: int = 0
     wall_s: float = 0.0  # first send to last answer (or drain timeout)
 
     def error(self, kind: str, detail: str = "") -> None:
@@ -261,6 +266,12 @@ async def drive(
             if out["applied"] != len(ids):
                 res.error("feedback: not applied", json.dumps(out))
 
+        async def guarded(i: int, scheduled: float) -> None:
+            try:
+                await one(i, scheduled)
+            except Exception as exc:  # a malformed answer: counted, never lost with its task
+                res.error(f"unexpected: {type(exc).__name__}", repr(exc))
+
         tasks: set[asyncio.Task[None]] = set()
         if on_start is not None:
             on_start()
@@ -270,7 +281,12 @@ async def drive(
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.add(asyncio.create_task(one(i, scheduled)))
+            tasks = {t for t in tasks if not t.done()}
+            if len(tasks) >= cfg.max_inflight:
+                res.error("not sent: max in flight", f"{len(tasks)} requests in flight")
+                continue
+            tasks.add(asyncio.create_task(guarded(i, scheduled)))
+            res.peak_inflight = max(res.peak_inflight, len(tasks))
             res.sent += 1
         res.send_window_s = time.perf_counter() - start
         if tasks:
@@ -442,7 +458,9 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
     names = list(run["start"]["rss"])
     return {
         "config": cfg,
+        "offered": cfg["rate"] * cfg["duration_s"],
         "sent": res.sent,
+        "peak_inflight": res.peak_inflight,
         "answered": res.answered,
         "feedback_answered": res.feedback_answered,
         "routes": res.routes,
@@ -482,7 +500,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
 def print_summary(s: dict[str, Any]) -> None:
     cfg = s["config"]
     print(
-        f"\n# {s['sent']} route requests x {cfg['pairs_per_request']} pairs offered at "
+        f"\n# {s['offered']:.0f} route requests x {cfg['pairs_per_request']} pairs offered at "
         f"{cfg['rate']}/s for {cfg['duration_s']} s to 2 gateway replicas (one Redis, "
         f"route_ttl_s {cfg['route_ttl_s']}); load average {s['loadavg_start']} at the start, "
         f"{s['loadavg_end']} at the end, {s['cpus']} CPUs"
@@ -491,7 +509,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"answered {s['answered']}/{s['sent']} routes, {s['feedback_answered']} feedback; "
         f"route ids {s['routes']}, feedback applied {s['applied']}, duplicate {s['duplicate']}, "
         f"unknown {s['unknown']}; achieved {s['achieved_rate']} req/s "
-        f"(sends at {s['send_rate']}/s)"
+        f"(sends at {s['send_rate']}/s), at most {s['peak_inflight']} in flight"
     )
     print(f"errors: {s['errors'] or 'none'}")
     for kind, detail in s["first_error"].items():
@@ -521,6 +539,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     ap.add_argument("--pairs-per-request", type=int, default=2)
     ap.add_argument("--drain-s", type=float, default=30.0)
+    ap.add_argument("--max-inflight", type=int, default=256)
     ap.add_argument("--route-ttl-s", type=float, default=86400.0)
     ap.add_argument(
         "--expiry-wait-s",
@@ -539,6 +558,7 @@ def main() -> None:
         duration_s=args.duration,
         pairs_per_request=args.pairs_per_request,
         drain_s=args.drain_s,
+        max_inflight=args.max_inflight,
     )
     wait = args.expiry_wait_s
     if wait is None:
