@@ -37,8 +37,10 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,24 @@ class Cluster:
         return {name: p.popen.pid for name, p in named.items()}
 
 
+def _start_all(starters: list[Callable[[], Proc]], procs: list[Proc]) -> list[Proc]:
+    """Run the starters in threads (each waits for its process to be ready, mostly idle),
+    append every process that started to ``procs`` (so it is stopped), raise the first error."""
+    with ThreadPoolExecutor(len(starters)) as pool:
+        futures = [pool.submit(f) for f in starters]
+    started, errors = [], []
+    for fut in futures:
+        exc = fut.exception()
+        if exc is None:
+            started.append(fut.result())
+        else:
+            errors.append(exc)
+    procs.extend(started)
+    if errors:
+        raise errors[0]
+    return started
+
+
 @contextmanager
 def cluster(root: Path, *, route_ttl_s: float, router: bool = True) -> Iterator[Cluster]:
     """Start Redis, a ``length`` and a ``verifier`` RM service and two gateway replicas on that
@@ -91,30 +111,30 @@ def cluster(root: Path, *, route_ttl_s: float, router: bool = True) -> Iterator[
     try:
         rdir = root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
-        redis_proc = start_redis(free_port(), rdir)
-        procs.append(redis_proc)
-        rm_len = start_rm(root, "len", backend="length")
-        procs.append(rm_len)
-        rm_math = start_rm(root, "math", backend="verifier")
-        procs.append(rm_math)
+        redis_proc, rm_len, rm_math = _start_all(
+            [
+                lambda: start_redis(free_port(), rdir),
+                lambda: start_rm(root, "len", backend="length"),
+                lambda: start_rm(root, "math", backend="verifier"),
+            ],
+            procs,
+        )
         router_path = build_router(root, RMS) if router else None
-        redis_url = f"redis://127.0.0.1:{redis_proc.port}/0"
-        gateways = []
-        for _ in range(2):
-            cfg = gateway_config(
+        configs = [
+            gateway_config(
                 root,
                 {"len": rm_len.url, "math": rm_math.url},
                 router=router_path,
-                redis_url=redis_url,
+                redis_url=f"redis://127.0.0.1:{redis_proc.port}/0",
                 route_ttl_s=route_ttl_s,
                 # Without a router there are no offline prior means for `bayesian`.
                 policy={"name": "bayesian" if router else "bayesian-no-offline"},
                 health_interval_s=2.0,  # the default; the test helpers' 0.5 s is for fast tests
                 log_level="warning",
             )
-            gw = start_gateway(cfg)
-            procs.append(gw)
-            gateways.append(gw)
+            for _ in range(2)
+        ]
+        gateways = _start_all([partial(start_gateway, c) for c in configs], procs)
         yield Cluster(redis=redis_proc, rms=[rm_len, rm_math], gateways=gateways)
     finally:
         for p in reversed(procs):
