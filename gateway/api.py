@@ -6,6 +6,7 @@ Errors are mapped to HTTP here, in one place, all with the one body
     RequestValidationError, InputError, ConfigError, RMRejected   422 (field named)
     body over max_body_bytes                                       413
     missing / wrong API key                                        401
+    a trainer key on an admin endpoint                             403
     UnknownNamespace                                               404
     NamespaceConflict                                              409
     AllRMsFailed, StoreUnavailable                                 503
@@ -60,8 +61,11 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 class AuthError(Exception):
-    def __init__(self, message: str) -> None:
+    """401: no key or an unknown key; 403: a known key without the right (trainer on admin)."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
         self.message = message
+        self.status = status
         super().__init__(message)
 
 
@@ -99,6 +103,8 @@ def require_admin(request: Request, creds: Credentials) -> None:
     if creds is None:
         raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
     if not _matches(creds.credentials, [s.admin_key.get_secret_value()]):
+        if _matches(creds.credentials, [k.get_secret_value() for k in s.api_keys]):
+            raise AuthError("a trainer key may not call admin endpoints: send the admin key", 403)
         raise AuthError("invalid admin key")
 
 
@@ -142,6 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AuthError)
     async def _auth(request: Request, exc: AuthError) -> JSONResponse:
+        if exc.status == 403:
+            return _error(403, "forbidden", exc.message, "authorization")
         resp = _error(401, "unauthorized", exc.message, "authorization")
         resp.headers["www-authenticate"] = "Bearer"
         return resp
@@ -223,7 +231,7 @@ class _TooLarge(Exception):
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 503)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 503)
 }
 
 

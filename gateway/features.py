@@ -314,10 +314,11 @@ def load_encoder(
 
         saved_info = json.loads(saved.read_text())
         pooling = "last" if saved_info.get("pooling") == "last" else "mean"
-        tokenizer = AutoTokenizer.from_pretrained(ref)
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModel.from_pretrained(ref).to(device).eval()
+        model = AutoModel.from_pretrained(ref, trust_remote_code=False, use_safetensors=True)
+        model = model.to(device).eval()
     elif ref == "smollm2" or (ref != "minilm" and is_causal_lm_folder(ref)):
         causal, tokenizer = load_causal_lm(ref, device=device)
         # The decoder body without the LM head: its last hidden state is what we pool.
@@ -326,8 +327,9 @@ def load_encoder(
         from transformers import AutoModel, AutoTokenizer
 
         folder = str(minilm_path()) if ref == "minilm" else ref
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModel.from_pretrained(folder).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModel.from_pretrained(folder, trust_remote_code=False, use_safetensors=True)
+        model = model.to(device).eval()
         pooling = "mean"
     enc = HFEncoder(
         ref,

@@ -3,7 +3,8 @@
 Exception tree (what the gateway's fallback logic branches on)::
 
     RMError
-    ├── RMUnavailable   the RM failed: refused, timed out, 5xx, malformed answer.
+    ├── RMUnavailable   the RM failed: refused, timed out, 5xx, malformed answer, or 401/403
+    │                   (it refused the gateway's rms[].api_key: a misconfiguration).
     │                   Counts toward cooldown; the pair falls back to the next-best RM.
     └── RMRejected      the RM answered 4xx: the caller's input is bad for it. No cooldown, no
                         fallback (another RM would reject it too); the caller gets a 422.
@@ -102,6 +103,7 @@ class RMClient:
         cooldown_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
@@ -117,10 +119,14 @@ class RMClient:
             write=read_timeout_s,
             pool=read_timeout_s,
         )
+        # The RM service's key (services/settings.py api_key) rides on every call as a bearer
+        # header; it lives only in the client's headers, which nothing logs.
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._http = httpx.AsyncClient(
             base_url=self.url,
             timeout=timeout,
             transport=transport,
+            headers=headers,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
         self._pending: list[_Job] = []
@@ -216,6 +222,14 @@ class RMClient:
             err = RMUnavailable(self.name, f"{type(exc).__name__}: {exc}")
             self.record_failure(str(err))
             raise err from None
+        if resp.status_code in (401, 403):
+            # The RM refused the gateway's own credentials: a misconfiguration of this RM
+            # (rms[].api_key), not the caller's input, so it counts as a failure and falls back.
+            err = RMUnavailable(
+                self.name, f"HTTP {resp.status_code}: the RM refused the gateway's api_key"
+            )
+            self.record_failure(str(err))
+            raise err
         if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
             # The caller's input: the RM is fine, so neither cooldown nor failure count.
             try:

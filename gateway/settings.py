@@ -52,6 +52,9 @@ class RMEndpoint(BaseModel):
     connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
     read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     max_batch: int = Field(default=64, ge=1, le=4096)
+    # The RM service's own ``api_key`` (services/settings.py), sent as a bearer header on every
+    # call; None = the service is open. Shown as "configured" in ``safe_dict``, never logged.
+    api_key: SecretStr | None = None
 
 
 class PolicyDefaults(BaseModel):
@@ -157,6 +160,8 @@ class GatewaySettings(BaseSettings):
         d["admin_key"] = "configured" if self.admin_key else None
         if self.redis_url:
             d["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
+        for rm, out in zip(self.rms, d["rms"], strict=True):
+            out["api_key"] = "configured" if rm.api_key else None
         return d
 
 

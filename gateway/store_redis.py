@@ -24,8 +24,8 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.keys import Keys
@@ -107,6 +107,29 @@ def _meta(ns: str, gen: Any, config: Any, created: Any) -> NamespaceMeta:
     return NamespaceMeta(ns, s(gen), json.loads(s(config)), float(s(created)))
 
 
+class _Retry(Retry):
+    """redis-py's retry, except that a refused login is final.
+
+    ``AuthenticationError`` subclasses ``ConnectionError``, so plain ``Retry`` backs off through
+    every try (~6 s with the defaults) before the wrong-password message arrives; a health check
+    with a 5 s timeout then sees a timeout instead of the reason.
+    """
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, AuthenticationError):
+                return False
+            return is_retryable(error) if is_retryable is not None else True
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 class RedisStore:
     """Store on a Redis server; see :mod:`gateway.store` for the contract."""
 
@@ -127,7 +150,7 @@ class RedisStore:
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+            retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
             retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
             health_check_interval=30,
         )

@@ -155,7 +155,7 @@ def is_causal_lm_folder(path: str | Path) -> bool:
     """Whether a local Hugging Face folder holds a causal (decoder-only) language model."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(path))
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     archs = getattr(cfg, "architectures", None) or []
     return any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(cfg, "is_decoder", False))
 
@@ -175,9 +175,9 @@ def smollm2_folder() -> Path:
     if (target / "config.json").exists():
         return target
     folder, name = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name, trust_remote_code=False)
     model: Any = AutoModelForCausalLM.from_pretrained(
-        str(folder), gguf_file=name, dtype=torch.float32
+        str(folder), gguf_file=name, dtype=torch.float32, trust_remote_code=False
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=target.parent))
@@ -221,8 +221,11 @@ def load_causal_lm(ref: str, *, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(smollm2_folder()) if ref == "smollm2" else resolve_model_ref(ref)
-    tok = AutoTokenizer.from_pretrained(source)
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # Explicit: a folder's own code never runs, and weights load only from safetensors.
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()

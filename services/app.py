@@ -12,17 +12,19 @@ in order; every error leaves through :func:`_error_response` with the one error 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reward_router.data import Message
@@ -36,6 +38,7 @@ from services.errors import (
     NotReady,
     RequestTimeout,
     ServiceError,
+    Unauthorized,
 )
 from services.metrics import ServiceMetrics
 from services.protocol import (
@@ -54,6 +57,11 @@ log = logging.getLogger("reward_router.services")
 
 #: Routes left out of request metrics (scrapes and probes would drown the real traffic).
 UNMETERED = frozenset({"/metrics", "/healthz", "/readyz"})
+#: Routes open without ``api_key``: probes and the Prometheus scrape (it sends no credentials).
+#: Every other route, including any added later, needs the key when one is configured.
+OPEN_PATHS = UNMETERED
+_bearer = HTTPBearer(auto_error=False, description="the service's api_key (when configured)")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -187,10 +195,22 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
             loading.cancel()
             await state.close()
 
+    async def require_key(request: Request, creds: _Credentials) -> None:
+        if settings.api_key is None or request.url.path in OPEN_PATHS:
+            return
+        if creds is None:
+            msg = "missing API key: send 'Authorization: Bearer <key>'"
+            raise Unauthorized(msg, field="authorization")
+        expected = settings.api_key.get_secret_value().encode()
+        if not hmac.compare_digest(creds.credentials.encode(), expected):
+            raise Unauthorized("invalid API key", field="authorization")
+
     app = FastAPI(
         title=f"reward-router RM service ({settings.name})",
         lifespan=lifespan,
         responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        # App-wide, so a route added later is closed by default; OPEN_PATHS are let through.
+        dependencies=[Depends(require_key)],
     )
 
     def state_of(request: Request) -> ServiceState:
@@ -202,7 +222,8 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
         st = getattr(request.app.state, "rm", None)
         if st is not None:
             st.metrics.errors.labels(settings.name, exc.type).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:

@@ -8,6 +8,10 @@ that file)::
       - config: chat-rm.yaml
       - config: judge.yaml
         url: http://judge.internal:8104
+        api_key: ...        # optional; default the service file's own api_key
+
+When a member has a key (the entry's ``api_key``, else its service file's / ``RR_RM_API_KEY``),
+``collect`` sends it as ``Authorization: Bearer <key>``.
 
 ``collect`` sends every pair to every RM's ``/v1/compare`` (chosen as ``response_a``) and
 writes one behaviour line per (pair, RM) in the format of data/README.md: ``correct`` is 1 when
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from reward_router.data import Pair, load_behavior
 from reward_router.errors import ConfigError
@@ -53,10 +58,18 @@ class PoolMember:
     # `rm evaluate` scores this RM on only the first `eval_limit` pairs of each column's sample
     # (for RMs too slow on a CPU to score the whole sample, e.g. an LM judge).
     eval_limit: int | None = None
+    # The service's key: the pool entry's ``api_key``, else the service settings' own.
+    api_key: SecretStr | None = None
 
     @property
     def name(self) -> str:
         return self.settings.name
+
+    def headers(self) -> dict[str, str]:
+        """The auth header for this member's service (none when it has no key)."""
+        if self.api_key is None:
+            return {}
+        return {"authorization": f"Bearer {self.api_key.get_secret_value()}"}
 
 
 def load_pool(path: str | Path) -> list[PoolMember]:
@@ -76,7 +89,11 @@ def load_pool(path: str | Path) -> list[PoolMember]:
         limit = entry.get("eval_limit")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ConfigError(f"rms[{i}].eval_limit", f"{p}: must be a positive integer")
-        members.append(PoolMember(cfg, settings, str(url).rstrip("/"), limit))
+        key = entry.get("api_key")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ConfigError(f"rms[{i}].api_key", f"{p}: must be a non-empty string")
+        api_key = SecretStr(key) if key else settings.api_key
+        members.append(PoolMember(cfg, settings, str(url).rstrip("/"), limit, api_key))
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise ConfigError("rms", f"{p}: RM names must be unique, got {names}")
@@ -143,8 +160,11 @@ def _compare_all(
     progress: Callable[[int], None],
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    with httpx.Client(base_url=member.url, timeout=timeout_s) as client:
-        limit = int(client.get("/v1/info").json().get("max_request_items", batch_size))
+    with httpx.Client(base_url=member.url, timeout=timeout_s, headers=member.headers()) as client:
+        info = client.get("/v1/info")
+        if info.status_code != 200:
+            raise RuntimeError(f"rm {member.name} answered {info.status_code}: {info.text[:500]}")
+        limit = int(info.json().get("max_request_items", batch_size))
         step = max(1, min(batch_size, limit))
         for start in range(0, len(pairs), step):
             chunk = pairs[start : start + step]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,6 +68,19 @@ class ServiceSettings(BaseSettings):
     tokenizer: str | None = None
     # verifier backend: the neutral score given when it abstains (no reference / no answer).
     abstain_score: float = 0.5
+    # When set, every endpoint but /healthz, /readyz and /metrics needs
+    # ``Authorization: Bearer <api_key>`` (env RR_RM_API_KEY; empty = unset). Never logged.
+    api_key: SecretStr | None = None
+    # Passed to transformers' from_pretrained: a model folder's own Python code (config.json
+    # ``auto_map``) runs only when this is true. Off unless the config turns it on.
+    trust_remote_code: bool = False
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: Any) -> Any:
+        # ``RR_RM_API_KEY=`` (e.g. an unset compose variable) means "no key", not the empty key.
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if raw == "" else value
 
     @model_validator(mode="after")
     def _backend_needs(self) -> ServiceSettings:

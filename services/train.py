@@ -171,12 +171,14 @@ def train_specialist(
     train = train[: cfg.max_pairs]
     held_eval = rng.sample(held, min(len(held), cfg.max_eval_pairs))
     base = base_model or minilm_path()
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     # The new one-output head is meant to be freshly initialised; silence the notice about it.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=1, trust_remote_code=False, use_safetensors=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     _freeze_lower(model, cfg.freeze_layers)

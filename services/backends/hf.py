@@ -87,8 +87,17 @@ class HFBackend(Backend):
             torch.set_num_threads(s.torch_threads)
         dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(s.model))
-            model = AutoModelForSequenceClassification.from_pretrained(str(s.model), dtype=dtype)
+            # trust_remote_code passed explicitly: left as None, transformers would ask on a
+            # terminal whether to run a folder's own code; weights only from safetensors.
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(s.model), trust_remote_code=s.trust_remote_code
+            )
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(s.model),
+                dtype=dtype,
+                trust_remote_code=s.trust_remote_code,
+                use_safetensors=True,
+            )
         except OSError as exc:
             raise ConfigError(
                 "model", f"cannot load a Hugging Face model from {s.model}: {exc}"

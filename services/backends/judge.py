@@ -66,8 +66,10 @@ class JudgeBackend(Backend):
             model, tok = load_smollm2()
         else:
             try:
-                tok = AutoTokenizer.from_pretrained(s.model)
-                model = AutoModelForCausalLM.from_pretrained(s.model)
+                tok = AutoTokenizer.from_pretrained(s.model, trust_remote_code=s.trust_remote_code)
+                model = AutoModelForCausalLM.from_pretrained(
+                    s.model, trust_remote_code=s.trust_remote_code, use_safetensors=True
+                )
             except OSError as exc:
                 raise ConfigError(
                     "model", f"cannot load a causal LM from {s.model}: {exc}"

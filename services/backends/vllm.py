@@ -62,7 +62,9 @@ class VLLMBackend(Backend):
         if s.tokenizer:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(s.tokenizer)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                s.tokenizer, trust_remote_code=s.trust_remote_code
+            )
         try:
             models = self._request("GET", "/v1/models").get("data") or []
         except UpstreamError as exc:
