@@ -10,9 +10,10 @@ Exception tree (what the gateway's fallback logic branches on)::
                         fallback (another RM would reject it too); the caller gets a 422.
 
 Cooldown: after ``failure_threshold`` consecutive failures an RM is skipped for ``cooldown_s``.
-The way back in: when the cooldown ends the RM is "half-open" — the next health check or request
-tries it; one success clears the failure count, one more failure starts a new cooldown. A failed
-health check (``/readyz`` not 200) also marks it unavailable until a check passes.
+The way back in: when the cooldown ends the RM is "half-open" — the next request tries it; one
+successful call clears the failure count, one more failure starts a new cooldown. A failed health
+check (``/readyz`` not 200) also marks it unavailable until a check passes; a passing one does not
+clear the failure count (a process can be up and still time out or answer garbage).
 
 >>> client = RMClient("len", "http://127.0.0.1:9000")             # doctest: +SKIP
 >>> results = await client.compare([{"prompt": "2+2?", "response_a": "4",
@@ -254,17 +255,20 @@ class RMClient:
         return results
 
     async def check_health(self) -> bool:
-        """``GET /readyz``; updates :attr:`healthy` (and clears failures when it passes)."""
+        """``GET /readyz``; updates :attr:`healthy`.
+
+        A passing check says the process is up, not that its answers are any good, so it leaves
+        the count of failed calls alone: an RM whose ``/readyz`` passes while its compare calls
+        time out or answer garbage still reaches ``failure_threshold`` and cools down, instead
+        of costing every pair routed to it a timeout. Only a successful call clears the count.
+        """
         try:
             resp = await self._http.get("/readyz")
             ok = resp.status_code == 200
         except httpx.HTTPError as exc:
             ok = False
             self.last_error = f"health check: {type(exc).__name__}"
-        if ok and not self.in_cooldown():
-            self.record_success()
-        elif not ok:
-            self.healthy = False
+        self.healthy = ok
         return ok
 
     async def aclose(self) -> None:

@@ -56,7 +56,12 @@ STATE = "trainer_state.json"
 
 
 class GatewayStalled(RewardRouterError):
-    """The gateway stayed unreachable past ``gateway_patience_s``; the run stopped cleanly."""
+    """The gateway stayed unreachable past ``gateway_patience_s``; the run stopped cleanly.
+
+    ``record``: the log record of a step that was trained but whose feedback is still pending.
+    """
+
+    record: dict[str, Any] | None = None
 
 
 class OnlineDPOConfig(BaseModel):
@@ -157,6 +162,9 @@ class RunTotals:
     fallbacks: int = 0
     ties: int = 0
     feedback_applied: int = 0
+    # Answered "duplicate": resent items (pending from a stalled run, or a retry whose first
+    # answer was lost) that an earlier try had applied. applied + duplicate = delivered.
+    feedback_duplicate: int = 0
     rm_counts: dict[str, int] = field(default_factory=dict)
 
     def shares(self) -> dict[str, float]:
@@ -384,6 +392,7 @@ class OnlineDPOTrainer:
         )
         pending.unlink(missing_ok=True)
         self.totals.feedback_applied += res.applied
+        self.totals.feedback_duplicate += res.duplicate
         return res.model_dump(), waited
 
     def _flush_pending(self) -> None:
@@ -556,10 +565,9 @@ class OnlineDPOTrainer:
         t_update = time.monotonic() - t1
 
         rewards = [-float(v) for v in per_pair.detach()]
-        fb, wait_fb = self._post_feedback(
-            [(r.route_id, rw) for r, rw in zip(results, rewards, strict=True)]
-        )
         counts = Counter(r.rm for r in results)
+        # Counted before the feedback goes out: a run that stalls posting it checkpoints this
+        # step (trained, its feedback pending for the next run), so the totals include it.
         self.totals.routed += len(results)
         self.totals.fallbacks += sum(r.fallback for r in results)
         self.totals.ties += int(tie.sum())
@@ -578,10 +586,22 @@ class OnlineDPOTrainer:
             rm_share={n: c / len(results) for n, c in sorted(counts.items())},
             rm_by_domain=_by_domain([items[p].domain for p, _, _ in pairs], results),
             fallbacks=sum(r.fallback for r in results),
-            feedback=fb,
-            gateway_wait_s=round(wait_route + wait_fb, 3),
+            feedback={"pending": len(results)},
+            gateway_wait_s=round(wait_route, 3),
             generate_s=round(t_gen, 3),
             update_s=round(t_update, 3),
+        )
+        try:
+            fb, wait_fb = self._post_feedback(
+                [(r.route_id, rw) for r, rw in zip(results, rewards, strict=True)]
+            )
+        except GatewayStalled as exc:
+            rec["step_s"] = round(time.monotonic() - t0, 3)
+            exc.record = rec  # run() logs it: the step happened, its feedback is on disk
+            raise
+        rec.update(
+            feedback=fb,
+            gateway_wait_s=round(wait_route + wait_fb, 3),
             step_s=round(time.monotonic() - t0, 3),
         )
         return rec
@@ -610,8 +630,11 @@ class OnlineDPOTrainer:
             while self.step < cfg.steps:
                 try:
                     rec = self.train_step()
-                except GatewayStalled:
+                except GatewayStalled as exc:
                     # The optimiser step may have happened; keep it with its pending feedback.
+                    if exc.record is not None:
+                        with log_path.open("a") as fh:
+                            fh.write(json.dumps(exc.record) + "\n")
                     self.save()
                     raise
                 with log_path.open("a") as fh:
@@ -628,6 +651,7 @@ class OnlineDPOTrainer:
             "fallbacks": self.totals.fallbacks,
             "ties": self.totals.ties,
             "feedback_applied": self.totals.feedback_applied,
+            "feedback_duplicate": self.totals.feedback_duplicate,
             "routing_share": self.totals.shares(),
             "checkpoint": str(self.out / CHECKPOINT),
         }
