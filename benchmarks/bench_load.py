@@ -51,7 +51,7 @@ import redis.asyncio as aredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import pct  # noqa: E402
+from benchmarks.common import cpu_seconds, pct  # noqa: E402
 from tests.gateway.helpers import build_router, gateway_config, start_gateway, start_rm  # noqa: E402
 from tests.procs import Proc, free_port, start_redis  # noqa: E402
 
@@ -374,6 +374,8 @@ class Monitor:
             row["label"] = label
         row |= await redis_stats(client)
         row["rss"] = self.rss()
+        row["cpu_s"] = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        row["cpu_s"]["driver"] = time.process_time()
         self.timeline.append(row)
         return row
 
@@ -476,6 +478,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         }
 
     names = list(run["start"]["rss"])
+    span = max(run["end"]["t_s"] - run["start"]["t_s"], 1e-9)
     return {
         "config": cfg,
         "offered": cfg["rate"] * cfg["duration_s"],
@@ -510,7 +513,15 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
             | ({"after_expiry": run["after_expiry"][k]} if run["after_expiry"] else {})
             for k in ("keys", "route_keys", "log_entries", "used_memory")
         },
-        "timeline": [{k: v for k, v in row.items() if k != "rss"} for row in run["timeline"]],
+        "cpu_cores": {
+            n: round((run["end"]["cpu_s"][n] - run["start"]["cpu_s"][n]) / span, 3)
+            for n in run["end"]["cpu_s"]
+        },
+        "timeline": [
+            {k: v for k, v in row.items() if k not in ("rss", "cpu_s")}
+            | {"rss_mib": {n: round(v / 2**20, 1) for n, v in row["rss"].items()}}
+            for row in run["timeline"]
+        ],
         "loadavg_start": [round(x, 2) for x in run["loadavg_start"]],
         "loadavg_end": [round(x, 2) for x in run["loadavg_end"]],
         "cpus": os.cpu_count(),
@@ -544,9 +555,11 @@ def print_summary(s: dict[str, Any]) -> None:
     ):
         v = s[key]
         print(f"{label:<42} {v['p50']:>8.1f} {v['p90']:>8.1f} {v['p99']:>8.1f} {v['max']:>8.1f}")
-    print(f"{'RSS (MiB)':<16} {'start':>8} {'end':>8} {'max':>8}")
+    print(f"{'RSS (MiB)':<16} {'start':>8} {'end':>8} {'max':>8}  CPU (cores, mean)")
     for name, v in s["rss_mib"].items():
-        print(f"{name:<16} {v['start']:>8.1f} {v['end']:>8.1f} {v['max']:>8.1f}")
+        cores = s["cpu_cores"][name]
+        print(f"{name:<16} {v['start']:>8.1f} {v['end']:>8.1f} {v['max']:>8.1f}  {cores:>8.2f}")
+    print(f"{'driver':<16} {'':>8} {'':>8} {'':>8}  {s['cpu_cores']['driver']:>8.2f}")
     cols = ["start", "end"] + (["after_expiry"] if "after_expiry" in s["redis"]["keys"] else [])
     print(f"{'redis':<16} " + " ".join(f"{c:>13}" for c in cols))
     for k, v in s["redis"].items():
