@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SRC := reward_router gateway services trainer_client tests benchmarks
 
-.PHONY: setup lint format format-check types test test-slow check replay bench clean
+.PHONY: setup lint format format-check types test test-slow check demo replay bench clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,12 @@ test-slow: setup
 
 check: lint format-check types test
 
-# The main job: replay evaluation of every policy on the shipped real reward-model outputs.
+# The main job: the whole cluster on this machine and a short Online DPO run through it; a report
+# folder under reports/ (docs/demo.md). Cached models, RMs and router make later runs faster.
+demo: setup
+	$(VENV)/bin/reward-router demo
+
+# Replay evaluation of every policy on the shipped real reward-model outputs.
 replay: setup
 	$(VENV)/bin/reward-router replay --pairs data/pairs/judgebench.jsonl.gz \
 		--behavior data/rm_outputs/judgebench.jsonl.gz --policies all --folds 5 --seeds 5 \

@@ -12,6 +12,7 @@ from gateway.cli import app as gateway_app
 from gateway.offline.cli import app as router_app
 from gateway.replay_cli import replay
 from reward_router.cluster import up
+from reward_router.demo import demo
 from services.cli import app as rm_app
 from trainer_client.cli import train_dpo
 
@@ -27,6 +28,7 @@ app.add_typer(gateway_app, name="gateway", help="The router gateway.")
 app.command("replay")(replay)
 app.command("train-dpo")(train_dpo)
 app.command("up")(up)
+app.command("demo")(demo)
 
 
 def main() -> None:

@@ -62,6 +62,9 @@ def train(
     threads: int | None = typer.Option(None, help="torch threads."),
     seed: int = typer.Option(0),
     data_dir: Path = typer.Option(Path("data/pairs"), help="Folder of the shipped pairs."),
+    base_model: Path | None = typer.Option(
+        None, help="A local Hugging Face encoder folder to start from [default: all-MiniLM-L6-v2]."
+    ),
 ) -> None:
     """Train a MiniLM-L6 specialist RM on one domain; prints its held-out accuracy."""
     from services.train import TrainConfig, train_specialist
@@ -78,7 +81,7 @@ def train(
             seed=seed,
             threads=threads,
         )
-        report = train_specialist(domain, out, cfg, data_dir=data_dir)
+        report = train_specialist(domain, out, cfg, data_dir=data_dir, base_model=base_model)
     except RewardRouterError as exc:
         raise _fail(exc) from exc
     typer.echo(

@@ -585,6 +585,7 @@ class OnlineDPOTrainer:
             rm_counts=dict(sorted(counts.items())),
             rm_share={n: c / len(results) for n, c in sorted(counts.items())},
             rm_by_domain=_by_domain([items[p].domain for p, _, _ in pairs], results),
+            reward_by_rm=_mean_by_rm(results, rewards),
             fallbacks=sum(r.fallback for r in results),
             feedback={"pending": len(results)},
             gateway_wait_s=round(wait_route, 3),
@@ -670,6 +671,14 @@ def _by_domain(domains: Sequence[str], results: Sequence[Any]) -> dict[str, dict
         out.setdefault(d, {})
         out[d][r.rm] = out[d].get(r.rm, 0) + 1
     return out
+
+
+def _mean_by_rm(results: Sequence[Any], rewards: Sequence[float]) -> dict[str, float]:
+    """The mean reward (−DPO loss) posted for the pairs each RM labelled in a step."""
+    sums: dict[str, list[float]] = {}
+    for r, rw in zip(results, rewards, strict=True):
+        sums.setdefault(r.rm, []).append(rw)
+    return {rm: float(np.mean(v)) for rm, v in sorted(sums.items())}
 
 
 def _describe(rec: dict[str, Any]) -> str:

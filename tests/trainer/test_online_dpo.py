@@ -50,6 +50,10 @@ def test_three_steps_route_train_feedback_and_resume(
     # every routed pair was labelled by one of the RMs and its feedback applied once
     assert all(r["feedback"]["applied"] == r["routed"] for r in log)
     assert all(sum(sum(v.values()) for v in r["rm_by_domain"].values()) == r["routed"] for r in log)
+    # the per-RM mean rewards average back to the step's mean reward
+    for r in log:
+        weighted = sum(r["reward_by_rm"][rm] * n for rm, n in r["rm_counts"].items())
+        assert abs(weighted / r["routed"] - r["mean_reward"]) < 1e-9
     assert sum(_observations(trainer_gateway, ns).values()) == routed
     assert not (out / "pending_feedback.json").exists()
 
