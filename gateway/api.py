@@ -5,6 +5,7 @@ Errors are mapped to HTTP here, in one place, all with the one body
 
     RequestValidationError, InputError, ConfigError, RMRejected   422 (field named)
     body over max_body_bytes                                       413
+    body not UTF-8 or nested too deeply to parse                   422 (field "body")
     missing / wrong API key                                        401
     a trainer key on an admin endpoint                             403
     UnknownNamespace                                               404
@@ -121,6 +122,19 @@ def _loc(loc: Any) -> str:
     return ".".join(p for p in parts if not p.startswith(("str", "list[", "function-"))) or "body"
 
 
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not read a JSON body (its 400 says only "error parsing the body");
+    None for any other HTTP error."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "body is nested too deeply to parse"
+    return f"body could not be parsed as JSON ({type(cause).__name__})"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every domain error -> one HTTP status and the one error body."""
 
@@ -131,8 +145,11 @@ def install_error_handlers(app: FastAPI) -> None:
         first = max(errs, key=lambda e: len(e.get("loc", ()))) if errs else {"loc": (), "msg": ""}
         field = _loc(first.get("loc", ()))
         if first.get("type") == "json_invalid":
-            return _error(422, "invalid_json", f"body is not valid JSON: {first['msg']}", "body")
-        return _error(422, "validation_error", f"{field}: {first['msg']}", field)
+            ctx = first.get("ctx")
+            why = (ctx.get("error") if isinstance(ctx, dict) else None) or first["msg"]
+            return _error(422, "invalid_json", f"body is not valid JSON: {why}", "body")
+        msg = str(first.get("msg", "")).removeprefix("Value error, ")
+        return _error(422, "validation_error", f"{field}: {msg}", field)
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError) -> JSONResponse:
@@ -173,7 +190,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, "http_error", str(exc.detail))
+        if exc.status_code == 413:
+            return _error(413, "body_too_large", str(exc.detail), "body")
+        unparsable = _unparsable_body(exc)
+        if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
+            return _error(422, "invalid_json", unparsable, "body")
+        resp = _error(exc.status_code, "http_error", str(exc.detail))
+        resp.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return resp
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -212,7 +236,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge()
+                    raise _TooLarge(self.max_bytes)
             return msg
 
         try:
@@ -225,8 +249,11 @@ class BodyLimit:
         await resp(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, because FastAPI's body reader turns any other exception raised while
+    # it reads a streamed body into a 400; it re-raises HTTPExceptions (-> _http -> 413).
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over {max_bytes} bytes")
 
 
 router = APIRouter()

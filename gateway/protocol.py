@@ -7,18 +7,80 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 NamespaceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+
+#: Largest |reward| accepted. A −DPO loss is O(1)..O(100); a value near the float limit is a
+#: caller bug and would overflow the z-score normaliser (and poison the namespace's log).
+MAX_ABS_REWARD = 1e6
+
+
+def valid_unicode(value: str) -> str:
+    """Refuse lone surrogates (``"\\ud800"`` in a JSON string): no UTF-8 encoding exists, so
+    the text could reach neither the encoder nor an RM.
+
+    >>> valid_unicode("é 😀")
+    'é 😀'
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
+    return value
+
+
+#: A string that has a UTF-8 encoding (every text field of a request).
+Text = Annotated[str, AfterValidator(valid_unicode)]
+#: A caller's tag or a route id: valid Unicode, at most 256 characters.
+ShortText = Annotated[str, StringConstraints(max_length=256), AfterValidator(valid_unicode)]
+
+
+def _json_safe(value: Any) -> None:
+    """Numbers must fit a float and strings be valid Unicode, at any depth (config values).
+
+    Iterative: JSON nested just under the parser's limit must not overflow the stack here.
+    """
+    todo: list[tuple[str, Any]] = [("", value)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int) and abs(v) > 1e308:
+            raise ValueError(f"{where or 'value'}: integer too large for a float")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where or 'value'}: must be a finite number")
+        if isinstance(v, str):
+            valid_unicode(v)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                valid_unicode(str(k))
+                todo.append((f"{where}.{k}" if where else str(k), item))
+        elif isinstance(v, list):
+            todo.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(v))
+
+
+def _json_safe_dict(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None:
+        if "" in value:
+            raise ValueError("parameter names must not be empty")
+        _json_safe(value)
+    return value
+
+
+ConfigParams = Annotated[dict[str, Any] | None, AfterValidator(_json_safe_dict)]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    # The roles every RM service accepts (services/protocol.py): any other would pass here and
+    # be refused by the RM only after routing.
+    role: Literal["system", "user", "assistant"]
+    content: Text
 
 
 class PairIn(BaseModel):
@@ -26,11 +88,11 @@ class PairIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(default=None, max_length=256)
-    prompt: str | Annotated[list[Message], Field(min_length=1)]
-    response_a: str
-    response_b: str
-    reference: str | None = None
+    id: ShortText | None = None
+    prompt: Text | Annotated[list[Message], Field(min_length=1)]
+    response_a: Text
+    response_b: Text
+    reference: Text | None = None
 
 
 class RouteRequest(BaseModel):
@@ -65,9 +127,12 @@ class RouteResponse(BaseModel):
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    route_id: str = Field(min_length=1, max_length=256)
-    # The trainer's raw signal (−DPO loss); NaN and ±inf are refused (a 422 naming the field).
-    reward: Annotated[float, Field(allow_inf_nan=False)]
+    route_id: Annotated[
+        str, StringConstraints(min_length=1, max_length=256), AfterValidator(valid_unicode)
+    ]
+    # The trainer's raw signal (−DPO loss); NaN, ±inf and |reward| > MAX_ABS_REWARD are refused
+    # (a 422 naming the field) before anything is logged.
+    reward: Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_REWARD, le=MAX_ABS_REWARD)]
 
 
 class FeedbackRequest(BaseModel):
@@ -116,11 +181,11 @@ class NamespaceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: str | None = None
-    params: dict[str, Any] | None = None
+    policy: Text | None = None
+    params: ConfigParams = None
     normalizer: Literal["quantile", "zscore", "none"] | None = None
-    normalizer_params: dict[str, Any] | None = None
-    best_rm: str | None = None
+    normalizer_params: ConfigParams = None
+    best_rm: Text | None = None
 
 
 class NamespaceInfo(BaseModel):

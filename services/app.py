@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reward_router.data import Message
 from services.backends import Backend, Compared, PairInput, Scored, ScoreInput, make_backend
@@ -139,6 +140,19 @@ def _field_path(loc: Sequence[Any]) -> str | None:
     return out or None
 
 
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not read a JSON body (its 400 says only "error parsing the body");
+    None for any other HTTP error."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "body is nested too deeply to parse"
+    return f"body could not be parsed as JSON ({type(cause).__name__})"
+
+
 def _messages(prompt: str | list[ChatMessage], field: str) -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -236,10 +250,24 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
         errors = list(exc.errors())
         err = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
         field = _field_path(err.get("loc", ()))
-        msg = str(err.get("msg", "invalid request"))
+        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             field, msg = "body", "request body is not valid JSON"
-        return error_response(request, InvalidInput(f"{field or 'body'}: {msg}", field=field))
+        field = field or "body"  # the body itself is wrong (missing, not an object)
+        return error_response(request, InvalidInput(f"{field}: {msg}", field=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors (404, 405, an unreadable body) get the one error body too.
+        unparsable = _unparsable_body(exc)
+        if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
+            return error_response(request, InvalidInput(unparsable, field="body"))
+        body = {"type": "http_error", "message": str(exc.detail), "field": None}
+        return JSONResponse(
+            {"error": {**body, "rm": settings.name}},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -8,9 +8,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+
+
+def _valid_unicode(value: str) -> str:
+    # A lone surrogate ("\ud800" in a JSON string) has no UTF-8 encoding: a tokenizer raises
+    # on it mid-batch (a 500 for every request in that batch). Refuse it here with a 422.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
+    return value
+
+
+#: Every text field: a JSON string (no coercion) that has a UTF-8 encoding.
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 
 
 class ChatMessage(BaseModel):
@@ -19,18 +33,18 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
-Prompt = StrictStr | list[ChatMessage]
+Prompt = Text | list[ChatMessage]
 
 
 class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt
-    response: StrictStr
-    reference: StrictStr | None = None
+    response: Text
+    reference: Text | None = None
 
 
 class ScoreRequest(BaseModel):
@@ -54,9 +68,9 @@ class ComparePair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt
-    response_a: StrictStr
-    response_b: StrictStr
-    reference: StrictStr | None = None
+    response_a: Text
+    response_b: Text
+    reference: Text | None = None
 
 
 class CompareRequest(BaseModel):

@@ -36,7 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.protocol import Text, valid_unicode
+from gateway.settings import NAMESPACE_RE
 
 __all__ = [
     "OpenRLHFRequest",
@@ -54,8 +57,8 @@ class OpenRLHFRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    query: list[str] = Field(min_length=1)
-    prompts: list[str] | None = None
+    query: list[Text] = Field(min_length=1)
+    prompts: list[Text] | None = None
     labels: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -65,6 +68,19 @@ class OpenRLHFRequest(BaseModel):
             if col is not None and len(col) != len(self.query):
                 raise ValueError(f"{name}: {len(col)} items for {len(self.query)} queries")
         return self
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_are_text(cls, labels: list[Any] | None) -> list[Any] | None:
+        # A label becomes a pair's reference text (str(label)): it must be valid Unicode. Only a
+        # string label can hold a lone surrogate (str() of a list or dict escapes them).
+        for i, label in enumerate(labels or []):
+            if isinstance(label, str):
+                try:
+                    valid_unicode(str(label))
+                except ValueError as exc:
+                    raise ValueError(f"item {i}: {exc}") from None
+        return labels
 
 
 class OpenRLHFResponse(BaseModel):
@@ -162,7 +178,7 @@ def build_openrlhf_router(
     async def get_reward(
         body: OpenRLHFRequest,
         request: Request,
-        namespace: str = Query(default=default_namespace, max_length=64),
+        namespace: str = Query(default=default_namespace, pattern=NAMESPACE_RE.pattern),
     ) -> OpenRLHFResponse:
         svc = request.app.state.service
         n = len(body.query)
