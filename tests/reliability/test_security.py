@@ -810,8 +810,11 @@ def test_custom_model_code_runs_only_when_the_config_turns_it_on(tmp_path: Path)
     env = {"HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
     markers = {"off": tmp_path / "RAN-off", "on": tmp_path / "RAN-on"}
 
+    # Folders first, one after the other (transformers' lazy imports are not thread-safe).
+    folders = {w: _custom_code_folder(tmp_path / f"custom-{w}", m) for w, m in markers.items()}
+
     def start(which: str) -> Proc:
-        folder = _custom_code_folder(tmp_path / f"custom-{which}", markers[which])
+        folder = folders[which]
         port = free_port()
         cfg: dict[str, Any] = {"name": which, "backend": "hf", "model": str(folder), "port": port}
         if which == "on":
@@ -825,8 +828,10 @@ def test_custom_model_code_runs_only_when_the_config_turns_it_on(tmp_path: Path)
 
     with ThreadPoolExecutor(2) as pool:
         futures = {w: pool.submit(start, w) for w in markers}
-        procs = {w: f.result() for w, f in futures.items()}
+    procs = {w: f.result() for w, f in futures.items() if f.exception() is None}
     try:
+        for f in futures.values():
+            f.result()  # a start that failed fails the test (after the others are stopped)
         reason = _wait_settled(procs["off"].url)
         assert reason.status_code == 503 and "trust_remote_code" in reason.text, reason.text
         assert not markers["off"].exists()
