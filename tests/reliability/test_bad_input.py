@@ -56,7 +56,7 @@ JSON_CT = {"content-type": "application/json"}
 # max_examples per operation. Smoke: a few hundred cases per service in the default run;
 # full: >= 1,000 cases per service (slow). Measured counts are in docs/reliability.md.
 SMOKE_EXAMPLES = {"gateway": 5, "rm": 5}
-FULL_EXAMPLES = {"gateway": 60, "rm": 300}
+FULL_EXAMPLES = {"gateway": 50, "rm": 200}
 SMOKE_MIN_CASES = 150
 FULL_MIN_CASES = 1000
 
