@@ -35,6 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -137,6 +138,24 @@ class FaultCluster:
             if g.popen.poll() is not None:
                 self.start_gateway(i)
         self.wait_rms_available()
+        self.prime_rms()
+
+    def prime_rms(self) -> None:
+        """One successful call to every RM from every replica, which clears the count of failed
+        calls a fault left behind (a passing health check does not), so the next scenario
+        starts from a clean slate. Uses ``best-single`` namespaces of its own."""
+        for name in RMS:
+            ns = f"prime-{name}"
+            for g in self.gateways:
+                body = {"policy": "best-single", "best_rm": name}
+                httpx.post(f"{g.url}/v1/namespaces/{ns}", json=body, timeout=30).raise_for_status()
+                pair = {"prompt": "prime", "response_a": "a", "response_b": "bb"}
+                r = httpx.post(
+                    f"{g.url}/v1/route", json={"namespace": ns, "pairs": [pair]}, timeout=60
+                )
+                r.raise_for_status()
+                if r.json()["results"][0]["rm"] != name:
+                    raise AssertionError(f"priming {name} on {g.url}: {r.text}")
 
     def wait_rms_available(self, timeout: float = 60.0) -> None:
         """Until both replicas see every RM healthy and out of cooldown (``/readyz``)."""
@@ -210,30 +229,47 @@ def gateway_settings(rm_urls: dict[str, str], router: Path, redis_url: str) -> d
 
 
 def start_cluster(root: Path) -> FaultCluster:
-    """Start Redis, the three RMs and two gateway replicas; the caller must ``close()``."""
+    """Start Redis, the three RMs and two gateway replicas; the caller must ``close()``.
+
+    Independent processes start concurrently (the router artifact is built meanwhile), then the
+    two replicas together: most of a start is waiting on imports and readiness.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    router = build_router(root / "artifacts", RMS)
     redis_dir = root / "redis"
     redis_dir.mkdir(exist_ok=True)
     started: list[Proc] = []
+
+    def collect(futures: list[Future[Any]]) -> list[Any]:
+        out, errors = [], []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except BaseException as exc:  # keep collecting: every started process must stop
+                errors.append(exc)
+                out.append(None)
+        started.extend(p for p in out if isinstance(p, Proc))
+        if errors:
+            raise errors[0]
+        return out
+
     try:
-        redis = start_redis(free_port(), redis_dir)
-        started.append(redis)
-        rms: dict[str, Proc] = {}
-        for name in RMS:
-            rms[name] = _start_rm(root, name)
-            started.append(rms[name])
-        settings = gateway_settings(
-            {n: p.url for n, p in rms.items()}, router, f"redis://127.0.0.1:{redis.port}/0"
-        )
-        configs: list[Path] = []
-        gateways: list[Proc] = []
-        for _ in range(2):
-            cfg = root / f"gateway-{len(configs)}.yaml"
-            cfg.write_text(yaml.safe_dump({**settings, "port": free_port()}))
-            configs.append(cfg)
-            gateways.append(_start_gateway(cfg))
-            started.append(gateways[-1])
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            router, redis, *rm_procs = collect(
+                [
+                    pool.submit(build_router, root / "artifacts", RMS),
+                    pool.submit(start_redis, free_port(), redis_dir),
+                    *(pool.submit(_start_rm, root, name) for name in RMS),
+                ]
+            )
+            rms: dict[str, Proc] = dict(zip(RMS, rm_procs, strict=True))
+            settings = gateway_settings(
+                {n: p.url for n, p in rms.items()}, router, f"redis://127.0.0.1:{redis.port}/0"
+            )
+            configs: list[Path] = []
+            for i in range(2):
+                configs.append(root / f"gateway-{i}.yaml")
+                configs[-1].write_text(yaml.safe_dump({**settings, "port": free_port()}))
+            gateways = collect([pool.submit(_start_gateway, cfg) for cfg in configs])
     except BaseException:
         for p in started:
             p.kill()
@@ -764,17 +800,22 @@ def _train_result(
 
 
 def rm_kill(cluster: FaultCluster, *, steps: int = 4) -> list[Result]:
-    """train-dpo; the ``length`` RM is killed -9 after step 1 and started again after step
-    ``steps - 1`` (same port): the pairs whose draw named it fall back to another RM."""
+    """train-dpo; the ``length`` RM is killed -9 while step 1's route call is being served (its
+    route records are in Redis) and started again (same port) once step ``steps - 1`` is
+    logged, so steps 2 to ``steps - 1`` certainly routed with it dead: the pairs whose draw
+    named it fall back to another RM."""
     ns = new_namespace(cluster, "rm-kill")
     run = TrainRun(cluster.root / ns)
     back_at = max(2, steps - 1)
     done: set[str] = set()
 
+    def kill() -> None:
+        cluster.kill_rm("length")
+        done.add("kill")
+
+    killer = when_routes_stored(cluster, ns, kill, timeout_s=600)
+
     def watch(logged: int, _err: str) -> None:
-        if logged >= 1 and "kill" not in done:
-            cluster.kill_rm("length")
-            done.add("kill")
         if "kill" in done and "noticed" not in done and rm_available(cluster, 0, "length") is False:
             done.add("noticed")  # replica 0's health check saw it down
         if logged >= back_at and "back" not in done:
@@ -782,12 +823,14 @@ def rm_kill(cluster: FaultCluster, *, steps: int = 4) -> list[Result]:
             done.add("back")
 
     rc = train_dpo(cluster, run, ns, steps=steps, watch=watch)
+    killer.join()
     down = [rec for rec in run.log() if 2 <= rec["step"] <= back_at]
     answered_by_dead = sum((rec.get("rm_counts") or {}).get("length", 0) for rec in down)
     fallbacks_while_down = sum(rec.get("fallbacks", 0) for rec in down)
     what = (
-        f"exit {rc}; steps 2-{back_at} ran with length dead: {fallbacks_while_down} pairs fell "
-        f"back to another RM, {answered_by_dead} answered by length"
+        f"exit {rc}; killed during step 1's route; steps 2-{back_at} routed with it dead: "
+        f"{fallbacks_while_down} pairs fell back to another RM, {answered_by_dead} answered "
+        f"by length"
     )
     return [
         _train_result(
@@ -880,7 +923,7 @@ def when_routes_stored(
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline and total() == start:
-                time.sleep(0.0002)
+                time.sleep(0.001)
             action()
         finally:
             r.close()
@@ -981,22 +1024,25 @@ def bad_rm(cluster: FaultCluster, mode: str, *, steps: int = 6) -> list[Result]:
 
     t0 = time.monotonic()
     led = driver_loop(cluster, ns, steps=steps, before_step=before)
+    wall = time.monotonic() - t0
     stats = cluster.external_stats()
-    bad_calls = stats["pairs"].get(mode, 0) - before_stats["pairs"].get(mode, 0)
+    bad_pairs = stats["pairs"].get(mode, 0) - before_stats["pairs"].get(mode, 0)
+    bad_calls = stats["calls"].get(mode, 0) - before_stats["calls"].get(mode, 0)
     a = audit(cluster, ns, led)
     what = (
-        f"the external RM got {bad_calls} pairs while {mode}; every one fell back to another "
-        f"RM ({led.fallbacks} fallbacks), {led.by_rm.get('external', 0)} answered by it in all; "
-        f"{time.monotonic() - t0:.1f} s for {steps} steps"
+        f"while {mode} the external RM got {bad_calls} calls ({bad_pairs} pairs), each pair "
+        f"fell back to another RM; {led.fallbacks} fallbacks in all (cooldown skips included), "
+        f"{led.by_rm.get('external', 0)} pairs answered by it; {wall:.1f} s for {steps} steps"
     )
-    return [Result(f"{mode}-rm", "driver", led, a, what, {"bad_pairs": bad_calls})]
+    extra = {"bad_pairs": bad_pairs, "bad_calls": bad_calls}
+    return [Result(f"{mode}-rm", "driver", led, a, what, extra)]
 
 
-def slow_rm(cluster: FaultCluster, *, steps: int = 6) -> list[Result]:
+def slow_rm(cluster: FaultCluster, *, steps: int = 12) -> list[Result]:
     return bad_rm(cluster, "slow", steps=steps)
 
 
-def garbage_rm(cluster: FaultCluster, *, steps: int = 6) -> list[Result]:
+def garbage_rm(cluster: FaultCluster, *, steps: int = 12) -> list[Result]:
     return bad_rm(cluster, "garbage", steps=steps)
 
 
