@@ -84,6 +84,7 @@ def _plots(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     colors = {rm: plt.get_cmap("tab10")(i % 10) for i, rm in enumerate(rms)}
     steps = np.array([rec["step"] for rec in log])
@@ -102,12 +103,12 @@ def _plots(
         bottom += share
     left.set(xlabel="step", ylabel="share of the step's pairs", ylim=(0, 1))
     left.set_title("routing share per RM, per step")
-    left.xaxis.get_major_locator().set_params(integer=True)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     running = np.cumsum(per_step, axis=0) / np.maximum(np.cumsum(totals, axis=0), 1)
     for j, rm in enumerate(rms):
         right.plot(steps, running[:, j], color=colors[rm], label=rm)
     right.set(xlabel="step", ylabel="share of all pairs so far", ylim=(0, 1))
-    right.xaxis.get_major_locator().set_params(integer=True)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_title("running routing share")
     right.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     out.append(_save(fig, folder / "routing_share.png"))
@@ -130,7 +131,7 @@ def _plots(
     ax.plot(steps, _series(log, "loss"), "o-", color="tab:blue", label="DPO loss (non-tie pairs)")
     ax.axhline(np.log(2), color="gray", ls=":", label="log 2 (untrained)")
     ax.set(xlabel="step", ylabel="DPO loss")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax.twinx()
     ax2.plot(
         steps,
@@ -154,7 +155,7 @@ def _plots(
         ys = [(rec.get("reward_by_rm") or {}).get(rm, np.nan) for rec in log]
         ax.plot(steps, ys, "o", color=colors[rm], alpha=0.8, label=rm)
     ax.set(xlabel="step", ylabel="mean reward posted (−DPO loss)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("rewards fed back to the router, by the RM that labelled the pair")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     out.append(_save(fig, folder / "rewards.png"))

@@ -367,10 +367,12 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
             ]
         _refuse_too_long([c.too_long for c in compared], "pairs", settings)
         results: list[CompareResult] = []
-        for c in compared:
+        for c, p in zip(compared, body.pairs, strict=True):
             a, b = _finite(c.score_a, settings.name), _finite(c.score_b, settings.name)
-            # An abstaining RM (verifier without reference) has no preference: a tie.
-            pref = "tie" if c.abstained else _preferred(a, b, settings.tie_epsilon)
+            # An abstaining RM (verifier without reference) has no preference: a tie. So are two
+            # identical responses, whatever float noise their separate micro-batches left.
+            same = p.response_a == p.response_b
+            pref = "tie" if c.abstained or same else _preferred(a, b, settings.tie_epsilon)
             results.append(CompareResult(score_a=a, score_b=b, preferred=pref))  # type: ignore[arg-type]
         truncated = [i for i, c in enumerate(compared) if c.truncated]
         st.metrics.truncated.labels(settings.name).inc(len(truncated))
