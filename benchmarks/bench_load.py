@@ -104,9 +104,12 @@ def _start_all(starters: list[Callable[[], Proc]], procs: list[Proc]) -> list[Pr
 
 
 @contextmanager
-def cluster(root: Path, *, route_ttl_s: float, router: bool = True) -> Iterator[Cluster]:
+def cluster(
+    root: Path, *, route_ttl_s: float, router: bool = True, keep_logs: Path | None = None
+) -> Iterator[Cluster]:
     """Start Redis, a ``length`` and a ``verifier`` RM service and two gateway replicas on that
-    Redis (``route_ttl_s`` for their route records); stop them all on the way out."""
+    Redis (``route_ttl_s`` for their route records); stop them all on the way out (copying
+    their logs into ``keep_logs`` if given)."""
     procs: list[Proc] = []
     try:
         rdir = root / "redis"
@@ -142,6 +145,9 @@ def cluster(root: Path, *, route_ttl_s: float, router: bool = True) -> Iterator[
                 p.kill(signal.SIGTERM)
             except Exception:
                 p.kill()
+            if keep_logs is not None and p.log.exists():
+                keep_logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(p.log, keep_logs / f"{Path(p.args[0]).name}-{p.port}.log")
             p.log.unlink(missing_ok=True)
 
 
@@ -266,20 +272,26 @@ async def drive(
                 ]
             }
             t0 = time.perf_counter()
-            try:
-                r = await client.post(f"{fb_url}/v1/feedback", json=fb)
-            except httpx.TimeoutException as exc:
-                res.error("feedback: timeout", repr(exc))
-                return
-            except httpx.TransportError as exc:
-                res.error(f"feedback: {type(exc).__name__}", repr(exc))
-                return
-            if r.status_code != 200:
-                res.error(f"feedback: HTTP {r.status_code}", r.text)
+            fr: httpx.Response | None = None
+            # Feedback is exactly-once per route id, so like the trainer client we send it again
+            # after a transport error (once); the error still counts, and the second answer
+            # tells whether the first attempt had been applied ("duplicate") or not.
+            for attempt in range(2):
+                try:
+                    fr = await client.post(f"{fb_url}/v1/feedback", json=fb)
+                    break
+                except httpx.TransportError as exc:
+                    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else None
+                    res.error(f"feedback: {kind or type(exc).__name__}", repr(exc))
+                    if attempt == 1:
+                        return
+            assert fr is not None
+            if fr.status_code != 200:
+                res.error(f"feedback: HTTP {fr.status_code}", fr.text)
                 return
             res.feedback_ms.append((time.perf_counter() - t0) * 1000)
             res.feedback_answered += 1
-            out = r.json()
+            out = fr.json()
             res.applied += out["applied"]
             res.duplicate += out["duplicate"]
             res.unknown += out["unknown"]
@@ -583,6 +595,7 @@ def main() -> None:
     )
     ap.add_argument("--no-router", action="store_true", help="route on the intercept alone")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep-logs", type=Path, default=None, help="copy the processes' logs here")
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is needed")
@@ -598,7 +611,9 @@ def main() -> None:
         wait = args.route_ttl_s + 15.0 if args.route_ttl_s < 300 else 0.0
     root = Path(tempfile.mkdtemp(prefix="rr-bench-load-"))
     try:
-        with cluster(root, route_ttl_s=args.route_ttl_s, router=not args.no_router) as c:
+        with cluster(
+            root, route_ttl_s=args.route_ttl_s, router=not args.no_router, keep_logs=args.keep_logs
+        ) as c:
             run = asyncio.run(measure(c, cfg, route_ttl_s=args.route_ttl_s, expiry_wait_s=wait))
         s = summary(run)
         s["command"] = " ".join(["benchmarks/bench_load.py", *sys.argv[1:]])
