@@ -356,6 +356,7 @@ def driver_loop(
 
     def say(msg: str) -> None:
         led.retries += 1
+        led.coped.append(re.sub(r"\[/?yellow\]", "", msg)[:300])
 
     def on(i: int, call: Callable[[Any], Any]) -> Callable[[], Any]:
         """``call(client)`` on replica ``i``; with failover, every other try on the other one."""
