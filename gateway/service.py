@@ -251,6 +251,10 @@ class GatewayService:
         self.n_rms = len(pool.clients)
         self._ns: dict[str, NsState] = {}
         self._ns_locks: dict[str, asyncio.Lock] = {}
+        by_name = {r.name: r for r in settings.rms}
+        self.needs_reference = np.array(
+            [bool(by_name[n].needs_reference) if n in by_name else False for n in pool.names]
+        )
         d = settings.policy
         self.default_config: dict[str, Any] = {
             "policy": d.name,
@@ -634,6 +638,22 @@ class GatewayService:
                 if n > limit:
                     raise InputError(f"pairs.{i}.{name}", f"longer than {limit} characters")
 
+    def _reference_last(self, ranking: np.ndarray, pairs: Sequence[Any]) -> np.ndarray:
+        """Each draw's ranking with the RMs that need a reference moved last for pairs that have
+        none: such an RM (a verifier) could only abstain, a tie that teaches the trainer nothing.
+        The choice is then the best of the other RMs under the same draw."""
+        if not self.needs_reference.any():
+            return ranking
+        out = ranking.copy()
+        for i, pair in enumerate(pairs):
+            if pair.reference:
+                continue
+            row = [int(a) for a in ranking[i]]
+            out[i] = [a for a in row if not self.needs_reference[a]] + [
+                a for a in row if self.needs_reference[a]
+            ]
+        return out
+
     def _order(self, row: np.ndarray, tried: set[int]) -> list[int]:
         """Untried RMs of one ranking: available ones first, then the rest as a last resort."""
         clients = self.pool.clients
@@ -732,7 +752,7 @@ class GatewayService:
         self.metrics.encode.observe(timing.encode)
         st = await state_task
         selection = st.policy.select(h)
-        ranking = np.asarray(selection.ranking)
+        ranking = self._reference_last(np.asarray(selection.ranking), req.pairs)
         ensemble = st.policy.calls_per_pair > 1
         first = self._first_round(ranking, np.asarray(selection.asked), ensemble)
         # Route records are written while the RMs work, under the RM planned for each pair;

@@ -24,6 +24,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -32,6 +33,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.routing.registry import NEEDS_PRIOR
 from reward_router.errors import ConfigError
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -52,6 +54,9 @@ class RMEndpoint(BaseModel):
     connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
     read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     max_batch: int = Field(default=64, ge=1, le=4096)
+    # An RM that can only abstain without the pair's reference (the rule-based verifier): pairs
+    # without one go to it only when every other RM has failed.
+    needs_reference: bool = False
     # The RM service's own ``api_key`` (services/settings.py), sent as a bearer header on every
     # call; None = the service is open. Shown as "configured" in ``safe_dict``, never logged.
     api_key: SecretStr | None = None
@@ -132,6 +137,16 @@ class GatewaySettings(BaseSettings):
 
     max_metric_namespaces: int = Field(default=32, ge=1, le=1000)
 
+    @model_validator(mode="after")
+    def _prior_needs_a_router(self) -> GatewaySettings:
+        # Caught at start-up, not as a 422 on every /v1/route of every new namespace.
+        if self.policy.name in NEEDS_PRIOR and self.router_path is None:
+            raise ValueError(
+                f"policy.name: {self.policy.name!r} needs the offline router's prior: set "
+                "router_path, or use 'bayesian-no-offline' to route on the intercept alone"
+            )
+        return self
+
     @field_validator("rms")
     @classmethod
     def _unique_rm_names(cls, rms: list[RMEndpoint]) -> list[RMEndpoint]:
@@ -165,9 +180,15 @@ class GatewaySettings(BaseSettings):
         return d
 
 
-def _field_of(err: Any) -> str:
-    loc = [str(p) for p in err.get("loc", ())]
-    return ".".join(loc) or "settings"
+def _field_and_message(err: Any) -> tuple[str, str]:
+    """The field an error is about and its message; model-level checks name it in the message."""
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", ""))
+    if not loc:
+        found = re.match(r"(?:Value error, )?([A-Za-z_][\w.]*): (.*)", msg, re.S)
+        if found:
+            return found.group(1), found.group(2)
+    return loc or "settings", msg
 
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> GatewaySettings:
@@ -191,5 +212,4 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Gateway
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(_field_of(first), first["msg"]) from None
+        raise ConfigError(*_field_and_message(exc.errors()[0])) from None

@@ -266,8 +266,20 @@ class Demo:
         files += ["verifier.yaml", "length.yaml"]
         _write_yaml(folder / "pool.yaml", {"rms": [{"config": f} for f in files]})
         if router is not None:
+            rms = []
+            for f in files:
+                svc = yaml.safe_load((folder / f).read_text())
+                rms.append(
+                    {
+                        "name": svc["name"],
+                        "url": f"http://127.0.0.1:{svc['port']}",
+                        "read_timeout_s": 120,
+                        "needs_reference": svc["backend"] == "verifier",
+                    }
+                )
             gateway = {
                 "port": free_port(),
+                "rms": rms,
                 "router_path": str(router),
                 "policy": {"name": "bayesian"},
                 "seed": self.cfg.seed,

@@ -58,6 +58,9 @@ POLICY_NAMES: tuple[str, ...] = (
     "oracle",
 )
 
+#: Policies whose prior means come from the offline router (``prior_means`` is required).
+NEEDS_PRIOR: frozenset[str] = frozenset({"bayesian", "bayesian-no-online", "weighted-score"})
+
 # name -> the config class holding that policy's tunable parameters
 CONFIGS: dict[str, type] = {
     "bayesian": BayesianConfig,

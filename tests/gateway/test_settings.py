@@ -56,12 +56,25 @@ def test_bad_values_name_the_field(overrides: dict[str, object], field: str) -> 
     assert info.value.field == field
 
 
+@pytest.mark.parametrize("policy", ["bayesian", "bayesian-no-online", "weighted-score"])
+def test_a_policy_needing_the_router_prior_needs_router_path(policy: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, rms=RMS, policy={"name": policy})
+    assert info.value.field == "policy.name" and "router_path" in str(info.value)
+    assert "bayesian-no-offline" in str(info.value)
+    s = load_settings(None, rms=RMS, policy={"name": policy}, router_path=tmp_path)
+    assert s.policy.name == policy
+    assert load_settings(None, rms=RMS, policy={"name": "bayesian-no-offline"}).router_path is None
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_settings(tmp_path / "nope.yaml")
 
 
 def test_safe_dict_hides_the_redis_password() -> None:
-    s = load_settings(None, rms=RMS, redis_url="redis://:s3cret@127.0.0.1:6390/0")
+    s = load_settings(
+        None, rms=RMS, redis_url="redis://:s3cret@127.0.0.1:6390/0", policy={"name": "random"}
+    )
     assert "s3cret" not in str(s.safe_dict())
     assert s.safe_dict()["redis_url"] == "redis://***@127.0.0.1:6390/0"

@@ -878,7 +878,12 @@ def test_defaults_bind_loopback() -> None:
     from services.settings import ServiceSettings
 
     assert ServiceSettings(name="x", backend="length").host == "127.0.0.1"
-    assert GatewaySettings(rms=[{"name": "x", "url": "http://127.0.0.1:1"}]).host == "127.0.0.1"
+    assert (
+        GatewaySettings(
+            rms=[{"name": "x", "url": "http://127.0.0.1:1"}], policy={"name": "random"}
+        ).host
+        == "127.0.0.1"
+    )
 
 
 def test_services_started_with_default_host_listen_on_loopback_only(stack: Stack) -> None:
