@@ -177,7 +177,12 @@ class Demo:
     # ---- stages --------------------------------------------------------------------------------
 
     def models(self) -> dict[str, Any]:
-        from reward_router.models import minilm_path, resolve_model_ref, smollm2_folder
+        from reward_router.models import (
+            minilm_path,
+            models_dir,
+            resolve_model_ref,
+            smollm2_folder,
+        )
 
         with self.stage("models", "the encoder and the policy, from their PyPI packages") as rec:
             refs = {self.cfg.encoder, self.cfg.rm_base_model, self.cfg.policy}
@@ -187,7 +192,10 @@ class Demo:
             if "minilm" in refs:
                 rec["minilm"] = str(minilm_path())
             if "smollm2" in refs:
+                rec["cached"] = (models_dir() / "smollm2-hf" / "config.json").exists()
                 rec["smollm2"] = str(smollm2_folder())
+            else:
+                rec["cached"] = True
             self.say(
                 "  "
                 + ", ".join(f"{k}: {v}" for k, v in rec.items() if k not in {"stage", "cached"})
