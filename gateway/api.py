@@ -29,7 +29,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.protocol import (
     ErrorBody,
@@ -51,6 +50,7 @@ from gateway.service import (
 )
 from gateway.store import StoreUnavailable
 from reward_router.errors import ConfigError
+from reward_router.http import BodyTooLarge, unparsable_body
 
 log = logging.getLogger("reward_router.gateway")
 
@@ -122,19 +122,6 @@ def _loc(loc: Any) -> str:
     return ".".join(p for p in parts if not p.startswith(("str", "list[", "function-"))) or "body"
 
 
-def _unparsable_body(exc: StarletteHTTPException) -> str | None:
-    """Why FastAPI could not read a JSON body (its 400 says only "error parsing the body");
-    None for any other HTTP error."""
-    cause = exc.__cause__
-    if exc.status_code != 400 or cause is None:
-        return None
-    if isinstance(cause, UnicodeDecodeError):
-        return f"body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at {cause.start})"
-    if isinstance(cause, RecursionError):
-        return "body is nested too deeply to parse"
-    return f"body could not be parsed as JSON ({type(cause).__name__})"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Every domain error -> one HTTP status and the one error body."""
 
@@ -190,9 +177,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 413:
-            return _error(413, "body_too_large", str(exc.detail), "body")
-        unparsable = _unparsable_body(exc)
+        if isinstance(exc, BodyTooLarge):
+            return body_too_large(exc)
+        unparsable = unparsable_body(exc)
         if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
             return _error(422, "invalid_json", unparsable, "body")
         resp = _error(exc.status_code, "http_error", str(exc.detail))
@@ -205,55 +192,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, before they are parsed.
-
-    Checks Content-Length up front and counts streamed bytes too (chunked uploads have none).
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(scope, receive, send)
-                    return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = _error(413, "body_too_large", f"request body over {self.max_bytes} bytes", "body")
-        await resp(scope, receive, send)
-
-
-class _TooLarge(StarletteHTTPException):
-    # An HTTPException, because FastAPI's body reader turns any other exception raised while
-    # it reads a streamed body into a 400; it re-raises HTTPExceptions (-> _http -> 413).
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body over {max_bytes} bytes")
+def body_too_large(exc: BodyTooLarge) -> JSONResponse:
+    """The 413 of :class:`reward_router.http.BodyLimit` (``max_body_bytes``), in the one body."""
+    return _error(413, "body_too_large", str(exc.detail), "body")
 
 
 router = APIRouter()

@@ -11,9 +11,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.api import BodyLimit, install_error_handlers, router
+from gateway.api import body_too_large, install_error_handlers, router
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
+from reward_router.http import BodyLimit
 from trainer_client.openrlhf import build_openrlhf_router
 
 
@@ -43,5 +44,5 @@ def build_app(settings: GatewaySettings, service: GatewayService | None = None) 
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(build_openrlhf_router())  # OpenRLHF's POST /get_reward (docs/trainer.md)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, refuse=body_too_large)
     return app

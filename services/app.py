@@ -3,7 +3,7 @@
 Nothing happens at import time. At start-up (lifespan) the backend is built and loaded in the
 forward-pass thread while the server already answers ``/healthz`` (``/readyz`` says 503 until
 the model is in memory). Requests are validated here, queued on a micro-batcher, and answered
-in order; every error leaves through :func:`_error_response` with the one error body.
+in order; every error leaves through ``error_response`` with the one error body.
 
 >>> app = create_app(load_settings("deploy/rms/length.yaml"))   # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8105)                # doctest: +SKIP
@@ -28,11 +28,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reward_router import http as shared_http
 from reward_router.data import Message
 from services.backends import Backend, Compared, PairInput, Scored, ScoreInput, make_backend
 from services.batching import MicroBatcher
 from services.errors import (
     BatchTooLarge,
+    BodyTooLarge,
     InputTooLong,
     InvalidInput,
     ModelError,
@@ -140,19 +142,6 @@ def _field_path(loc: Sequence[Any]) -> str | None:
     return out or None
 
 
-def _unparsable_body(exc: StarletteHTTPException) -> str | None:
-    """Why FastAPI could not read a JSON body (its 400 says only "error parsing the body");
-    None for any other HTTP error."""
-    cause = exc.__cause__
-    if exc.status_code != 400 or cause is None:
-        return None
-    if isinstance(cause, UnicodeDecodeError):
-        return f"body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at {cause.start})"
-    if isinstance(cause, RecursionError):
-        return "body is nested too deeply to parse"
-    return f"body could not be parsed as JSON ({type(cause).__name__})"
-
-
 def _messages(prompt: str | list[ChatMessage], field: str) -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -231,17 +220,20 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
         st: ServiceState = request.app.state.rm
         return st
 
-    def error_response(request: Request, exc: ServiceError) -> JSONResponse:
+    def error_response(exc: ServiceError) -> JSONResponse:
         exc.rm = exc.rm or settings.name
-        st = getattr(request.app.state, "rm", None)
+        st = getattr(app.state, "rm", None)
         if st is not None:
             st.metrics.errors.labels(settings.name, exc.type).inc()
         headers = {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
+    def too_large(exc: shared_http.BodyTooLarge) -> JSONResponse:  # max_body_bytes
+        return error_response(BodyTooLarge(str(exc.detail), field="body"))
+
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request, exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -254,14 +246,16 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
         if err.get("type") == "json_invalid":
             field, msg = "body", "request body is not valid JSON"
         field = field or "body"  # the body itself is wrong (missing, not an object)
-        return error_response(request, InvalidInput(f"{field}: {msg}", field=field))
+        return error_response(InvalidInput(f"{field}: {msg}", field=field))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own errors (404, 405, an unreadable body) get the one error body too.
-        unparsable = _unparsable_body(exc)
+        if isinstance(exc, shared_http.BodyTooLarge):  # over max_body_bytes while the body was read
+            return too_large(exc)
+        unparsable = shared_http.unparsable_body(exc)
         if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
-            return error_response(request, InvalidInput(unparsable, field="body"))
+            return error_response(InvalidInput(unparsable, field="body"))
         body = {"type": "http_error", "message": str(exc.detail), "field": None}
         return JSONResponse(
             {"error": {**body, "rm": settings.name}},
@@ -272,7 +266,10 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in rm %s", settings.name)
-        return error_response(request, ModelError(f"{type(exc).__name__}: {exc}"))
+        return error_response(ModelError(f"{type(exc).__name__}: {exc}"))
+
+    # Added before the metering middleware, so it runs inside it: refused bodies are counted.
+    app.add_middleware(shared_http.BodyLimit, max_bytes=settings.max_body_bytes, refuse=too_large)
 
     @app.middleware("http")
     async def _metered(

@@ -4,6 +4,7 @@
     ├── InvalidInput        422  a request field is wrong (names the field, e.g. items[3].prompt)
     │   └── InputTooLong    422  an item does not fit max_length and the policy is ``error``
     ├── BatchTooLarge       413  more items than ``max_request_items``
+    ├── BodyTooLarge        413  a request body over ``max_body_bytes`` (field ``body``)
     ├── Unauthorized        401  ``api_key`` is set and the request's bearer key is missing / wrong
     ├── NotReady            503  the model is still loading (or failed to load)
     ├── RequestTimeout      504  no answer within ``request_timeout_s``
@@ -54,6 +55,11 @@ class InputTooLong(InvalidInput):
 class BatchTooLarge(ServiceError):
     status = 413
     type = "batch_too_large"
+
+
+class BodyTooLarge(ServiceError):
+    status = 413
+    type = "body_too_large"
 
 
 class Unauthorized(ServiceError):

@@ -48,6 +48,11 @@ class ServiceSettings(BaseSettings):
     truncation: Literal["left", "error"] = "left"
     # Most items (score) or pairs (compare) one request may carry.
     max_request_items: int = Field(default=256, ge=1, le=100_000)
+    # Request bodies over this are refused (413) before they are read in full. Twice the
+    # gateway's default (8 MiB): a request the gateway took fits in one call to this RM, with
+    # room for the gateway merging concurrent callers' pairs into one call (a merged call
+    # refused with a 4xx is asked again per caller).
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # Most sequences in one forward pass; the micro-batcher never exceeds it.
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     # How long the batcher waits for more requests once it holds one (milliseconds).

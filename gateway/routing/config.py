@@ -8,7 +8,7 @@ range, at construction time, so a bad value never reaches the math.
 >>> BayesianConfig(lambda0=0.0)
 Traceback (most recent call last):
 ...
-reward_router.errors.ConfigError: lambda0: must be a finite number in (0, inf), got 0.0
+reward_router.errors.ConfigError: lambda0: must be a finite number in [0.001, 1e+06], got 0.0
 """
 
 from __future__ import annotations
@@ -36,6 +36,20 @@ DEFAULT_SIGMA2 = 0.25
 # or two observations in a direction. (lambda0 = 1, std ~1.4, drowned a good prior in noise on
 # the replay's specialists check: 0.69 accuracy against 0.81 with 10 and 0.87 for the prior alone.)
 DEFAULT_LAMBDA0 = 10.0
+
+# Allowed range of the prior precision lambda0, the noise variance sigma2 and LASeR's ridge. The
+# precision is lambda0 I + sum h h^T / sigma2; in the directions no context spans, only lambda0
+# keeps it positive definite against the float rounding of the sum (which grows with the number
+# of observations over sigma2). Measured with D = 33 and the same two contexts observed again
+# and again (one prompt asked over and over): lambda0 = sigma2 = 1e-5 gave a precision that was
+# not positive definite after 1e5 observations (every later call of the namespace failed), 1e-4
+# after 1.2e6, 1e-3 was still fine after 3e6. 1e-3 is already a prior std of ~30 on a reward in
+# [0, 1], or a noise std of ~0.03. Above 1e6 a prior or a noise level only says "ignore the data"
+# or "ignore the prior"; larger values risk overflow.
+SCALE_RANGE = (1e-3, 1e6)
+# Most weight of an exploration bonus or a variance penalty (LASeR alpha, UWO lam): scores are
+# O(1) rewards, so 1e6 already lets the bonus alone decide; far larger overflows to inf.
+MAX_WEIGHT = 1e6
 
 
 def check_number(
@@ -150,8 +164,8 @@ def check_arms(field: str, arms: object, n_rms: int, length: int) -> np.ndarray:
 class BayesianConfig:
     """Parameters of the Bayesian linear Thompson-sampling router.
 
-    ``lambda0``: prior precision (prior covariance is I / lambda0), in (0, inf).
-    ``sigma2``: observation noise variance of a reward, in (0, inf).
+    ``lambda0``: prior precision (prior covariance is I / lambda0), in [1e-3, 1e6].
+    ``sigma2``: observation noise variance of a reward, in [1e-3, 1e6] (:data:`SCALE_RANGE`).
     ``forgetting``: per-observation factor gamma in (0, 1] pulling the posterior back toward the
     prior (1 = off, the default; anything below 1 makes updates order-dependent).
 
@@ -164,8 +178,9 @@ class BayesianConfig:
     forgetting: float = 1.0
 
     def __post_init__(self) -> None:
-        _set(self, "lambda0", check_number("lambda0", self.lambda0, low=0.0, low_open=True))
-        _set(self, "sigma2", check_number("sigma2", self.sigma2, low=0.0, low_open=True))
+        low, high = SCALE_RANGE
+        _set(self, "lambda0", check_number("lambda0", self.lambda0, low=low, high=high))
+        _set(self, "sigma2", check_number("sigma2", self.sigma2, low=low, high=high))
         _set(
             self,
             "forgetting",
@@ -194,8 +209,9 @@ class WeightedScoreConfig(BayesianConfig):
 
 @dataclass(frozen=True)
 class LaserConfig:
-    """LASeR (batch-level LinUCB): ``alpha`` >= 0 scales the exploration bonus, ``ridge`` > 0 is
-    the ridge penalty (the initial design matrix is ``ridge * I``).
+    """LASeR (batch-level LinUCB): ``alpha`` in [0, 1e6] scales the exploration bonus, ``ridge``
+    in [1e-3, 1e6] is the ridge penalty (the initial design matrix is ``ridge * I``; a tiny one
+    leaves it singular).
 
     >>> LaserConfig(alpha=0.5).ridge
     1.0
@@ -205,13 +221,14 @@ class LaserConfig:
     ridge: float = 1.0
 
     def __post_init__(self) -> None:
-        _set(self, "alpha", check_number("alpha", self.alpha, low=0.0))
-        _set(self, "ridge", check_number("ridge", self.ridge, low=0.0, low_open=True))
+        _set(self, "alpha", check_number("alpha", self.alpha, low=0.0, high=MAX_WEIGHT))
+        low, high = SCALE_RANGE
+        _set(self, "ridge", check_number("ridge", self.ridge, low=low, high=high))
 
 
 @dataclass(frozen=True)
 class UwoConfig:
-    """Uncertainty-weighted optimisation: ``lam`` >= 0 weighs the variance penalty.
+    """Uncertainty-weighted optimisation: ``lam`` in [0, 1e6] weighs the variance penalty.
 
     >>> UwoConfig().lam
     0.5
@@ -220,7 +237,7 @@ class UwoConfig:
     lam: float = 0.5
 
     def __post_init__(self) -> None:
-        _set(self, "lam", check_number("lam", self.lam, low=0.0))
+        _set(self, "lam", check_number("lam", self.lam, low=0.0, high=MAX_WEIGHT))
 
 
 @dataclass(frozen=True)

@@ -282,13 +282,17 @@ def test_body_just_under_the_limit_is_read(stand: Stand) -> None:
     error_of(post(stand.gw.url + "/v1/route", body), 422, "pairs.0.prompt")
 
 
-def test_rm_service_has_no_body_limit_but_never_fails_on_a_big_body(stand: Stand) -> None:
-    # The RM services take no max_body_bytes (the gateway in front of them does): an 8 MiB
-    # body is scored, not refused, and not a 5xx.
+def test_rm_service_scores_a_big_body_and_refuses_one_over_its_limit(stand: Stand) -> None:
+    """The RM services' own max_body_bytes (default 16 MiB, twice the gateway's default): an
+    8 MiB body is scored; one over 16 MiB is a 413 naming the limit (it used to be read and
+    scored: an RM service had no body limit). tests/services/test_body_limit.py has the rest."""
     pair = {"prompt": "p " * (4 << 20), "response_a": "a b c", "response_b": "a"}
     r = post(stand.rm.url + "/v1/compare", json.dumps({"pairs": [pair]}))
     assert r.status_code == 200, r.text[:300]
     assert r.json()["results"][0]["preferred"] == "a"
+    pair["prompt"] = "p " * (8 << 20)
+    err = error_of(post(stand.rm.url + "/v1/compare", json.dumps({"pairs": [pair]})), 413, "body")
+    assert err["type"] == "body_too_large" and str(16 << 20) in err["message"], err
     stand.alive()
 
 
@@ -454,7 +458,7 @@ def test_extreme_reward_cannot_poison_a_zscore_namespace(stand: Stand) -> None:
         ('{"params": {"lambda0": 1' + "0" * 400 + "}}", "params", "lambda0"),  # was a 500
         ('{"normalizer_params": {"window": -Infinity}}', "normalizer_params", "window"),
         ('{"params": {"": 1}}', "params", "names"),  # was a 422 naming no field
-        ('{"params": {"lambda0": 1e-400}}', "lambda0", "lambda0"),  # 0.0: out of (0, inf)
+        ('{"params": {"lambda0": 1e-400}}', "lambda0", "lambda0"),  # 0.0: out of [0.001, 1e6]
     ],
 )
 def test_non_finite_namespace_params_are_422(
@@ -464,6 +468,62 @@ def test_non_finite_namespace_params_are_422(
     assert named in err["message"], err
     r = httpx.get(stand.gw.url + "/v1/namespaces", timeout=30)
     assert "bad-params" not in r.json()["namespaces"]  # nothing half-created
+
+
+#: Finite, accepted before, and breaking the math of the namespace that took them.
+MATH_BREAKING_PARAMS: list[tuple[dict[str, Any], str]] = [
+    ({"params": {"lambda0": 5e-324}}, "lambda0"),  # precision not positive definite later
+    ({"params": {"sigma2": 5e-324}}, "sigma2"),  # posterior means NaN
+    ({"params": {"lambda0": 1e-6, "sigma2": 1e-6}}, "lambda0"),
+    ({"params": {"sigma2": 1e7}}, "sigma2"),
+    ({"policy": "weighted-score", "params": {"sigma2": 1e-5}}, "sigma2"),
+    ({"policy": "laser", "params": {"ridge": 5e-324}}, "ridge"),  # numpy LinAlgError: a 500
+    ({"policy": "laser", "params": {"alpha": 1e308}}, "alpha"),  # UCB overflows to inf
+    ({"policy": "uwo", "params": {"lam": 1e308}}, "lam"),
+]
+
+
+def test_namespace_params_that_break_the_math_are_422_and_change_nothing(stand: Stand) -> None:
+    """Regression: ``lambda0: 5e-324`` was accepted, and after the first feedback every route
+    and posteriors call of that namespace was a 422 (precision not positive definite);
+    ``sigma2: 5e-324`` made its posterior means NaN. Now refused at creation (422 naming the
+    field and its range), for a new name and for an existing namespace alike."""
+    gw = stand.gw.url
+    ns = "tight-params"
+    good = {"policy": "bayesian", "params": {"lambda0": 2.0, "sigma2": 0.25}}
+    assert post(f"{gw}/v1/namespaces/{ns}", json.dumps(good)).json()["created"] is True
+    ids = [r["route_id"] for r in route(gw, pairs(3, offset=80), ns=ns)["results"]]
+    assert feedback(gw, [(i, -0.5 * k) for k, i in enumerate(ids)])["applied"] == 3
+    before = posteriors(gw, ns)
+    names = httpx.get(gw + "/v1/namespaces", timeout=30).json()["namespaces"]
+    for cfg, field_ in MATH_BREAKING_PARAMS:
+        for target in (ns, "tight-params-new"):
+            r = post(f"{gw}/v1/namespaces/{target}", json.dumps(cfg))
+            err = error_of(r, 422, field_)  # not a 409 for the existing one: checked first
+            assert err["type"] == "invalid_config" and "1e+06]" in err["message"], err
+    assert httpx.get(gw + "/v1/namespaces", timeout=30).json()["namespaces"] == names
+    again = post(f"{gw}/v1/namespaces/{ns}", json.dumps(good)).json()
+    assert again["created"] is False and again["config"]["params"] == good["params"]
+    assert posteriors(gw, ns) == before
+    ids = [r["route_id"] for r in route(gw, pairs(2, offset=90), ns=ns)["results"]]
+    assert feedback(gw, [(i, -0.1) for i in ids])["applied"] == 2
+
+
+def test_namespace_at_the_ends_of_the_ranges_keeps_working(stand: Stand) -> None:
+    """The smallest lambda0 and sigma2 allowed, raw rewards (normaliser ``none``) at
+    |reward| = 1e6: feedback is applied and the posterior stays finite."""
+    gw = stand.gw.url
+    ns = "tight-ends"
+    cfg = {"params": {"lambda0": 1e-3, "sigma2": 1e-3}, "normalizer": "none"}
+    assert post(f"{gw}/v1/namespaces/{ns}", json.dumps(cfg)).status_code == 200
+    for step in range(3):
+        ids = [r["route_id"] for r in route(gw, pairs(8, offset=100), ns=ns)["results"]]
+        rewards = [1e6 if k % 2 else -1e6 for k in range(len(ids))]
+        assert feedback(gw, list(zip(ids, rewards, strict=True)))["applied"] == 8, step
+    out = posteriors(gw, ns)
+    assert out["seq"] == 24
+    assert all(math.isfinite(x) for row in out["params"]["means"] for x in row)
+    assert all(math.isfinite(r["uncertainty"]) for r in out["rms"] if r["observations"])
 
 
 # ---- Unicode --------------------------------------------------------------------------------
