@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SRC := reward_router gateway services trainer_client tests benchmarks
 
-.PHONY: setup lint format format-check types test test-slow check demo replay bench clean
+.PHONY: setup lint format format-check types test test-slow check demo replay bench bench-load bench-faults clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ replay: setup
 
 bench: setup
 	$(PY) benchmarks/bench_routing_core.py
+
+# docs/reliability.md: 60 s at a fixed rate against two replicas; every fault scenario.
+bench-load: setup
+	$(PY) benchmarks/bench_load.py
+
+bench-faults: setup
+	$(PY) benchmarks/bench_faults.py --scenario all
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
