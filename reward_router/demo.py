@@ -170,9 +170,11 @@ class Demo:
         return part
 
     def _usable(self, final: Path, marker: str) -> bool:
-        if self.cfg.rebuild and final.exists():
-            shutil.rmtree(final)
-        return (final / marker).exists()
+        """True when ``final`` holds a finished artifact; otherwise it is cleared for a build."""
+        if not self.cfg.rebuild and (final / marker).exists():
+            return True
+        shutil.rmtree(final, ignore_errors=True)  # --rebuild, or a folder without its marker
+        return False
 
     # ---- stages --------------------------------------------------------------------------------
 
