@@ -27,6 +27,7 @@ through the namespace's normaliser.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -117,11 +118,21 @@ class FaultCluster:
         self.note(f"gateway {i} back")
 
     # Redis
-    def restart_redis(self, down_s: float = 0.0) -> None:
-        """``kill -9`` redis-server, wait ``down_s``, start it on the same port and AOF dir."""
-        self.note("kill -9 redis")
-        port = self.redis.port
-        self.redis.kill(signal.SIGKILL)
+    def restart_redis(self, down_s: float = 0.0, *, hold: int | None = None) -> None:
+        """``kill -9`` redis-server, wait ``down_s``, start it on the same port and AOF dir.
+
+        ``hold``: a process (the trainer) kept stopped (SIGSTOP) until Redis is dead, so it
+        cannot race past the outage, however fast the machine is.
+        """
+        if hold is not None:
+            os.kill(hold, signal.SIGSTOP)
+        try:
+            self.note("kill -9 redis")
+            port = self.redis.port
+            self.redis.kill(signal.SIGKILL)
+        finally:
+            if hold is not None:
+                os.kill(hold, signal.SIGCONT)
         time.sleep(down_s)
         self.redis = start_redis(port, self.redis_dir)
         self.note("redis back")
@@ -478,6 +489,7 @@ class TrainRun:
     returncodes: list[int] = field(default_factory=list)
     stderr: str = ""
     wall_s: float = 0.0
+    pid: int | None = None  # of the running invocation (a watcher may pause it)
 
     def log(self) -> list[dict[str, Any]]:
         path = self.out / "log.jsonl"
@@ -523,6 +535,7 @@ def train_dpo(
     t0 = time.monotonic()
     with err_path.open("wb") as err:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        run.pid = proc.pid
         try:
             while proc.poll() is None:
                 if time.monotonic() - t0 > timeout_s:
@@ -969,12 +982,14 @@ def redis_restart_trainer(cluster: FaultCluster, *, steps: int = 4) -> Result:
     done: set[int] = set()
 
     def watch(logged: int, _err: str) -> None:
+        # The trainer is held (SIGSTOP) until Redis is dead: in restart 2 its next route or
+        # feedback call lands in the 8 s outage, however fast the machine runs the steps.
         if logged >= 1 and 1 not in done:
             done.add(1)
-            cluster.restart_redis()
+            cluster.restart_redis(hold=run.pid)
         if logged >= 2 and 2 not in done and steps > 2:
             done.add(2)
-            cluster.restart_redis(down_s=8.0)
+            cluster.restart_redis(down_s=8.0, hold=run.pid)
 
     rc = train_dpo(cluster, run, ns, steps=steps, watch=watch)
     waits = run.stderr.count("retrying in")
