@@ -976,25 +976,26 @@ def gateway_kill(cluster: FaultCluster, *, steps: int = 5) -> list[Result]:
 
 def redis_restart_trainer(cluster: FaultCluster, *, steps: int = 4) -> Result:
     """train-dpo; Redis killed -9 and restarted at once after step 1, and again after step 2
-    left down 8 s (longer than the replicas' reconnect back-off, so they answer 503)."""
+    left down 15 s (far longer than the replicas' reconnect back-off of ~5 s, so a call made
+    up to ~10 s into the outage is answered 503 and the trainer has to wait)."""
     ns = new_namespace(cluster, "redis")
     run = TrainRun(cluster.root / ns)
     done: set[int] = set()
 
     def watch(logged: int, _err: str) -> None:
         # The trainer is held (SIGSTOP) until Redis is dead: in restart 2 its next route or
-        # feedback call lands in the 8 s outage, however fast the machine runs the steps.
+        # feedback call lands in the 15 s outage, however fast the machine runs the steps.
         if logged >= 1 and 1 not in done:
             done.add(1)
             cluster.restart_redis(hold=run.pid)
         if logged >= 2 and 2 not in done and steps > 2:
             done.add(2)
-            cluster.restart_redis(down_s=8.0, hold=run.pid)
+            cluster.restart_redis(down_s=15.0, hold=run.pid)
 
     rc = train_dpo(cluster, run, ns, steps=steps, watch=watch)
     waits = run.stderr.count("retrying in")
     what = (
-        f"exit {rc}; restart 1 (instant) unseen by the trainer or retried; restart 2 (8 s "
+        f"exit {rc}; restart 1 (instant) unseen by the trainer or retried; restart 2 (15 s "
         f"down): the trainer waited it out ({waits} retries logged)"
     )
     return _train_result(cluster, "redis-restart", run, ns, what)
