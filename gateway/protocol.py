@@ -12,25 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from reward_router.http import valid_unicode
+
 NamespaceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 
 #: Largest |reward| accepted. A −DPO loss is O(1)..O(100); a value near the float limit is a
 #: caller bug and would overflow the z-score normaliser (and poison the namespace's log).
 MAX_ABS_REWARD = 1e6
-
-
-def valid_unicode(value: str) -> str:
-    """Refuse lone surrogates (``"\\ud800"`` in a JSON string): no UTF-8 encoding exists, so
-    the text could reach neither the encoder nor an RM.
-
-    >>> valid_unicode("é 😀")
-    'é 😀'
-    """
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
-    return value
 
 
 #: A string that has a UTF-8 encoding (every text field of a request).

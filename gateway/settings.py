@@ -180,17 +180,6 @@ class GatewaySettings(BaseSettings):
         return d
 
 
-def _field_and_message(err: Any) -> tuple[str, str]:
-    """The field an error is about and its message; model-level checks name it in the message."""
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    msg = str(err.get("msg", ""))
-    if not loc:
-        found = re.match(r"(?:Value error, )?([A-Za-z_][\w.]*): (.*)", msg, re.S)
-        if found:
-            return found.group(1), found.group(2)
-    return loc or "settings", msg
-
-
 def load_settings(config: Path | str | None = None, **overrides: Any) -> GatewaySettings:
     """Read the settings once; any bad value raises :class:`ConfigError` naming the field.
 
@@ -212,4 +201,4 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Gateway
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        raise ConfigError(*_field_and_message(exc.errors()[0])) from None
+        raise ConfigError.from_validation(exc, "settings") from None

@@ -89,9 +89,7 @@ class DemoConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            name = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ConfigError(name, first["msg"]) from None
+            raise ConfigError.from_validation(exc) from None
 
     def cache(self) -> Path:
         return (self.cache_dir or cache_root()) / "demo"
@@ -251,42 +249,34 @@ class Demo:
         """Service files, a pool file and a cluster file for this run, on free ports."""
         folder = self.report / "cluster"
         folder.mkdir(parents=True, exist_ok=True)
-        files: list[str] = []
-        for domain in DOMAINS:
-            files.append(f"{domain}-rm.yaml")
-            _write_yaml(
-                folder / files[-1],
-                {
-                    "name": f"{domain}-rm",
-                    "backend": "hf",
-                    "model": str(rm_dirs[domain]),
-                    "max_length": self.cfg.rm_max_length,
-                    "truncation": "left",
-                    "torch_threads": 1,
-                    "port": free_port(),
-                },
-            )
-        _write_yaml(
-            folder / "verifier.yaml",
-            {"name": "verifier", "backend": "verifier", "port": free_port()},
-        )
-        _write_yaml(
-            folder / "length.yaml", {"name": "length", "backend": "length", "port": free_port()}
-        )
-        files += ["verifier.yaml", "length.yaml"]
+        services: dict[str, dict[str, Any]] = {
+            f"{domain}-rm.yaml": {
+                "name": f"{domain}-rm",
+                "backend": "hf",
+                "model": str(rm_dirs[domain]),
+                "max_length": self.cfg.rm_max_length,
+                "truncation": "left",
+                "torch_threads": 1,
+            }
+            for domain in DOMAINS
+        }
+        services["verifier.yaml"] = {"name": "verifier", "backend": "verifier"}
+        services["length.yaml"] = {"name": "length", "backend": "length"}
+        for file, svc in services.items():
+            svc["port"] = free_port()
+            _write_yaml(folder / file, svc)
+        files = list(services)
         _write_yaml(folder / "pool.yaml", {"rms": [{"config": f} for f in files]})
         if router is not None:
-            rms = []
-            for f in files:
-                svc = yaml.safe_load((folder / f).read_text())
-                rms.append(
-                    {
-                        "name": svc["name"],
-                        "url": f"http://127.0.0.1:{svc['port']}",
-                        "read_timeout_s": 120,
-                        "needs_reference": svc["backend"] == "verifier",
-                    }
-                )
+            rms = [
+                {
+                    "name": svc["name"],
+                    "url": f"http://127.0.0.1:{svc['port']}",
+                    "read_timeout_s": 120,
+                    "needs_reference": svc["backend"] == "verifier",
+                }
+                for svc in services.values()
+            ]
             gateway = {
                 "port": free_port(),
                 "rms": rms,

@@ -9,6 +9,12 @@ HTTP layers map these to 4xx responses in one place; the CLI prints them without
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class RewardRouterError(Exception):
     """Base of every error this project raises on purpose."""
@@ -26,6 +32,22 @@ class ConfigError(RewardRouterError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{field}: {message}")
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, default: str = "config") -> ConfigError:
+        """The first error of a pydantic validation, naming its field (``rms.0.url``).
+
+        A model-level check has no location: it names its field at the start of its message
+        (``"policy.name: ..."``); ``default`` names an error that does neither.
+        """
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", ""))
+        if not loc:
+            found = re.match(r"(?:Value error, )?([A-Za-z_][\w.]*): (.*)", msg, re.S)
+            if found:
+                return cls(found.group(1), found.group(2))
+        return cls(loc or default, msg)
 
 
 class DataFormatError(RewardRouterError, ValueError):

@@ -4,6 +4,7 @@ import this module; it needs starlette, the core does not).
 * :class:`BodyLimit`: ASGI middleware refusing request bodies over ``max_bytes`` with a 413,
   before they are parsed, streamed (chunked) bodies included.
 * :func:`unparsable_body`: why FastAPI could not read a JSON body, for a 422 naming ``body``.
+* :func:`valid_unicode`: the validator of every text field of a request (no lone surrogates).
 
 Each app renders the refusal in its own error body, and maps :class:`BodyTooLarge` to the same
 answer in its ``HTTPException`` handler::
@@ -18,6 +19,21 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def valid_unicode(value: str) -> str:
+    """Refuse lone surrogates (``"\\ud800"`` in a JSON string): no UTF-8 encoding exists, so
+    the text could reach neither an encoder nor a tokenizer (which raises mid-batch, failing
+    every request in the batch). Use as a pydantic ``AfterValidator``: a 422 naming the field.
+
+    >>> valid_unicode("é 😀")
+    'é 😀'
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
+    return value
 
 
 class BodyTooLarge(HTTPException):

@@ -12,19 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
-
-def _valid_unicode(value: str) -> str:
-    # A lone surrogate ("\ud800" in a JSON string) has no UTF-8 encoding: a tokenizer raises
-    # on it mid-batch (a 500 for every request in that batch). Refuse it here with a 422.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
-    return value
-
+from reward_router.http import valid_unicode
 
 #: Every text field: a JSON string (no coercion) that has a UTF-8 encoding.
-Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+Text = Annotated[StrictStr, AfterValidator(valid_unicode)]
 
 
 class ChatMessage(BaseModel):

@@ -106,9 +106,7 @@ class OnlineDPOConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            name = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ConfigError(name, first["msg"]) from None
+            raise ConfigError.from_validation(exc) from None
 
 
 # ---- stalling on the gateway -------------------------------------------------------------------

@@ -38,8 +38,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.protocol import Text, valid_unicode
+from gateway.protocol import Text
 from gateway.settings import NAMESPACE_RE
+from reward_router.http import valid_unicode
 
 __all__ = [
     "OpenRLHFRequest",

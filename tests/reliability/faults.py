@@ -49,6 +49,7 @@ import yaml
 
 from tests.gateway.helpers import build_router, pairs, start_rm
 from tests.procs import Proc, free_port, start_process, start_redis
+from tests.trainer.data import write_prompts
 
 RMS = ("length", "verifier", "external")
 REAL_RMS = ("length", "verifier")
@@ -470,15 +471,7 @@ def tiny_policy(root: Path) -> Path:
 
 def prompts_file(root: Path) -> Path:
     """Chat and math prompts (math with reference answers, for the verifier RM)."""
-    path = root / "prompts.jsonl"
-    rows = [
-        {"prompt": "Which answer is better, A or B?", "domain": "chat"},
-        {"question": "What is 2 + 40?", "answer": "2 + 40 = 42\n#### 42"},
-        {"prompt": [{"role": "user", "content": "the answer is"}], "reference": "42"},
-        {"prompt": "A B A B", "domain": "chat"},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_prompts(root / "prompts.jsonl")
 
 
 @dataclass

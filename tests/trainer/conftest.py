@@ -7,7 +7,6 @@ encoder + router trained on random data), so every routed pair has a real contex
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from tests.gateway.helpers import build_router, gateway_config, start_gateway, start_rm
 from tests.procs import Proc
 from tests.tiny_models import tiny_llama
+from tests.trainer.data import write_prompts
 
 RMS = ("length", "verifier")
 
@@ -59,12 +59,4 @@ def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Chat and math prompts (math with reference answers, for the verifier RM)."""
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    rows = [
-        {"prompt": "Which answer is better, A or B?", "domain": "chat"},
-        {"question": "What is 2 + 40?", "answer": "2 + 40 = 42\n#### 42"},
-        {"prompt": [{"role": "user", "content": "the answer is"}], "reference": "42"},
-        {"prompt": "A B A B", "domain": "chat"},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
