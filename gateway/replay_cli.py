@@ -45,8 +45,36 @@ def replay(
     seeds: Annotated[int, typer.Option(help="Repetitions with new folds and stream order.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Pairs per routing batch.")] = 8,
     reward_noise: Annotated[
-        float, typer.Option(help="Probability of flipping the online reward (noisy −DPO).")
+        float, typer.Option(help="Probability of flipping the online reward (with 'noisy').")
     ] = 0.0,
+    reward: Annotated[
+        str,
+        typer.Option(
+            help="What online policies learn from: correct (the picked RM's correctness), noisy"
+            " (the same, flipped with --reward-noise) or dpo-proxy (modelled quantile −DPO loss).",
+        ),
+    ] = "correct",
+    stream_order: Annotated[
+        str,
+        typer.Option(
+            help="Held-out stream order: shuffled, by-source (blocks of one source: a shift) or"
+            " drift (halfway, the training-best RM starts answering like the worst).",
+        ),
+    ] = "shuffled",
+    max_calls_per_pair: Annotated[
+        float,
+        typer.Option(
+            help="RM calls per pair allowed on average (1-2): above 1, a pair whose RM tied (or"
+            " is below --second-opinion-margin) asks the next RM of the same draw.",
+        ),
+    ] = 1.0,
+    second_opinion_margin: Annotated[
+        float | None,
+        typer.Option(
+            help="Ask a second RM below this |margin| (in that RM's RMS units); default: the"
+            " RM's own (max-calls-per-pair - 1) quantile of |margin| on the training folds.",
+        ),
+    ] = None,
     encoder: Annotated[
         str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
     ] = "minilm",
@@ -80,6 +108,9 @@ def replay(
         _replay(
             pairs, behavior, policies, folds, seeds, batch_size, reward_noise, encoder,
             max_length, cache_dir, set_ or [], calibrate, seed, json_out, plot,
+            {"reward": reward, "stream_order": stream_order,
+             "max_calls_per_pair": max_calls_per_pair,
+             "second_opinion_margin": second_opinion_margin},
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
@@ -102,6 +133,7 @@ def _replay(
     seed: int,
     json_out: Path | None,
     plot: Path | None,
+    options: dict[str, Any],
 ) -> None:
     from rich.progress import Progress
 
@@ -117,6 +149,7 @@ def _replay(
         policies=parse_policies(policies_spec),
         policy_params=policy_params,
         seed=seed,
+        **options,
     )
     pairs = load_pairs(pairs_path)
     matrix = load_behavior(behavior_path, pairs)
@@ -159,27 +192,45 @@ def _features(matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | 
 
 
 def _print_table(result: Any) -> None:
-    out = Console(width=max(Console().width, 140))
+    out = Console(width=max(Console().width, 160))
     domains = sorted(set(result.domains))
+    js = result.to_json()
     table = Table(
-        title=f"replay: {result.n_pairs} pairs, {result.folds} folds x {result.seeds} seeds"
+        title=f"replay: {result.n_pairs} pairs, {result.folds} folds x {result.seeds} seeds, "
+        f"reward {js['reward']}, stream {js['stream_order']}"
     )
     table.add_column("policy")
     table.add_column("accuracy", justify="right")
-    table.add_column("± std", justify="right")
+    table.add_column("± se", justify="right")
     table.add_column("RM calls/pair", justify="right")
+    for k in range(1, 5):
+        table.add_column(f"Q{k}", justify="right")
     for d in domains:
         table.add_column(d, justify="right")
-    summary = result.to_json()["policies"]
+    summary = js["policies"]
     for name, row in sorted(summary.items(), key=lambda kv: -kv[1]["accuracy"]):
         table.add_row(
             name,
             f"{row['accuracy']:.3f}",
-            f"{row['accuracy_std']:.3f}",
+            f"{row['accuracy_se']:.3f}",
             f"{row['rm_calls_per_pair']:.2f}",
+            *(f"{q:.3f}" for q in row["quarters"]),
             *(f"{row['by_domain'][d]:.3f}" for d in domains),
         )
     out.print(table)
+    m = js["matrix"]
+    out.print(
+        f"matrix: best single {m['best_single']:.3f}, best RM per domain "
+        f"{m['best_per_domain']:.3f}, oracle {m['oracle']:.3f} (chosen on all its rows)"
+    )
+    for name, row in summary.items():
+        gain = row.get("gain_over_no_online")
+        if gain:
+            out.print(
+                f"{name} - {gain['versus']}: {gain['accuracy']:+.3f} ± {gain['accuracy_se']:.3f}"
+                f" overall, {gain['last_quarter']:+.3f} ± {gain['last_quarter_se']:.3f} in the"
+                " last quarter (online phase's gain, paired by seed)"
+            )
     if "bayesian" in summary and "best-single" in summary:
         delta = summary["bayesian"]["accuracy"] - summary["best-single"]["accuracy"]
         verdict = "beats" if delta > 0 else "does NOT beat"

@@ -77,6 +77,16 @@ class PolicyDefaults(BaseModel):
     normalizer: Literal["quantile", "zscore", "none"] = "quantile"
     normalizer_params: dict[str, Any] = Field(default_factory=dict)
     best_rm: str | None = None
+    # What the trainer's reward is: "dpo" (−DPO loss: normalised, then mapped onto P(label
+    # right) by the link) or "correct" (already P(label right)); None = by the normaliser
+    # ("correct" with normalizer none, else "dpo"). See gateway.routing.prior.RewardLink.
+    reward: Literal["dpo", "correct"] | None = None
+    # How much a quantile of −DPO loss says about the label's correctness (the link's beta):
+    # E[u | correct] - E[u | wrong]. A stated assumption, docs/routing-core.md.
+    dpo_informativeness: float = Field(default=0.1, gt=0, le=1)
+    # Average RM calls per pair allowed: above 1, a pair whose RM tied is asked of the next RM
+    # of the same draw while the namespace's budget lasts.
+    max_calls_per_pair: float = Field(default=1.0, ge=1, le=2)
 
 
 class GatewaySettings(BaseSettings):
