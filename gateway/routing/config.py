@@ -186,6 +186,7 @@ class BayesianConfig:
     sigma2: float | None = None
     forgetting: float = 1.0
     explore_z: float | None = 2.0
+    explore_ramp: float = 500.0
 
     def __post_init__(self) -> None:
         low, high = SCALE_RANGE
@@ -199,11 +200,29 @@ class BayesianConfig:
         )
         if self.explore_z is not None:
             _set(self, "explore_z", check_number("explore_z", self.explore_z, low=0.0, high=100.0))
+        _set(
+            self,
+            "explore_ramp",
+            check_number("explore_ramp", self.explore_ramp, low=0.0, high=1e9),
+        )
 
     @property
     def noise(self) -> float:
         """``sigma2``, or the default when unset (an unfitted prior)."""
         return DEFAULT_SIGMA2 if self.sigma2 is None else self.sigma2
+
+
+@dataclass(frozen=True)
+class NoOfflineConfig(BayesianConfig):
+    """``bayesian-no-offline``: plain Thompson sampling from a zero prior (no prior knowledge
+    for the gate or the ramp to protect).
+
+    >>> NoOfflineConfig().explore_z, NoOfflineConfig().explore_ramp
+    (None, 0.0)
+    """
+
+    explore_z: float | None = None
+    explore_ramp: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,11 +233,14 @@ class PaperConfig(BayesianConfig):
 
     >>> PaperConfig().lambda0, PaperConfig().sigma2, PaperConfig().explore_z
     (10.0, 0.25, None)
+    >>> PaperConfig().explore_ramp
+    0.0
     """
 
     lambda0: float | None = DEFAULT_LAMBDA0
     sigma2: float | None = DEFAULT_SIGMA2
     explore_z: float | None = None
+    explore_ramp: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +256,9 @@ class WeightedScoreConfig(BayesianConfig):
     """
 
     alpha: float = 0.5
+    # The online part is plain Thompson sampling from a zero prior (nothing to gate or ramp).
+    explore_z: float | None = None
+    explore_ramp: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

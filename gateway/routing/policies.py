@@ -23,6 +23,7 @@ import numpy as np
 from gateway.routing.config import (
     DEFAULT_LAMBDA0,
     BayesianConfig,
+    NoOfflineConfig,
     PaperConfig,
     WeightedScoreConfig,
     check_arms,
@@ -226,8 +227,19 @@ class BayesianPolicy(Policy):
         self._posteriors = value
 
     def scores(self, contexts: np.ndarray) -> np.ndarray:
-        """The scores this policy ranks by, (B, N): one posterior draw per pair and RM."""
-        return self._posteriors.sample_scores(contexts, self.rng)
+        """The scores this policy ranks by, (B, N): one posterior draw per pair and RM, its
+        spread around the mean scaled by :meth:`exploration`."""
+        means = self._posteriors.mean_scores(contexts)
+        std = np.sqrt(self._posteriors.variances(contexts)) * self.exploration()
+        return means + std * self.rng.standard_normal(means.shape)
+
+    def exploration(self) -> float:
+        """The share of the posterior's spread the draws use now: ``sqrt(min(1, t / ramp))``
+        after ``t`` observations (``explore_ramp``; 1 when the ramp is 0)."""
+        ramp = self.config.explore_ramp
+        if ramp <= 0:
+            return 1.0
+        return float(np.sqrt(min(1.0, float(self._posteriors.counts.sum()) / ramp)))
 
     def select(self, contexts: np.ndarray) -> Selection:
         contexts = self._check_contexts(contexts)
@@ -246,17 +258,17 @@ class BayesianPolicy(Policy):
         """Which RMs may still beat the leader per pair (B, N) bool, and the posterior means.
 
         RM n is plausible at h when ``m_n + z sqrt(v_n + v_L) >= m_L`` with ``L`` the RM of the
-        highest posterior mean ``m`` and ``v`` the posterior variances of the scores: exploring
-        an RM whose draw almost never beats the leader's costs label accuracy now and can hardly
-        change a later decision.
+        highest posterior mean ``m`` and ``v`` the variances of the draws (the posterior's,
+        scaled by :meth:`exploration`): exploring an RM whose draw almost never beats the
+        leader's costs label accuracy now and can hardly change a later decision.
 
         >>> post = BayesianPolicy(2, 1, np.random.default_rng(0), np.array([[0.9], [0.5]]),
-        ...                       BayesianConfig(lambda0=1e4))
+        ...                       BayesianConfig(lambda0=1e4, explore_ramp=0))
         >>> post.plausible(np.ones((1, 1)), 2.0)[0].tolist()
         [[True, False]]
         """
         means = self._posteriors.mean_scores(contexts)
-        var = self._posteriors.variances(contexts)
+        var = self._posteriors.variances(contexts) * self.exploration() ** 2
         rows = np.arange(means.shape[0])
         lead = np.argmax(means, axis=1)
         gap = means - means[rows, lead][:, None]
@@ -298,7 +310,8 @@ class PaperPolicy(BayesianPolicy):
 
 class NoOfflinePolicy(BayesianPolicy):
     """``bayesian-no-offline``: the Bayesian router with a zero prior mean (``prior_means`` is
-    ignored), i.e. online Thompson sampling alone."""
+    ignored), i.e. online Thompson sampling alone: plain draws from the first pair (with no prior
+    knowledge there is nothing for ``explore_z`` / ``explore_ramp`` to protect)."""
 
     name = "bayesian-no-offline"
 
@@ -310,6 +323,7 @@ class NoOfflinePolicy(BayesianPolicy):
         prior_means: np.ndarray | None = None,
         config: BayesianConfig | None = None,
     ) -> None:
+        config = config or NoOfflineConfig()
         super().__init__(n_rms, dim, rng, np.zeros((n_rms, dim)), config)
 
 

@@ -29,6 +29,7 @@ from gateway.routing.baselines import (
 from gateway.routing.config import (
     BayesianConfig,
     LaserConfig,
+    NoOfflineConfig,
     NoParams,
     PaperConfig,
     UwoConfig,
@@ -74,7 +75,7 @@ NO_ONLINE_VARIANT: dict[str, str] = {"bayesian": "bayesian-no-online"}
 CONFIGS: dict[str, type] = {
     "bayesian": BayesianConfig,
     "bayesian-paper": PaperConfig,
-    "bayesian-no-offline": BayesianConfig,
+    "bayesian-no-offline": NoOfflineConfig,
     "bayesian-no-online": NoParams,
     "weighted-score": WeightedScoreConfig,
     "laser": LaserConfig,

@@ -387,15 +387,24 @@ def test_a_clearly_worse_rm_is_not_explored_but_a_close_one_is() -> None:
     """explore_z: an RM whose draw can hardly beat the leader is left out of the draw."""
     means = np.array([[0.0, 0.9], [0.0, 0.6], [0.0, 0.88]])  # intercepts: 0.9, 0.6, 0.88
     ctx = np.tile([[1.0, 1.0]], (400, 1))
-    gated = BayesianPolicy(3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0))
+    full = BayesianConfig(lambda0=400.0, explore_ramp=0.0)  # full spread from the first pair
+    gated = BayesianPolicy(3, 2, np.random.default_rng(0), means, full)
     picks = np.bincount(gated.select(ctx).chosen, minlength=3)
     assert picks[1] == 0 and picks[0] > picks[2] > 0  # RM 2 is close: still explored
     plain = BayesianPolicy(
-        3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=4.0, explore_z=None)
+        3,
+        2,
+        np.random.default_rng(0),
+        means,
+        BayesianConfig(lambda0=4.0, explore_z=None, explore_ramp=0.0),
     )
     assert np.bincount(plain.select(ctx).chosen, minlength=3)[1] > 0  # plain TS draws it
     # The ranking still lists every RM (the fallback order): the left-out one last.
     assert (gated.select(ctx[:5]).ranking[:, -1] == 1).all()
+    # With the ramp and no observation yet, the draw is the posterior mean: no exploring.
+    ramped = BayesianPolicy(3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0))
+    assert ramped.exploration() == 0.0
+    assert (ramped.select(ctx).chosen == 0).all()
 
 
 def test_per_rm_noise_makes_a_near_certain_rm_learn_faster() -> None:
