@@ -75,6 +75,11 @@ class ReplayConfig:
     #: training folds, so the budget goes to its least sure labels.
     max_calls_per_pair: float = 1.0
     second_opinion_margin: float | None = None
+    #: gold audits: this share of ``bayesian``'s pairs is also labelled by ``audit_rm`` (default:
+    #: the training-best RM); agreement, calibrated by the auditor's training accuracy, is that
+    #: pair's reward instead of the ``reward`` signal
+    audit_rate: float = 0.0
+    audit_rm: str | None = None
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -97,6 +102,8 @@ class ReplayConfig:
             raise ConfigError(
                 "max_calls_per_pair", f"must be in [1, 2], got {self.max_calls_per_pair}"
             )
+        if not 0.0 <= self.audit_rate <= 0.5:
+            raise ConfigError("audit_rate", f"must be in [0, 0.5], got {self.audit_rate}")
         if self.second_opinion_margin is not None and not 0.0 <= self.second_opinion_margin <= 10:
             raise ConfigError(
                 "second_opinion_margin", f"must be in [0, 10], got {self.second_opinion_margin}"
@@ -346,6 +353,8 @@ class _Stream:
     scales: np.ndarray  # (N,) typical |margin| per RM on the training folds
     best_rm: int
     unsure: np.ndarray  # (N,) scaled |margin| below which a label is worth a second opinion
+    train_acc: np.ndarray  # (N,) accuracy per RM on the training folds
+    auditor: int  # the RM that audits (gold audits)
 
 
 def _dpo_proxy(
@@ -433,9 +442,45 @@ def _stream_policy(
             raw = _dpo_proxy(q, position, rng)
             rewards = np.array([normalizer.normalize(raw[i : i + 1])[0] for i in range(len(raw))])
         values, weight = link.map(rewards)
-        policy.update(ctx, arms, values, weight)
+        weights = np.full(len(q), weight)
+        if config.audit_rate > 0 and name == "bayesian":
+            calls += _audit(values, weights, arms, batch_rows, stream, config, rng)
+        policy.update(ctx, arms, values, weights)
         quality[sl] = q
     return quality, calls, picks
+
+
+def _audit(
+    values: np.ndarray,
+    weights: np.ndarray,
+    arms: np.ndarray,
+    batch_rows: np.ndarray,
+    stream: _Stream,
+    config: ReplayConfig,
+    rng: np.random.Generator,
+) -> int:
+    """Gold audits: on a ``config.audit_rate`` share of pairs the auditor labels the pair too;
+    where neither tied, agreement becomes the reward (in place), on the correctness scale:
+    ``E[agree | c] = p c + (1 - p)(1 - c)`` with p the auditor's training accuracy, so
+    ``(agree - (1 - p)) / (2p - 1)`` is unbiased for c, worth ``(2p - 1)²`` observations.
+    Returns the extra RM calls."""
+    p = float(stream.train_acc[stream.auditor])
+    if p <= 0.5:
+        return 0
+    audited = rng.random(len(arms)) < config.audit_rate
+    extra = 0
+    for i in np.flatnonzero(audited):
+        row, arm = batch_rows[i], arms[i]
+        if arm == stream.auditor:
+            continue  # the auditor's own label: nothing to compare with
+        extra += 1
+        mine, gold = stream.correct[row, arm], stream.correct[row, stream.auditor]
+        if mine == 0.5 or gold == 0.5:
+            continue
+        agree = float(mine == gold)
+        values[i] = (agree - (1.0 - p)) / (2.0 * p - 1.0)
+        weights[i] = (2.0 * p - 1.0) ** 2
+    return extra
 
 
 def _second_opinions(
@@ -503,7 +548,13 @@ def _make_stream(
     else:
         share = min(config.max_calls_per_pair - 1.0, 1.0)
         unsure = np.quantile(np.abs(margins[train]) / scales, share, axis=0)
-    return _Stream(rows, correct, margins, scales, best, unsure)
+    if config.audit_rm is None:
+        auditor = best
+    elif config.audit_rm in matrix.rms:
+        auditor = matrix.rms.index(config.audit_rm)
+    else:
+        raise ConfigError("audit_rm", f"must be one of {matrix.rms}, got {config.audit_rm!r}")
+    return _Stream(rows, correct, margins, scales, best, unsure, train_acc, auditor)
 
 
 def _policy_params(name: str, user: Mapping[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,16 @@ def replay(
             " is below --second-opinion-margin) asks the next RM of the same draw.",
         ),
     ] = 1.0,
+    audit_rate: Annotated[
+        float,
+        typer.Option(
+            help="Gold audits: share of bayesian's pairs also labelled by --audit-rm (extra"
+            " calls); agreement becomes that pair's reward.",
+        ),
+    ] = 0.0,
+    audit_rm: Annotated[
+        str | None, typer.Option(help="The auditing RM (default: the training-best RM).")
+    ] = None,
     second_opinion_margin: Annotated[
         float | None,
         typer.Option(
@@ -110,7 +120,8 @@ def replay(
             max_length, cache_dir, set_ or [], calibrate, seed, json_out, plot,
             {"reward": reward, "stream_order": stream_order,
              "max_calls_per_pair": max_calls_per_pair,
-             "second_opinion_margin": second_opinion_margin},
+             "second_opinion_margin": second_opinion_margin,
+             "audit_rate": audit_rate, "audit_rm": audit_rm},
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)

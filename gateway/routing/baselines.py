@@ -170,7 +170,11 @@ class LaserPolicy(Policy):
         return Selection(ranking, first_only(ranking))
 
     def update(
-        self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray, weight: float = 1.0
+        self,
+        contexts: np.ndarray,
+        arms: np.ndarray,
+        rewards: np.ndarray,
+        weight: float | np.ndarray = 1.0,
     ) -> None:
         # LASeR's LinUCB has no notion of a weaker signal: every batch reward counts fully.
         contexts, arms, rewards = self._check_feedback(contexts, arms, rewards)

@@ -104,13 +104,18 @@ class Policy(ABC):
         """Decide, for each pair (row of ``contexts``, (B, D)), which RMs to ask."""
 
     def update(
-        self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray, weight: float = 1.0
+        self,
+        contexts: np.ndarray,
+        arms: np.ndarray,
+        rewards: np.ndarray,
+        weight: float | np.ndarray = 1.0,
     ) -> None:
         """Learn from rewards of the RMs ``arms`` (B,) asked on ``contexts`` (B, D).
 
         Rewards are on the correctness scale (P(label right), see
         :class:`~gateway.routing.prior.RewardLink`); ``weight`` is what one of them is worth in
-        correctness observations (1 for correctness itself). The base checks the inputs and
+        correctness observations (1 for correctness itself; one per observation or one for
+        all). The base checks the inputs and
         learns nothing (the non-learning baselines).
         """
         self._check_feedback(contexts, arms, rewards)
@@ -276,7 +281,11 @@ class BayesianPolicy(Policy):
         return gap + z * sd >= 0.0, means
 
     def update(
-        self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray, weight: float = 1.0
+        self,
+        contexts: np.ndarray,
+        arms: np.ndarray,
+        rewards: np.ndarray,
+        weight: float | np.ndarray = 1.0,
     ) -> None:
         contexts, arms, rewards = self._check_feedback(contexts, arms, rewards)
         if self.config.forgetting < 1.0 and arms.size:

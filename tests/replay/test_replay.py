@@ -213,3 +213,18 @@ def test_dpo_proxy_reward_reaches_every_online_policy() -> None:
         ReplayConfig(reward="noisy")
     with pytest.raises(ConfigError, match="stream_order"):
         ReplayConfig(stream_order="sorted")
+
+
+def test_gold_audits_cost_their_calls_and_feed_calibrated_agreement() -> None:
+    """Audited pairs are labelled by the auditor too; only ``bayesian`` audits."""
+    matrix, features = _specialists(n_pairs=240, seed=6)
+    policies = ("bayesian", "bayesian-no-online")
+    config = ReplayConfig(
+        folds=2, seeds=1, policies=policies, reward="dpo-proxy", audit_rate=0.2, audit_rm="rm0"
+    )
+    result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 30}))
+    assert 1.05 < result.calls_per_pair("bayesian") < 1.25  # rm0's own pairs need no audit
+    assert result.calls_per_pair("bayesian-no-online") == 1.0
+    with pytest.raises(ConfigError, match="audit_rm"):
+        bad = ReplayConfig(folds=2, seeds=1, policies=policies, audit_rate=0.1, audit_rm="nope")
+        run_replay(matrix, features, bad, torch_router_fitter({"epochs": 5}))
