@@ -268,8 +268,14 @@ def _print_reference(summary: Any, gap: dict[str, float | None], paper: dict[str
     out = Console(width=max(Console().width, 140))
     rm, acc = summary.best_single
     per_domain = ", ".join(f"{d}: {r}" for d, r in summary.best_rm_per_domain.items())
-    out.print(f"best single RM (hindsight, all rows): {rm} {acc:.3f}")
-    out.print(f"best RM per domain (hindsight): {summary.best_per_domain:.3f} ({per_domain})")
+    out.print(
+        f"best single RM (hindsight, all rows): {rm} {acc:.3f}"
+        f" (spec: {summary.expected_best_single:.3f})"
+    )
+    out.print(
+        f"best RM per domain (hindsight): {summary.best_per_domain:.3f} ({per_domain};"
+        f" spec: {summary.expected_best_per_domain:.3f})"
+    )
     out.print(f"oracle (some RM right): {summary.oracle:.3f}")
     for name, share in gap.items():
         text = "n/a (no gap)" if share is None else f"{share:+.0%}"

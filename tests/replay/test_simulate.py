@@ -66,6 +66,8 @@ def test_accuracy_matches_the_spec_per_rm_and_domain(tie_rate: float) -> None:
         "safety": "flat",
     }
     assert summary.best_per_domain == pytest.approx((0.9 + 0.92 + 0.7 + 0.7) / 4, abs=0.01)
+    assert summary.expected_best_per_domain == pytest.approx((0.9 + 0.92 + 0.7 + 0.7) / 4)
+    assert summary.expected_best_single == pytest.approx(0.7)
 
 
 def test_errors_correlate_more_as_rho_grows() -> None:
