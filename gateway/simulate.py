@@ -394,3 +394,40 @@ PAPER_FIGURES: dict[str, Any] = {
     "protocol": "the paper's controlled protocol: labelling accuracy of its real RM pool",
     "labelling_accuracy_percent": {"BayesianRouter": 88.23, "LASeR": 85.54, "majority": 85.64},
 }
+
+
+def domain_probe_accuracy(
+    features: np.ndarray,
+    domains: Sequence[str],
+    groups: Sequence[str],
+    rng: np.random.Generator,
+    folds: int = 5,
+    ridge: float = 1.0,
+) -> float:
+    """Held-out accuracy of a linear probe that tells the pairs' domains from their features.
+
+    In a simulation the RMs' skill depends only on the domain, so this bounds what any router
+    on these features can learn: where the probe cannot tell two domains apart, no router
+    can send each to its specialist. One-vs-rest ridge regression on standardised features,
+    ``folds`` folds split by group (a prompt's rows never straddle folds). NaN for one domain.
+    """
+    labels = sorted(set(domains))
+    if len(labels) < 2:
+        return float("nan")
+    y = np.array([labels.index(d) for d in domains])
+    unique = sorted(set(groups))
+    fold_of_group = dict(zip(unique, rng.permutation(len(unique)) % folds, strict=True))
+    fold = np.array([fold_of_group[g] for g in groups])
+    right = 0
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        if not train.any() or not test.any():
+            continue
+        mean, std = features[train].mean(axis=0), features[train].std(axis=0) + 1e-6
+        x_train = np.hstack([(features[train] - mean) / std, np.ones((int(train.sum()), 1))])
+        x_test = np.hstack([(features[test] - mean) / std, np.ones((int(test.sum()), 1))])
+        targets = np.eye(len(labels))[y[train]]
+        gram = x_train.T @ x_train + ridge * np.eye(x_train.shape[1])
+        weights = np.linalg.solve(gram, x_train.T @ targets)
+        right += int((np.argmax(x_test @ weights, axis=1) == y[test]).sum())
+    return right / len(domains)

@@ -181,6 +181,7 @@ def _simulate(
 
     from gateway.simulate import (
         PAPER_FIGURES,
+        domain_probe_accuracy,
         simulate_behavior,
         stratified_subsample,
         summarize,
@@ -189,8 +190,8 @@ def _simulate(
     seed, folds, seeds = options["seed"], options["folds"], options["seeds"]
     all_pairs = load_pair_files(pair_paths)
     # Entropy (seed, 1): independent of the replay's own SeedSequence(seed) streams.
-    subsample_rng, behavior_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence((seed, 1)).spawn(2)
+    subsample_rng, behavior_rng, probe_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence((seed, 1)).spawn(3)
     )
     rows = stratified_subsample([p.domain for p in all_pairs], max_pairs, subsample_rng)
     pairs = [all_pairs[i] for i in rows]
@@ -207,6 +208,9 @@ def _simulate(
         console.print(f"note: the spec names domains absent from these pairs: {', '.join(absent)}")
     _print_spec(summary)
     features = _features(matrix, *encoding)
+    probe = domain_probe_accuracy(
+        features, [p.domain for p in pairs], [p.group for p in pairs], probe_rng
+    )
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("replay", total=seeds * folds)
 
@@ -216,7 +220,7 @@ def _simulate(
         result = replay_on(matrix, features, options, router_params, calibrate, progress)
     _print_table(result)
     gap = _gap_closed(result, summary)
-    _print_reference(summary, gap, PAPER_FIGURES)
+    _print_reference(summary, probe, gap, PAPER_FIGURES)
     if json_out is not None:
         data = {
             **result.to_json(),
@@ -227,6 +231,7 @@ def _simulate(
                 "max_pairs": max_pairs,
                 "seed": seed,
                 **summary.to_json(),
+                "domain_probe_accuracy": probe,
             },
             "gap_closed": gap,
             "paper": PAPER_FIGURES,
@@ -264,7 +269,9 @@ def _print_spec(summary: Any) -> None:
     out.print(f"mean correlation of errors between RMs: {summary.error_correlation:.3f}")
 
 
-def _print_reference(summary: Any, gap: dict[str, float | None], paper: dict[str, Any]) -> None:
+def _print_reference(
+    summary: Any, probe: float, gap: dict[str, float | None], paper: dict[str, Any]
+) -> None:
     out = Console(width=max(Console().width, 140))
     rm, acc = summary.best_single
     per_domain = ", ".join(f"{d}: {r}" for d, r in summary.best_rm_per_domain.items())
@@ -277,6 +284,11 @@ def _print_reference(summary: Any, gap: dict[str, float | None], paper: dict[str
         f" spec: {summary.expected_best_per_domain:.3f})"
     )
     out.print(f"oracle (some RM right): {summary.oracle:.3f}")
+    out.print(
+        f"domain probe: a linear probe on the features tells the domain of {probe:.1%} of"
+        " held-out pairs (the RMs' skill depends on the domain alone: that is what a router"
+        " has to learn)"
+    )
     for name, share in gap.items():
         text = "n/a (no gap)" if share is None else f"{share:+.0%}"
         out.print(f"{name}: share of the gap best-single → best-per-domain closed: {text}")

@@ -10,6 +10,7 @@ import pytest
 import gateway.simulate
 from gateway.simulate import (
     PRESETS,
+    domain_probe_accuracy,
     error_correlation,
     parse_spec,
     preset,
@@ -160,3 +161,17 @@ def test_stratified_subsample_spreads_over_domains() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(gateway.simulate, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_domain_probe_tells_separable_domains_apart_and_not_mixed_ones() -> None:
+    rng = np.random.default_rng(0)
+    n = 600
+    domains = [DOMAINS[i % 3] for i in range(n)]
+    groups = [f"g{i // 2}" for i in range(n)]
+    centres = rng.normal(size=(3, 16)) * 3
+    y = np.array([DOMAINS.index(d) for d in domains])
+    separable = centres[y] + rng.normal(size=(n, 16))
+    noise = rng.normal(size=(n, 16))
+    assert domain_probe_accuracy(separable, domains, groups, np.random.default_rng(1)) > 0.95
+    assert domain_probe_accuracy(noise, domains, groups, np.random.default_rng(1)) < 0.45
+    assert np.isnan(domain_probe_accuracy(noise, ["a"] * n, groups, np.random.default_rng(1)))
