@@ -396,29 +396,30 @@ PAPER_FIGURES: dict[str, Any] = {
 }
 
 
-def domain_probe_accuracy(
+def domain_probe(
     features: np.ndarray,
     domains: Sequence[str],
     groups: Sequence[str],
     rng: np.random.Generator,
     folds: int = 5,
     ridge: float = 1.0,
-) -> float:
-    """Held-out accuracy of a linear probe that tells the pairs' domains from their features.
+) -> list[str]:
+    """Each pair's domain as a linear probe on its features predicts it, held out.
 
-    In a simulation the RMs' skill depends only on the domain, so this bounds what any router
-    on these features can learn: where the probe cannot tell two domains apart, no router
-    can send each to its specialist. One-vs-rest ridge regression on standardised features,
-    ``folds`` folds split by group (a prompt's rows never straddle folds). NaN for one domain.
+    In a simulation the RMs' skill depends only on the domain, so this says what a router on
+    these features can learn: where the probe cannot tell two domains apart, a router cannot
+    send each to its specialist either (unless it finds more than a linear probe does).
+    One-vs-rest ridge regression on standardised features, ``folds`` folds split by group (a
+    prompt's rows never straddle folds); each row is predicted by the fold that left it out.
     """
     labels = sorted(set(domains))
     if len(labels) < 2:
-        return float("nan")
+        return list(domains)
     y = np.array([labels.index(d) for d in domains])
     unique = sorted(set(groups))
     fold_of_group = dict(zip(unique, rng.permutation(len(unique)) % folds, strict=True))
     fold = np.array([fold_of_group[g] for g in groups])
-    right = 0
+    predicted = y.copy()
     for k in range(folds):
         train, test = fold != k, fold == k
         if not train.any() or not test.any():
@@ -429,5 +430,41 @@ def domain_probe_accuracy(
         targets = np.eye(len(labels))[y[train]]
         gram = x_train.T @ x_train + ridge * np.eye(x_train.shape[1])
         weights = np.linalg.solve(gram, x_train.T @ targets)
-        right += int((np.argmax(x_test @ weights, axis=1) == y[test]).sum())
-    return right / len(domains)
+        predicted[test] = np.argmax(x_test @ weights, axis=1)
+    return [labels[i] for i in predicted]
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """How well the features tell the domains apart, and what routing on that alone earns.
+
+    ``recall[d]``: share of domain d's pairs the probe puts in d. ``routed_accuracy``: send
+    each pair to the best RM (in hindsight) of its *predicted* domain: a router that knows
+    only what a linear probe knows.
+    """
+
+    accuracy: float
+    recall: dict[str, float]
+    routed_accuracy: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "recall": self.recall,
+            "routed_accuracy": self.routed_accuracy,
+        }
+
+
+def probe_report(matrix: BehaviorMatrix, predicted: Sequence[str], summary: Summary) -> ProbeReport:
+    """Score :func:`domain_probe`'s predictions against the matrix (see :class:`ProbeReport`)."""
+    domains = np.array([p.domain for p in matrix.pairs])
+    guess = np.asarray(predicted)
+    recall = {d: float((guess[domains == d] == d).mean()) for d in sorted(set(domains.tolist()))}
+    fallback = summary.best_single[0]
+    picks = [matrix.rms.index(summary.best_rm_per_domain.get(g, fallback)) for g in guess.tolist()]
+    routed = matrix.correct[np.arange(matrix.n_pairs), picks]
+    return ProbeReport(
+        accuracy=float((guess == domains).mean()),
+        recall=recall,
+        routed_accuracy=float(routed.mean()),
+    )

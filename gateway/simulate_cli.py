@@ -181,7 +181,8 @@ def _simulate(
 
     from gateway.simulate import (
         PAPER_FIGURES,
-        domain_probe_accuracy,
+        domain_probe,
+        probe_report,
         simulate_behavior,
         stratified_subsample,
         summarize,
@@ -208,9 +209,10 @@ def _simulate(
         console.print(f"note: the spec names domains absent from these pairs: {', '.join(absent)}")
     _print_spec(summary)
     features = _features(matrix, *encoding)
-    probe = domain_probe_accuracy(
+    predicted = domain_probe(
         features, [p.domain for p in pairs], [p.group for p in pairs], probe_rng
     )
+    probe = probe_report(matrix, predicted, summary)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("replay", total=seeds * folds)
 
@@ -231,7 +233,7 @@ def _simulate(
                 "max_pairs": max_pairs,
                 "seed": seed,
                 **summary.to_json(),
-                "domain_probe_accuracy": probe,
+                "domain_probe": probe.to_json(),
             },
             "gap_closed": gap,
             "paper": PAPER_FIGURES,
@@ -270,7 +272,7 @@ def _print_spec(summary: Any) -> None:
 
 
 def _print_reference(
-    summary: Any, probe: float, gap: dict[str, float | None], paper: dict[str, Any]
+    summary: Any, probe: Any, gap: dict[str, float | None], paper: dict[str, Any]
 ) -> None:
     out = Console(width=max(Console().width, 140))
     rm, acc = summary.best_single
@@ -284,10 +286,12 @@ def _print_reference(
         f" spec: {summary.expected_best_per_domain:.3f})"
     )
     out.print(f"oracle (some RM right): {summary.oracle:.3f}")
+    recall = ", ".join(f"{d} {r:.0%}" for d, r in probe.recall.items())
     out.print(
-        f"domain probe: a linear probe on the features tells the domain of {probe:.1%} of"
-        " held-out pairs (the RMs' skill depends on the domain alone: that is what a router"
-        " has to learn)"
+        f"domain probe (linear, held out): tells the domain of {probe.accuracy:.1%} of pairs"
+        f" ({recall}); routing each pair to its predicted domain's best RM:"
+        f" {probe.routed_accuracy:.3f}. The RMs' skill depends on the domain alone: that is"
+        " what a router has to learn from the features."
     )
     for name, share in gap.items():
         text = "n/a (no gap)" if share is None else f"{share:+.0%}"

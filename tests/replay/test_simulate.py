@@ -10,10 +10,11 @@ import pytest
 import gateway.simulate
 from gateway.simulate import (
     PRESETS,
-    domain_probe_accuracy,
+    domain_probe,
     error_correlation,
     parse_spec,
     preset,
+    probe_report,
     simulate_behavior,
     stratified_subsample,
     summarize,
@@ -166,12 +167,24 @@ def test_docstring_examples() -> None:
 def test_domain_probe_tells_separable_domains_apart_and_not_mixed_ones() -> None:
     rng = np.random.default_rng(0)
     n = 600
-    domains = [DOMAINS[i % 3] for i in range(n)]
+    pairs = _pairs(n, DOMAINS[:3])
+    domains = [p.domain for p in pairs]
     groups = [f"g{i // 2}" for i in range(n)]
-    centres = rng.normal(size=(3, 16)) * 3
     y = np.array([DOMAINS.index(d) for d in domains])
-    separable = centres[y] + rng.normal(size=(n, 16))
+    separable = rng.normal(size=(3, 16))[y] * 3 + rng.normal(size=(n, 16))
     noise = rng.normal(size=(n, 16))
-    assert domain_probe_accuracy(separable, domains, groups, np.random.default_rng(1)) > 0.95
-    assert domain_probe_accuracy(noise, domains, groups, np.random.default_rng(1)) < 0.45
-    assert np.isnan(domain_probe_accuracy(noise, ["a"] * n, groups, np.random.default_rng(1)))
+    spec = parse_spec(SPEC)
+    matrix = simulate_behavior(pairs, spec, np.random.default_rng(3))
+    summary = summarize(matrix, spec)
+    good = probe_report(
+        matrix, domain_probe(separable, domains, groups, np.random.default_rng(1)), summary
+    )
+    bad = probe_report(
+        matrix, domain_probe(noise, domains, groups, np.random.default_rng(1)), summary
+    )
+    assert good.accuracy > 0.95 and min(good.recall.values()) > 0.9
+    assert bad.accuracy < 0.45
+    # routing by a perfect probe is routing by domain; by a blind one, it is much worse
+    assert good.routed_accuracy == pytest.approx(summary.best_per_domain, abs=0.02)
+    assert bad.routed_accuracy < summary.best_per_domain - 0.05
+    assert domain_probe(noise, ["a"] * n, groups, np.random.default_rng(1)) == ["a"] * n

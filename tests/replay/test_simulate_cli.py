@@ -71,7 +71,8 @@ def test_simulate_cli_mixes_files_subsamples_and_writes_json(tmp_path: Path, enc
     assert sim["best_per_domain"]["rm"] == {"chat": "flat-rm", "math": "math-rm"}
     assert sim["best_per_domain"]["accuracy"] > sim["best_single"]["accuracy"]
     assert sim["oracle"] >= sim["best_per_domain"]["accuracy"]
-    assert 0.0 <= sim["domain_probe_accuracy"] <= 1.0
+    assert set(sim["domain_probe"]["recall"]) == {"chat", "math"}
+    assert 0.0 <= sim["domain_probe"]["routed_accuracy"] <= sim["oracle"]
     policies = data["policies"]
     assert {"bayesian", "best-single", "majority", "oracle", "laser"} <= set(policies)
     assert policies["majority"]["rm_calls_per_pair"] == 2.0
