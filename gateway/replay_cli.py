@@ -10,6 +10,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway.replay_options import (
+    AuditRateOpt,
+    AuditRmOpt,
+    BatchSizeOpt,
+    CacheDirOpt,
+    CalibrateOpt,
+    EncoderOpt,
+    FoldsOpt,
+    JsonOpt,
+    MaxCallsOpt,
+    MaxLengthOpt,
+    PoliciesOpt,
+    RewardNoiseOpt,
+    RewardOpt,
+    SecondOpinionMarginOpt,
+    SeedsOpt,
+    SetOpt,
+    StreamOrderOpt,
+)
 from reward_router.errors import RewardRouterError
 
 console = Console(stderr=True)
@@ -40,77 +59,24 @@ def _parse_settings(items: list[str]) -> tuple[dict[str, dict[str, Any]], dict[s
 def replay(
     pairs: Annotated[Path, typer.Option(help="Pairs file (JSONL or JSONL.gz).")],
     behavior: Annotated[Path, typer.Option(help="Behaviour file: what each RM said per pair.")],
-    policies: Annotated[str, typer.Option(help="'all' or a comma-separated list.")] = "all",
-    folds: Annotated[int, typer.Option(help="Cross-fitting folds (split by group).")] = 5,
-    seeds: Annotated[int, typer.Option(help="Repetitions with new folds and stream order.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Pairs per routing batch.")] = 8,
-    reward_noise: Annotated[
-        float, typer.Option(help="Probability of flipping the online reward (with 'noisy').")
-    ] = 0.0,
-    reward: Annotated[
-        str,
-        typer.Option(
-            help="What online policies learn from: correct (the picked RM's correctness), noisy"
-            " (the same, flipped with --reward-noise) or dpo-proxy (modelled quantile −DPO loss).",
-        ),
-    ] = "correct",
-    stream_order: Annotated[
-        str,
-        typer.Option(
-            help="Held-out stream order: shuffled, by-source (blocks of one source: a shift) or"
-            " drift (halfway, the training-best RM starts answering like the worst).",
-        ),
-    ] = "shuffled",
-    max_calls_per_pair: Annotated[
-        float,
-        typer.Option(
-            help="RM calls per pair allowed on average (1-2): above 1, a pair whose RM tied (or"
-            " is below --second-opinion-margin) asks the next RM of the same draw.",
-        ),
-    ] = 1.0,
-    audit_rate: Annotated[
-        float,
-        typer.Option(
-            help="Gold audits: share of bayesian's pairs also labelled by --audit-rm (extra"
-            " calls); agreement becomes that pair's reward.",
-        ),
-    ] = 0.0,
-    audit_rm: Annotated[
-        str | None, typer.Option(help="The auditing RM (default: the training-best RM).")
-    ] = None,
-    second_opinion_margin: Annotated[
-        float | None,
-        typer.Option(
-            help="Ask a second RM below this |margin| (in that RM's RMS units); default: the"
-            " RM's own (max-calls-per-pair - 1) quantile of |margin| on the training folds.",
-        ),
-    ] = None,
-    encoder: Annotated[
-        str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
-    ] = "minilm",
-    max_length: Annotated[int, typer.Option(help="Encoder token limit per side.")] = 256,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Embedding cache (default: the project cache).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="Parameter override, repeatable: POLICY.PARAM=VALUE (e.g. bayesian.lambda0=2)"
-            " or router.PARAM=VALUE (e.g. router.epochs=200).",
-        ),
-    ] = None,
-    calibrate: Annotated[
-        bool,
-        typer.Option(
-            help="Calibrate the BT prior onto the reward scale and fit its strength (default);"
-            " --no-calibrate injects E_bt raw, as in the paper.",
-        ),
-    ] = True,
+    policies: PoliciesOpt = "all",
+    folds: FoldsOpt = 5,
+    seeds: SeedsOpt = 5,
+    batch_size: BatchSizeOpt = 8,
+    reward_noise: RewardNoiseOpt = 0.0,
+    reward: RewardOpt = "correct",
+    stream_order: StreamOrderOpt = "shuffled",
+    max_calls_per_pair: MaxCallsOpt = 1.0,
+    second_opinion_margin: SecondOpinionMarginOpt = None,
+    audit_rate: AuditRateOpt = 0.0,
+    audit_rm: AuditRmOpt = None,
+    encoder: EncoderOpt = "minilm",
+    max_length: MaxLengthOpt = 256,
+    cache_dir: CacheDirOpt = None,
+    set_: SetOpt = None,
+    calibrate: CalibrateOpt = True,
     seed: Annotated[int, typer.Option(help="Root seed.")] = 0,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write results JSON here.")
-    ] = None,
+    json_out: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
 ) -> None:
     """Replay every policy on recorded RM behaviour, cross-fitted, and compare them."""

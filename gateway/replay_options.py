@@ -16,7 +16,45 @@ FoldsOpt = Annotated[int, typer.Option(help="Cross-fitting folds (split by group
 SeedsOpt = Annotated[int, typer.Option(help="Repetitions with new folds and stream order.")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Pairs per routing batch.")]
 RewardNoiseOpt = Annotated[
-    float, typer.Option(help="Probability of flipping the online reward (noisy −DPO).")
+    float, typer.Option(help="Probability of flipping the online reward (with 'noisy').")
+]
+RewardOpt = Annotated[
+    str,
+    typer.Option(
+        help="What online policies learn from: correct (the picked RM's correctness), noisy"
+        " (the same, flipped with --reward-noise) or dpo-proxy (modelled quantile −DPO loss).",
+    ),
+]
+StreamOrderOpt = Annotated[
+    str,
+    typer.Option(
+        help="Held-out stream order: shuffled, by-source (blocks of one source: a shift) or"
+        " drift (halfway, the training-best RM starts answering like the worst).",
+    ),
+]
+MaxCallsOpt = Annotated[
+    float,
+    typer.Option(
+        help="RM calls per pair allowed on average (1-2): above 1, a pair whose RM tied (or"
+        " is below --second-opinion-margin) asks the next RM of the same draw.",
+    ),
+]
+SecondOpinionMarginOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Ask a second RM below this |margin| (in that RM's RMS units); default: the"
+        " RM's own (max-calls-per-pair - 1) quantile of |margin| on the training folds.",
+    ),
+]
+AuditRateOpt = Annotated[
+    float,
+    typer.Option(
+        help="Gold audits: share of bayesian's pairs also labelled by --audit-rm (extra"
+        " calls); agreement becomes that pair's reward.",
+    ),
+]
+AuditRmOpt = Annotated[
+    str | None, typer.Option(help="The auditing RM (default: the training-best RM).")
 ]
 EncoderOpt = Annotated[
     str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
@@ -36,8 +74,8 @@ SetOpt = Annotated[
 CalibrateOpt = Annotated[
     bool,
     typer.Option(
-        help="Calibrate the BT prior onto the reward scale and fit its strength (default);"
-        " --no-calibrate injects E_bt raw, as in the paper.",
+        help="Calibrate the BT prior onto the correctness scale with its stated strength"
+        " (default); --no-calibrate injects E_bt raw, as in the paper.",
     ),
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write results JSON here.")]

@@ -23,17 +23,23 @@ from rich.table import Table
 
 from gateway.replay_cli import _features, _parse_settings, _print_table
 from gateway.replay_options import (
+    AuditRateOpt,
+    AuditRmOpt,
     BatchSizeOpt,
     CacheDirOpt,
     CalibrateOpt,
     EncoderOpt,
     FoldsOpt,
     JsonOpt,
+    MaxCallsOpt,
     MaxLengthOpt,
     PoliciesOpt,
     RewardNoiseOpt,
+    RewardOpt,
+    SecondOpinionMarginOpt,
     SeedsOpt,
     SetOpt,
+    StreamOrderOpt,
 )
 from gateway.simulate import PRESETS
 from reward_router.errors import RewardRouterError
@@ -71,6 +77,12 @@ def simulate(
     seeds: SeedsOpt = 3,
     batch_size: BatchSizeOpt = 8,
     reward_noise: RewardNoiseOpt = 0.0,
+    reward: RewardOpt = "correct",
+    stream_order: StreamOrderOpt = "shuffled",
+    max_calls_per_pair: MaxCallsOpt = 1.0,
+    second_opinion_margin: SecondOpinionMarginOpt = None,
+    audit_rate: AuditRateOpt = 0.0,
+    audit_rm: AuditRmOpt = None,
     encoder: EncoderOpt = "minilm",
     max_length: MaxLengthOpt = 128,
     cache_dir: CacheDirOpt = None,
@@ -93,6 +105,12 @@ def simulate(
             "policies": parse_policies(policies),
             "policy_params": policy_params,
             "seed": seed,
+            "reward": reward,
+            "stream_order": stream_order,
+            "max_calls_per_pair": max_calls_per_pair,
+            "second_opinion_margin": second_opinion_margin,
+            "audit_rate": audit_rate,
+            "audit_rm": audit_rm,
         }
         _simulate(
             pairs, rms, spec, max_pairs, options, router_params, calibrate,
