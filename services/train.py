@@ -429,6 +429,9 @@ def merge_adapter(adapter: Path, out: Path, base: Path | None = None) -> Path:
     merged.eval()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(out)
+    if (adapter / "train_report.json").is_file() and adapter.resolve() != out.resolve():
+        # How it was trained (the token window a service must use) travels with the model.
+        (out / "train_report.json").write_bytes((adapter / "train_report.json").read_bytes())
     return out
 
 
