@@ -214,7 +214,8 @@ def _label_markdown(label: dict[str, Any]) -> list[str]:
         "its label was right (namespace `demo-label`, `normalizer: none`). The other rows are "
         "what the pool's behaviour matrix says the same pairs got from best-single (the RM best "
         "on the router's training part), the best RM per domain (chosen there too), a majority "
-        "vote of every RM, and the oracle (any RM right). Accuracy ± standard error.",
+        "vote of every RM, and the oracle (the best any RM did on the pair). Accuracy ± standard "
+        "error.",
         "",
         "| | "
         + " | ".join(f"quarter {q['quarter']} (n={q['pairs']})" for q in quarters)
