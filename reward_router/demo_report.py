@@ -162,6 +162,102 @@ def _plots(
     return out
 
 
+def _label_plots(folder: Path, label: dict[str, Any]) -> list[Path]:
+    """Label accuracy per quarter (policy vs the matrix's baselines); routing share per domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quarters = label["quarters"]
+    names = list(label["overall"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs = np.arange(1, len(quarters) + 1)
+    for k, name in enumerate(names):
+        acc = np.array([q["accuracy"][name][0] for q in quarters])
+        se = np.array([q["accuracy"][name][1] for q in quarters])
+        style = "o-" if name == "policy" else "s--"
+        lw = 2.5 if name == "policy" else 1.2
+        shift = xs + 0.04 * (k - len(names) / 2)
+        ax.errorbar(shift, acc, yerr=se, fmt=style, capsize=3, label=name, lw=lw)
+    ax.set(xlabel="quarter of the stream", ylabel="label accuracy", xticks=xs)
+    ax.set_title(f"label stage: {label['pairs']} held-out pairs through the gateway")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    out = [_save(fig, folder / "label_accuracy.png")]
+
+    rms = label["rms"]
+    colors = {rm: plt.get_cmap("tab10")(i % 10) for i, rm in enumerate(rms)}
+    domains = list(label["counts_by_domain"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], domains, strict=True):
+        bottom = np.zeros(len(quarters))
+        for rm in rms:
+            vals = np.array([q["share_by_domain"].get(d, {}).get(rm, 0.0) for q in quarters])
+            ax.bar(xs, vals, bottom=bottom, color=colors[rm], label=rm)
+            bottom += vals
+        ax.set(title=f"{d} pairs", xlabel="quarter", ylim=(0, 1), xticks=xs)
+    axes[0][0].set_ylabel("share routed to each RM")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    out.append(_save(fig, folder / "label_routing.png"))
+    return out
+
+
+def _label_markdown(label: dict[str, Any]) -> list[str]:
+    names = list(label["overall"])
+    quarters = label["quarters"]
+    lines = [
+        "## Label stage: the router picks one RM per pair",
+        "",
+        f"{label['pairs']} held-out pairs (never seen by the RMs or the router; "
+        + ", ".join(f"{n} {d}" for d, n in label["domains"].items())
+        + ") streamed through the live gateway, one RM per pair, the feedback being whether "
+        "its label was right (namespace `demo-label`, `normalizer: none`). The other rows are "
+        "what the pool's behaviour matrix says the same pairs got from best-single (the RM best "
+        "on the router's training part), the best RM per domain (chosen there too), a majority "
+        "vote of every RM, and the oracle (the best any RM did on the pair). Accuracy ± standard "
+        "error.",
+        "",
+        "| | "
+        + " | ".join(f"quarter {q['quarter']} (n={q['pairs']})" for q in quarters)
+        + " | all |",
+        "|---|" + "---:|" * (len(quarters) + 1),
+    ]
+    for name in names:
+        cells = [f"{q['accuracy'][name][0]:.3f} ± {q['accuracy'][name][1]:.3f}" for q in quarters]
+        acc, se = label["overall"][name]
+        cells.append(f"**{acc:.3f} ± {se:.3f}**" if name == "policy" else f"{acc:.3f} ± {se:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"The live RM's answer matched its row in the matrix on "
+        f"{label['matrix_agreement']:.1%} of the pairs; {label['fallbacks']} fallbacks.",
+        "",
+        "Where each domain's pairs went (share per quarter of the stream):",
+        "",
+        "| domain | RM | " + " | ".join(f"q{q['quarter']}" for q in quarters) + " | all |",
+        "|---|---|" + "---:|" * (len(quarters) + 1),
+    ]
+    for d, counts in label["counts_by_domain"].items():
+        total = sum(counts.values()) or 1
+        for rm in label["rms"]:
+            shares = [q["share_by_domain"].get(d, {}).get(rm, 0.0) for q in quarters]
+            if not any(shares):
+                continue
+            lines.append(
+                f"| {d} | {rm} | "
+                + " | ".join(f"{v:.2f}" for v in shares)
+                + f" | {counts[rm] / total:.2f} |"
+            )
+    lines += [
+        "",
+        "![label accuracy](label_accuracy.png)",
+        "",
+        "![label routing](label_routing.png)",
+        "",
+    ]
+    return lines
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -188,7 +284,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"rewards applied, {s['fallbacks']} fallbacks, {s['ties']} ties. "
         f"Total time {report['total_s']:.0f} s.",
         "",
-        "## Where the pairs went",
+        "## Online DPO: where the pairs went",
         "",
         "| RM | share | first half | second half | "
         + " | ".join(f"{d} prompts" for d in r["by_domain"])
@@ -209,7 +305,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "![routing by domain](routing_by_domain.png)",
         "",
-        "## What the router learned from (held-out pairs, accuracy per RM)",
+        "## What the router learned from (its part of the pool's matrix, accuracy per RM)",
         "",
     ]
     acc = report["pool_accuracy"]
@@ -220,9 +316,11 @@ def _markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {rm} | " + " | ".join(_pct(col.get(rm)) for col in acc.values()) + " |"
             )
+    if report.get("label"):
+        lines += ["", *_label_markdown(report["label"])]
     lines += [
         "",
-        "## The posterior after the run (gateway `/v1/posteriors`)",
+        "## The posterior after the Online DPO run (gateway `/v1/posteriors`)",
         "",
         "| RM | observations | routes | ‖mean‖ | uncertainty |",
         "|---|---:|---:|---:|---:|",
@@ -271,6 +369,7 @@ def write_report(
     config: dict[str, Any],
     pool: Path | None,
     total_s: float,
+    label: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write report.json, the PNG plots and summary.md into ``folder``; returns their paths."""
     log = read_log(run)
@@ -288,6 +387,7 @@ def write_report(
         "routing": routing,
         "pool_accuracy": pool_accuracy(pool) if pool is not None else {},
         "posteriors": posteriors,
+        "label": label,
         "steps": [
             {
                 k: rec.get(k)
@@ -302,6 +402,8 @@ def write_report(
     }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     files = _plots(folder, log, routing, rms)
+    if label:
+        files += _label_plots(folder, label)
     (folder / "report.json").write_text(json.dumps(report, indent=1))
     (folder / "summary.md").write_text(_markdown(report))
     return [folder / "report.json", folder / "summary.md", *files]

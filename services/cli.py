@@ -12,8 +12,10 @@ from pathlib import Path
 import typer
 
 from reward_router.errors import RewardRouterError
+from services.train import TrainConfig
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+_TRAIN = TrainConfig()  # the defaults of `rm train`
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -52,13 +54,20 @@ def serve(
 def train(
     domain: str = typer.Option(..., help="chat | safety | math"),
     out: Path = typer.Option(..., help="Output folder (a Hugging Face model folder)."),
-    max_pairs: int = typer.Option(2000, help="Cap on training pairs (seeded subset)."),
-    epochs: int = typer.Option(1, help="Passes over the training pairs."),
-    batch_size: int = typer.Option(16, help="Pairs per step."),
-    lr: float = typer.Option(5e-5, help="AdamW learning rate."),
-    max_length: int = typer.Option(256, help="Tokens per (prompt, response)."),
-    max_eval_pairs: int = typer.Option(600, help="Held-out pairs scored at the end."),
-    freeze_layers: int = typer.Option(2, help="Frozen lowest encoder layers (-1: none)."),
+    max_pairs: int = typer.Option(_TRAIN.max_pairs, help="Cap on training pairs (seeded subset)."),
+    epochs: int = typer.Option(_TRAIN.epochs, help="Passes over the training pairs."),
+    batch_size: int = typer.Option(_TRAIN.batch_size, help="Pairs per step."),
+    lr: float = typer.Option(_TRAIN.lr, help="AdamW learning rate."),
+    max_length: int = typer.Option(_TRAIN.max_length, help="Tokens per (prompt, response)."),
+    max_eval_pairs: int = typer.Option(
+        _TRAIN.max_eval_pairs, help="Held-out pairs scored at the end."
+    ),
+    lora_rank: int = typer.Option(
+        _TRAIN.lora_rank, help="LoRA rank (0: plain fine-tuning above --freeze-layers)."
+    ),
+    freeze_layers: int = typer.Option(
+        _TRAIN.freeze_layers, help="Plain fine-tuning: frozen lowest encoder layers (-1: none)."
+    ),
     threads: int | None = typer.Option(None, help="torch threads."),
     seed: int = typer.Option(0),
     data_dir: Path = typer.Option(Path("data/pairs"), help="Folder of the shipped pairs."),
@@ -77,6 +86,7 @@ def train(
             lr=lr,
             max_length=max_length,
             max_eval_pairs=max_eval_pairs,
+            lora_rank=lora_rank,
             freeze_layers=freeze_layers,
             seed=seed,
             threads=threads,
@@ -92,25 +102,45 @@ def train(
 
 @app.command()
 def heldout(
-    domain: str = typer.Option(..., help="chat | safety | math"),
+    domain: str = typer.Option(..., help="chat | safety | math | pool"),
     out: Path = typer.Option(..., help="Pairs file to write (.jsonl or .jsonl.gz)."),
     limit: int | None = typer.Option(None, help="Seeded sample of at most this many pairs."),
     seed: int = typer.Option(0),
     data_dir: Path = typer.Option(Path("data/pairs")),
 ) -> None:
-    """Write the held-out pairs of a domain (never trained on) for evaluation."""
+    """Write the held-out pairs of a domain (never trained on) for evaluation; ``--domain
+    pool``: the pairs of the pool's behaviour matrix (every domain's + hhh-alignment)."""
     import random
 
-    from services.train import domain_split, write_pairs
+    from services.train import domain_split, pool_heldout, write_pairs
 
     try:
-        _, held = domain_split(domain, data_dir)
+        held = pool_heldout(data_dir) if domain == "pool" else domain_split(domain, data_dir)[1]
     except RewardRouterError as exc:
         raise _fail(exc) from exc
     if limit is not None and limit < len(held):
         held = random.Random(seed).sample(held, limit)
     write_pairs(held, out)
     typer.echo(json.dumps({"domain": domain, "pairs": len(held), "out": str(out)}))
+
+
+@app.command()
+def build(
+    out: Path = typer.Option(Path("artifacts/rms"), help="Folder for <domain>/ model folders."),
+    domain: list[str] = typer.Option(["chat", "safety", "math"], help="Specialists to build."),
+    adapters: Path | None = typer.Option(
+        None, help="Folder of <domain>/ adapters [default: data/specialists]."
+    ),
+) -> None:
+    """Merge the shipped specialist adapters into HF folders the ``hf`` backend serves."""
+    from services.train import SPECIALISTS_DIR, merge_adapter
+
+    for d in domain:
+        try:
+            merge_adapter((adapters or SPECIALISTS_DIR) / d, out / d)
+        except RewardRouterError as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"{d}: {out / d}")
 
 
 @app.command()
@@ -144,16 +174,29 @@ def accuracy(
     pairs: Path = typer.Option(..., help="Pairs file."),
     behavior: Path = typer.Option(..., help="Behaviour file of those pairs."),
     by: str = typer.Option("domain", help="domain | source | subset | all"),
+    se: bool = typer.Option(True, help="Show each cell's standard error."),
 ) -> None:
-    """Print each RM's accuracy (mean `correct`) per domain / source / subset."""
+    """Print each RM's accuracy (mean `correct`) per domain / source / subset, then the best
+    single RM, the best RM per domain, majority vote and oracle over all pairs."""
     from reward_router.data import load_pairs
-    from services.pool import accuracy_table, markdown_table
+    from services.pool import accuracy_table, markdown_table, matrix_summary
 
     try:
-        rm_names, table = accuracy_table(load_pairs(pairs), behavior, by=by)
+        loaded = load_pairs(pairs)
+        rm_names, table = accuracy_table(loaded, behavior, by=by)
+        summary = matrix_summary(loaded, behavior)
     except RewardRouterError as exc:
         raise _fail(exc) from exc
-    typer.echo(markdown_table(table, rm_names))
+    typer.echo(markdown_table(table, rm_names, se=se))
+    name, acc, err = summary["best_single"]
+    best_in, r_acc, r_err = summary["best_per_domain"]
+    typer.echo(
+        f"\n{summary['pairs']} pairs: best single {name} {acc:.3f} ± {err:.3f}; best RM per "
+        f"domain {r_acc:.3f} ± {r_err:.3f} ("
+        + ", ".join(f"{d}: {rm}" for d, rm in best_in.items())
+        + f"); majority {summary['majority'][0]:.3f} ± {summary['majority'][1]:.3f}; "
+        f"oracle {summary['oracle'][0]:.3f} ± {summary['oracle'][1]:.3f}"
+    )
 
 
 @app.command()

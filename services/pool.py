@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import sys
 from collections import defaultdict
@@ -256,10 +257,58 @@ def accuracy_table(
     return matrix.rms, table
 
 
-def markdown_table(columns: dict[str, dict[str, tuple[float, int]]], rms: Sequence[str]) -> str:
+def binomial_se(acc: float, n: int) -> float:
+    """Standard error of an accuracy over ``n`` pairs (ties make the true one a bit smaller).
+
+    >>> round(binomial_se(0.5, 100), 3)
+    0.05
+    """
+    return math.sqrt(max(acc * (1 - acc), 0.0) / n) if n > 0 else float("nan")
+
+
+def matrix_summary(pairs: Sequence[Pair], behavior: Path) -> dict[str, Any]:
+    """What routing can gain on a behaviour matrix: best single RM, the best RM of each domain
+    (chosen on the same pairs, so an upper bound for a domain-aware router), majority vote of
+    every RM, and the oracle (the best any RM did on each pair: 1, or 0.5 for a tie), each as
+    ``(accuracy, standard error)``."""
+    matrix = load_behavior(behavior, pairs)
+    c = matrix.correct
+    n = matrix.n_pairs
+    per_rm = c.mean(axis=0)
+    best = int(per_rm.argmax())
+    domains = sorted({p.domain for p in matrix.pairs})
+    dom = [p.domain for p in matrix.pairs]
+    best_in: dict[str, str] = {}
+    routed = 0.0
+    for d in domains:
+        idx = [i for i, x in enumerate(dom) if x == d]
+        j = int(c[idx].mean(axis=0).argmax())
+        best_in[d] = matrix.rms[j]
+        routed += float(c[idx, j].sum())
+    votes = (2.0 * c - 1.0).sum(axis=1)
+    majority = float(((votes > 0) + 0.5 * (votes == 0)).mean())
+    oracle = float(c.max(axis=1).mean())  # a tie is worth 0.5, as in the replay
+
+    def cell(acc: float) -> tuple[float, float]:
+        return acc, binomial_se(acc, n)
+
+    return {
+        "pairs": n,
+        "rms": matrix.rms,
+        "best_single": (matrix.rms[best], *cell(float(per_rm[best]))),
+        "best_per_domain": (best_in, *cell(routed / n)),
+        "majority": cell(majority),
+        "oracle": cell(oracle),
+    }
+
+
+def markdown_table(
+    columns: dict[str, dict[str, tuple[float, int]]], rms: Sequence[str], *, se: bool = False
+) -> str:
     """RMs as rows, the given columns (e.g. eval sets) as columns, best per column in bold.
 
-    A cell measured on fewer pairs than its column's largest count shows its own ``n``.
+    A cell measured on fewer pairs than its column's largest count shows its own ``n``; with
+    ``se`` each cell shows its binomial standard error.
     """
     names = list(columns)
     size = {c: max(n for _, n in columns[c].values()) for c in names}
@@ -272,6 +321,8 @@ def markdown_table(columns: dict[str, dict[str, tuple[float, int]]], rms: Sequen
             acc, n = columns[c].get(rm, (float("nan"), 0))
             text = f"{acc:.3f}"
             text = f"**{text}**" if acc == best[c] else text
+            if se:
+                text += f" ± {binomial_se(acc, n):.3f}"
             cells.append(text if n == size[c] else f"{text} (n={n})")
         lines.append(f"| {rm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

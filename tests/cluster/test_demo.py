@@ -1,8 +1,9 @@
 """``reward-router demo`` as a real process, end to end, with tiny models built in the test.
 
-The demo's stages are the project's real commands (rm train, rm collect, router train, up,
-train-dpo) on the shipped data; only the models are swapped for tiny ones through the demo's own
-options (--rm-base-model, --encoder, --policy), so a run takes about a minute on a CPU.
+The demo's stages are the project's real commands (rm build, router train, up, the label stream
+through the gateway, train-dpo) on the shipped data and the shipped specialist RMs (MiniLM-L6
+with the adapters of data/specialists); the router's encoder and the policy are swapped for tiny
+ones through the demo's own options (--encoder, --policy), so a run takes a minute or two.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from reward_router.demo import DemoConfig, settings_key
@@ -66,14 +68,15 @@ def test_settings_key_changes_with_the_settings() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two whole demo runs, each bounded by _demo's own 900 s
 def test_demo_end_to_end_then_from_the_cache(tmp_path: Path) -> None:
     bert = tiny_bert(tmp_path / "bert")
     llama = tiny_llama(tmp_path / "llama", seed=1)
     cache = tmp_path / "cache"
     common = [
         "--steps", "2", "--prompts-per-step", "2", "--max-new-tokens", "6",
-        "--rm-base-model", str(bert), "--encoder", str(bert), "--policy", str(llama),
-        "--rm-train-pairs", "16", "--pool-pairs", "6", "--threads", "1",
+        "--encoder", str(bert), "--policy", str(llama),
+        "--router-pairs", "60", "--label-pairs", "24", "--threads", "1",
     ]  # fmt: skip
     first = tmp_path / "report-1"
     res = _demo("--out", str(first), *common, cache=cache)
@@ -82,8 +85,8 @@ def test_demo_end_to_end_then_from_the_cache(tmp_path: Path) -> None:
     _check_report(first, report)
     stages = {s["stage"]: s for s in report["stages"]}
     assert not any(stages[s]["cached"] for s in ("rms", "behaviour", "router"))
-    assert stages["models"]["cached"]  # local folders: nothing to fetch
-    assert set(stages) >= {"models", "rms", "behaviour", "router", "cluster", "train"}
+    assert set(stages) >= {"models", "rms", "behaviour", "router", "cluster", "label", "train"}
+    assert stages["behaviour"]["router_pairs"] == 60 and stages["behaviour"]["stream_pairs"] == 24
     # The cluster was stopped: no child of `reward-router up` is left running.
     children = json.loads((first / "cluster" / "logs" / "cluster.json").read_text())
     assert len(children) == 6
@@ -118,7 +121,21 @@ def _check_report(folder: Path, report: dict[str, Any]) -> None:
     assert sum(sum(d["counts"].values()) for d in by_domain.values()) == routed
     per_step = {rm: sum(s["rm_counts"].get(rm, 0) for s in steps) for rm in report["rms"]}
     assert per_step == routing["counts"]
-    assert set(report["pool_accuracy"]) == {"chat", "safety", "math"}
+    assert set(report["pool_accuracy"]) >= {"chat", "safety", "math"}
+    # The label stage: every stream pair labelled by one RM of the pool, and that RM said what
+    # the shipped matrix says it said (the same specialists, served live).
+    label = report["label"]
+    rows = [json.loads(line) for line in (folder / "label.jsonl").read_text().splitlines()]
+    assert label["pairs"] == len(rows) == 24
+    assert {r["rm"] for r in rows} <= set(report["rms"])
+    assert sum(sum(c.values()) for c in label["counts_by_domain"].values()) == 24
+    assert label["matrix_agreement"] >= 0.9
+    assert [q["pairs"] for q in label["quarters"]] == [6, 6, 6, 6]
+    policy = np.array([r["correct"] for r in rows])
+    assert label["overall"]["policy"][0] == pytest.approx(policy.mean())
+    assert any(k.startswith("best-single (") for k in label["overall"])
+    for name in ("label_accuracy.png", "label_routing.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for name in ("routing_share.png", "routing_by_domain.png", "dpo_loss.png", "rewards.png"):
         data = (folder / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name

@@ -187,3 +187,10 @@ def test_shipped_cluster_files_are_valid(name: str, monkeypatch: pytest.MonkeyPa
     kinds = [c.kind for c in cluster.children]
     assert kinds.count("gateway") == (2 if name == "cluster.yaml" else 1)
     assert kinds[0] == "rm"  # RMs are started first
+    # The verifier ties on a pair without a reference answer: the gateway must know, so that
+    # such pairs go to another RM (measured before the fix: 105 of 200 went to it and tied).
+    needs_ref = {
+        rm["name"]: rm.get("needs_reference", False) for rm in cluster.gateway_settings["rms"]
+    }
+    assert needs_ref["verifier"] is True
+    assert not any(v for k, v in needs_ref.items() if k != "verifier")

@@ -18,7 +18,13 @@ from services.backends import ScoreInput, make_backend
 from services.cli import app as rm_cli
 from services.pool import accuracy_table, load_pool, markdown_table
 from services.settings import load_settings
-from services.train import TrainConfig, domain_split, train_specialist
+from services.train import (
+    TrainConfig,
+    domain_split,
+    merge_adapter,
+    probe_scores,
+    train_specialist,
+)
 from tests.services.conftest import rm_services, write_config
 from tests.tiny_models import tiny_bert
 
@@ -72,9 +78,18 @@ def test_domain_split_filters_eval_prompts_and_splits_by_group(data_dir: Path) -
 def test_train_specialist_saves_a_servable_rm(tmp_path: Path, data_dir: Path) -> None:
     base = tiny_bert(tmp_path / "base")
     out = tmp_path / "rm"
-    cfg = TrainConfig(max_pairs=16, batch_size=8, max_length=64, epochs=2, threads=1)
+    # LoRA in the upper one of the tiny model's two layers: the lower one's outputs are cached.
+    cfg = TrainConfig(
+        max_pairs=16, batch_size=8, max_length=64, epochs=2, threads=1, freeze_layers=1
+    )
     report = train_specialist("chat", out, cfg, data_dir=data_dir, base_model=base, progress=False)
     assert report["train_pairs"] == 16
+    # The adapter (what ships) is small and, merged again, gives the scores the report recorded.
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 100_000
+    rebuilt = merge_adapter(out / "adapter", tmp_path / "rebuilt", base)
+    again = probe_scores(rebuilt, domain_split("chat", data_dir)[1], 64)["scores"]
+    for pair_id, (chosen, rejected) in report["probe"]["scores"].items():
+        assert again[pair_id] == pytest.approx([chosen, rejected], abs=1e-5)
     assert 0.0 <= report["heldout_accuracy"] <= 1.0
     assert json.loads((out / "train_report.json").read_text())["domain"] == "chat"
     rm = make_backend(load_settings(None, name="chat-rm", backend="hf", model=str(out)))
@@ -186,3 +201,31 @@ def test_pool_file_errors_name_the_entry(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="unique"):
         load_pool(tmp_path / "pool.yaml")
+
+
+def test_matrix_summary_best_single_per_domain_majority_oracle(tmp_path: Path) -> None:
+    from services.pool import matrix_summary
+
+    rows = [_pair(i, "chat") for i in range(4)] + [_pair(i, "math") for i in range(4)]
+    pairs_file = _write(tmp_path / "p.jsonl.gz", rows)
+    # a: right on chat only; b: right on math only; c: right on the first pair only.
+    lines = []
+    for r in rows:
+        chat = r["domain"] == "chat"
+        lines += [
+            {"pair_id": r["id"], "rm": "a", "correct": 1.0 if chat else 0.0},
+            {"pair_id": r["id"], "rm": "b", "correct": 0.0 if chat else 1.0},
+            {
+                "pair_id": r["id"],
+                "rm": "c",
+                "correct": 1.0 if r["id"] == "chat-train-or-eval-0" else 0.5,
+            },
+        ]
+    behavior = _write(tmp_path / "b.jsonl.gz", lines)
+    s = matrix_summary(load_pairs(pairs_file), behavior)
+    assert s["pairs"] == 8
+    assert s["best_single"][:2] == ("c", pytest.approx(4.5 / 8))
+    best_in, acc, se = s["best_per_domain"]
+    assert best_in == {"chat": "a", "math": "b"} and acc == 1.0 and se == 0.0
+    assert s["majority"][0] == pytest.approx((1 + 7 * 0.5) / 8)  # one vote each way but pair 0
+    assert s["oracle"][0] == 1.0
