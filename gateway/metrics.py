@@ -94,6 +94,12 @@ class GatewayMetrics:
         self.store_errors = Counter(
             p + "store_errors", "Requests failed because the store was unreachable.", registry=r
         )
+        self.store_durable = Gauge(
+            p + "store_durable",
+            "1 if every acknowledged write is on disk; 0 if state is memory-only or Redis runs "
+            "without AOF (see /readyz's warning).",
+            registry=r,
+        )
         for rm in rm_names:
             self.rm_available.labels(rm).set(1)
 

@@ -251,6 +251,7 @@ class GatewayService:
         self.n_rms = len(pool.clients)
         self._ns: dict[str, NsState] = {}
         self._ns_locks: dict[str, asyncio.Lock] = {}
+        self.durability_warning: str | None = None
         by_name = {r.name: r for r in settings.rms}
         self.needs_reference = np.array(
             [bool(by_name[n].needs_reference) if n in by_name else False for n in pool.names]
@@ -316,6 +317,10 @@ class GatewayService:
                 retries=settings.store_retries,
                 timeout_s=settings.store_timeout_s,
             )
+        elif settings.store_path is not None:
+            from gateway.store_sqlite import SqliteStore
+
+            store = SqliteStore(settings.store_path, synchronous=settings.store_synchronous)
         else:
             store = EmbeddedStore()
         metrics = GatewayMetrics(rm_order, settings.max_metric_namespaces)
@@ -325,6 +330,19 @@ class GatewayService:
     async def start(self) -> None:
         await self.pool.start()
         self._update_rm_gauges()
+        await self._check_durability()
+
+    async def _check_durability(self) -> str | None:
+        """The store's durability warning: logged (at start-up), a gauge, and /readyz's body."""
+        try:
+            warning = await self.store.durability_warning()
+        except RewardRouterError:
+            return self.durability_warning  # unreachable now: keep the last answer
+        self.metrics.store_durable.set(0 if warning else 1)
+        if warning and warning != self.durability_warning:
+            log.warning("NOT DURABLE: %s", warning)
+        self.durability_warning = warning
+        return warning
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -344,6 +362,12 @@ class GatewayService:
         except RewardRouterError as exc:
             checks["store"] = str(exc)
         checks["rms"] = {c.name: c.available() for c in self.pool.clients}
+        if checks["store"] is True:
+            await self._check_durability()
+        # Ready either way (a memory-only gateway works), but never silently: the body says so.
+        checks["durable"] = self.durability_warning is None
+        if self.durability_warning:
+            checks["warning"] = self.durability_warning
         self._update_rm_gauges()
         checks["ready"] = checks["store"] is True and any(checks["rms"].values())
         return checks

@@ -113,6 +113,12 @@ class GatewaySettings(BaseSettings):
     # Redis reconnect: a restart of redis-server takes ~1 s; 8 exponential tries cap ~6 s total.
     store_retries: int = Field(default=8, ge=0, le=100)
     store_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    # Without redis_url: the SQLite file of the persistent embedded store (one replica). None =
+    # memory only, lost on every restart (warned about at start-up, in /readyz and a metric).
+    store_path: Path | None = None
+    # "full": each commit fsyncs (an acknowledged feedback survives power loss); "normal":
+    # survives a killed process, the last commits may be lost on power loss (docs/reliability.md).
+    store_synchronous: Literal["full", "normal"] = "full"
 
     route_ttl_s: float = Field(default=86400.0, gt=0, le=30 * 86400)
     refresh_interval_ms: float = Field(default=0.0, ge=0, le=600_000)

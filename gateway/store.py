@@ -1,8 +1,10 @@
 """The gateway's state store: namespaces, route records and the observation log.
 
-Two backends with one contract (one test suite runs against both):
+Three backends with one contract (one test suite runs against all three):
 
-* :class:`EmbeddedStore` — in process, for a single replica (no ``REDIS_URL``);
+* :class:`EmbeddedStore` — in process and memory only, for tests and throw-away runs;
+* :class:`gateway.store_sqlite.SqliteStore` — one SQLite file, for a single replica that must
+  survive a restart (``store_path``);
 * :class:`gateway.store_redis.RedisStore` — shared by any number of replicas.
 
 The contract:
@@ -53,6 +55,12 @@ from reward_router.errors import RewardRouterError
 
 _REC_HEAD = struct.Struct("<HH")  # arm, D
 _REWARD = struct.Struct("<d")
+
+
+MEMORY_ONLY = (
+    "state is memory-only (embedded store without store_path): every namespace, posterior and "
+    "route id is lost when this gateway stops; set store_path (SQLite file) or REDIS_URL"
+)
 
 
 class StoreUnavailable(RewardRouterError):
@@ -129,6 +137,18 @@ def encode_record(arm: int, h: np.ndarray, uid: str) -> bytes:
     return _REC_HEAD.pack(arm, h64.size) + h64.tobytes() + uid.encode()
 
 
+def count_deltas(
+    records: Sequence[tuple[int, np.ndarray]], uncount: Sequence[int]
+) -> dict[int, int]:
+    """Per RM: routes written minus the rewritten records' old RMs (``put_routes``' counters)."""
+    counts: dict[int, int] = {}
+    for arm, _ in records:
+        counts[arm] = counts.get(arm, 0) + 1
+    for arm in uncount:
+        counts[arm] = counts.get(arm, 0) - 1
+    return {arm: c for arm, c in counts.items() if c}
+
+
 def encode_reward(reward: float) -> bytes:
     return _REWARD.pack(float(reward))
 
@@ -147,6 +167,11 @@ class Store(Protocol):
     """What the gateway needs from a store; both backends implement it with equal semantics."""
 
     async def ping(self) -> None: ...
+
+    async def durability_warning(self) -> str | None:
+        """Why acknowledged state could be lost on a restart (memory only, Redis without AOF),
+        or None when every acknowledged write is on disk."""
+        ...
 
     async def get_namespace(self, ns: str) -> NamespaceMeta | None: ...
 
@@ -202,7 +227,8 @@ class _EmbeddedNs:
 
 
 class EmbeddedStore:
-    """The in-process store: same contract as Redis, one replica, state lost with the process.
+    """The in-memory store: same contract as Redis, one replica, state lost with the process
+    (the gateway says so loudly: a log line at start-up, ``/readyz``'s body, a metric).
 
     Every method runs to completion without awaiting, so on one event loop each is atomic,
     just as the Redis scripts are.
@@ -217,6 +243,9 @@ class EmbeddedStore:
 
     async def ping(self) -> None:
         return None
+
+    async def durability_warning(self) -> str | None:
+        return MEMORY_ONLY
 
     async def get_namespace(self, ns: str) -> NamespaceMeta | None:
         st = self._ns.get(ns)

@@ -36,6 +36,7 @@ from gateway.store import (
     Outcome,
     RouteId,
     StoreUnavailable,
+    count_deltas,
     decode_entry,
     encode_record,
     encode_reward,
@@ -165,6 +166,16 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call(self._r.ping)
 
+    async def durability_warning(self) -> str | None:
+        # INFO, not CONFIG GET: CONFIG is often disabled by ACLs on managed Redis.
+        info = await self._call(lambda: self._r.info("persistence"))
+        if int(info.get("aof_enabled", 0)):
+            return None
+        return (
+            "redis runs without AOF (appendonly no): feedback acknowledged since its last RDB "
+            "save is lost if redis-server restarts; set appendonly yes, appendfsync always"
+        )
+
     async def get_namespace(self, ns: str) -> NamespaceMeta | None:
         m = await self._call(lambda: self._r.hmget(self.keys.meta(ns), "gen", "config", "created"))
         if m[0] is None:
@@ -229,11 +240,7 @@ class RedisStore:
     ) -> list[str]:
         ttl_ms = max(1, round(ttl_s * 1000))
         uids = list(uids) if uids is not None else [new_uid() for _ in records]
-        counts: dict[int, int] = {}
-        for arm, _ in records:
-            counts[arm] = counts.get(arm, 0) + 1
-        for arm in uncount:
-            counts[arm] = counts.get(arm, 0) - 1
+        counts = count_deltas(records, uncount)
 
         async def run() -> None:
             # Not a transaction: every SET is independent and idempotent (a retry rewrites the

@@ -153,6 +153,16 @@ def test_auth_on_trainer_endpoints(gw: Proc) -> None:
     assert httpx.get(f"{gw.url}/readyz").json()["ready"] is True
 
 
+def test_memory_only_state_is_announced(gw: Proc) -> None:
+    # This gateway has neither store_path nor Redis: it works, but says so wherever one looks.
+    ready = httpx.get(f"{gw.url}/readyz").json()
+    assert ready["ready"] is True and ready["durable"] is False
+    assert "memory-only" in ready["warning"] and "store_path" in ready["warning"]
+    assert "NOT DURABLE: state is memory-only" in gw.logs()
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert re.search(r"^reward_router_gateway_store_durable 0\.0$", text, re.M)
+
+
 def _fb(**item: Any) -> dict[str, Any]:
     return {"feedback": [{"route_id": "a:b:c", "reward": 0.0, **item}]}
 
