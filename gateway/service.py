@@ -1,7 +1,7 @@
 """The serving class: built once at start-up, kept on ``app.state``; the HTTP layer only calls it.
 
-Per request it does, for ``/v1/route``: namespace state (created on first use) -> refresh from the
-store's log -> pair features (router artifact, in a worker thread) -> the policy's draw -> one
+Per request it does, for ``/v1/route``: namespace state (it must exist: a route never creates
+one) -> refresh from the store's log -> pair features (router artifact, in a worker thread) -> the policy's draw -> one
 ``/v1/compare`` call per RM asked (concurrently), falling back along the draw's ranking when an
 RM fails -> route records in the store -> labels. For ``/v1/feedback``: the store's atomic
 exactly-once step, then a refresh of the touched namespaces.
@@ -73,11 +73,15 @@ class InputError(RewardRouterError):
 
 
 class UnknownNamespace(RewardRouterError):
-    """An admin or read call named a namespace that does not exist (HTTP 404)."""
+    """A call named a namespace that does not exist (HTTP 404). Routes never create one: a
+    namespace lost with its store must not come back silently with the default policy."""
 
     def __init__(self, ns: str) -> None:
         self.namespace = ns
-        super().__init__(f"namespace {ns!r} does not exist")
+        super().__init__(
+            f"namespace {ns!r} does not exist: create it with POST /v1/namespaces/{ns} "
+            "(a route never creates one)"
+        )
 
 
 class NamespaceConflict(RewardRouterError):
@@ -252,6 +256,7 @@ class GatewayService:
         self._ns: dict[str, NsState] = {}
         self._ns_locks: dict[str, asyncio.Lock] = {}
         self.durability_warning: str | None = None
+        self._startup_pending = set(settings.startup_namespaces)
         by_name = {r.name: r for r in settings.rms}
         self.needs_reference = np.array(
             [bool(by_name[n].needs_reference) if n in by_name else False for n in pool.names]
@@ -331,6 +336,23 @@ class GatewayService:
         await self.pool.start()
         self._update_rm_gauges()
         await self._check_durability()
+        await self._create_startup_namespaces()
+
+    async def _create_startup_namespaces(self) -> None:
+        """Create ``startup_namespaces`` that are missing, once per process (retried from
+        /readyz while the store is down). Never later: a namespace lost while this process runs
+        stays 404 until someone creates it again, it does not come back from the defaults."""
+        for ns in list(self._startup_pending):
+            try:
+                info = await self.create_namespace(ns, None)
+            except NamespaceConflict:
+                info = None  # exists with its own config: used as it is
+            except RewardRouterError as exc:
+                log.warning("could not create start-up namespace %s yet: %s", ns, exc)
+                return
+            if info is not None and info.created:
+                log.warning("namespace %s created from the policy defaults (start-up)", ns)
+            self._startup_pending.discard(ns)
 
     async def _check_durability(self) -> str | None:
         """The store's durability warning: logged (at start-up), a gauge, and /readyz's body."""
@@ -364,6 +386,7 @@ class GatewayService:
         checks["rms"] = {c.name: c.available() for c in self.pool.clients}
         if checks["store"] is True:
             await self._check_durability()
+            await self._create_startup_namespaces()
         # Ready either way (a memory-only gateway works), but never silently: the body says so.
         checks["durable"] = self.durability_warning is None
         if self.durability_warning:
@@ -449,24 +472,26 @@ class GatewayService:
             lock = self._ns_locks[ns] = asyncio.Lock()
         return lock
 
-    async def _state(self, ns: str, *, create: bool, force_refresh: bool = False) -> NsState:
+    async def _state(self, ns: str, *, force_refresh: bool = False) -> NsState:
+        """This replica's state of an existing namespace, refreshed from the store's log."""
         st = self._ns.get(ns)
         if st is None:
-            async with self._lock_for(ns):
-                st = self._ns.get(ns)
-                if st is None:
-                    meta = await self.store.get_namespace(ns)
-                    if meta is None:
-                        if not create:
+            try:
+                async with self._lock_for(ns):
+                    st = self._ns.get(ns)
+                    if st is None:
+                        meta = await self.store.get_namespace(ns)
+                        if meta is None:
                             raise UnknownNamespace(ns)
-                        config = self._full_config(None)
-                        meta, _ = await self.store.create_namespace(ns, config)
-                    st = self._new_state(meta)
-                    await self._load_snapshot(st)
-                    self._ns[ns] = st
-        return await self._refresh(st, force=force_refresh, create=create)
+                        st = self._new_state(meta)
+                        await self._load_snapshot(st)
+                        self._ns[ns] = st
+            finally:
+                if ns not in self._ns:  # no lock left behind for every unknown name probed
+                    self._ns_locks.pop(ns, None)
+        return await self._refresh(st, force=force_refresh)
 
-    async def _refresh(self, st: NsState, *, force: bool, create: bool) -> NsState:
+    async def _refresh(self, st: NsState, *, force: bool) -> NsState:
         """Bring ``st`` up to the store's log (single-flight: concurrent callers share one read).
 
         A route joins a refresh already in flight (so 200 concurrent routes cost one store round
@@ -486,19 +511,18 @@ class GatewayService:
                     await asyncio.shield(task)  # an older read: wait for it, then read anew
                 continue
             st.inflight_started = time.monotonic()
-            st.inflight = asyncio.ensure_future(self._read_log(st, create))
+            st.inflight = asyncio.ensure_future(self._read_log(st))
             return await asyncio.shield(st.inflight)
 
-    async def _read_log(self, st: NsState, create: bool) -> NsState:
+    async def _read_log(self, st: NsState) -> NsState:
         ns = st.meta.name
         started = time.monotonic()
         meta, tail = await self.store.read_tail(ns, st.meta.gen, st.seq)
-        if meta is None:  # deleted (by an admin, maybe on another replica)
+        if meta is None:  # deleted (by an admin, maybe on another replica), or lost
             if self._ns.get(ns) is st:
                 del self._ns[ns]
-            if not create:
-                raise UnknownNamespace(ns)
-            return await self._state(ns, create=True)
+            log.warning("namespace %s is gone from the store (deleted or lost): 404 from now", ns)
+            raise UnknownNamespace(ns)
         if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
             fresh = self._new_state(meta)
             self._ns[ns] = fresh
@@ -765,7 +789,7 @@ class GatewayService:
         timing = Timing()
         self._check_sizes(req.pairs)
         # The log refresh (a store read) runs while the pairs are encoded.
-        state_task = asyncio.ensure_future(self._state(req.namespace, create=True))
+        state_task = asyncio.ensure_future(self._state(req.namespace))
         t0 = time.perf_counter()
         try:
             h = await self.contexts(req.pairs)
@@ -876,7 +900,7 @@ class GatewayService:
             if st is not None:
                 # Applied and durable already; a failed refresh only delays this replica's view.
                 with contextlib.suppress(RewardRouterError):
-                    await self._refresh(st, force=True, create=False)
+                    await self._refresh(st, force=True)
         return FeedbackResponse(
             applied=counts[Outcome.APPLIED],
             duplicate=counts[Outcome.DUPLICATE],
@@ -887,7 +911,7 @@ class GatewayService:
 
     async def posteriors(self, ns: str, *, full: bool = False) -> PosteriorsResponse:
         self._check_ns(ns)
-        st = await self._state(ns, create=False, force_refresh=True)
+        st = await self._state(ns, force_refresh=True)
         routes = await self.store.route_counts(ns, st.meta.gen)
         summary = self._posterior_gauges(st)
         norms: list[float | None] = [None] * self.n_rms

@@ -130,6 +130,9 @@ class GatewaySettings(BaseSettings):
     admin_key: SecretStr | None = None
 
     policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
+    # Created with the policy defaults at start-up when missing, for clients that cannot create
+    # one (OpenRLHF's /get_reward, quick tries). /v1/route never creates a namespace.
+    startup_namespaces: list[str] = Field(default_factory=lambda: ["default", "openrlhf"])
     seed: int | None = None
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
@@ -152,6 +155,14 @@ class GatewaySettings(BaseSettings):
                 "router_path, or use 'bayesian-no-offline' to route on the intercept alone"
             )
         return self
+
+    @field_validator("startup_namespaces")
+    @classmethod
+    def _namespace_names(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if not NAMESPACE_RE.match(n):
+                raise ValueError(f"{n!r} must match {NAMESPACE_RE.pattern}")
+        return names
 
     @field_validator("rms")
     @classmethod

@@ -55,6 +55,7 @@ def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
 
 def test_route_labels_each_pair_by_one_rm(gw: Proc) -> None:
     items = pairs(12)
+    assert _post(gw, "/v1/namespaces/basic").status_code == 200
     r = _post(gw, "/v1/route", {"namespace": "basic", "pairs": items})
     assert r.status_code == 200, r.text
     assert float(r.headers["x-reward-router-overhead-ms"]) >= 0
@@ -131,6 +132,31 @@ def test_reset_and_delete_need_the_admin_key(gw: Proc) -> None:
     assert httpx.delete(f"{gw.url}/v1/namespaces/adm", headers=headers).status_code == 200
     r = httpx.get(f"{gw.url}/v1/posteriors", params={"namespace": "adm"}, headers=headers)
     assert _error(r, 404)["field"] == "namespace"
+
+
+def test_a_route_never_creates_a_namespace(gw: Proc) -> None:
+    err = _error(_post(gw, "/v1/route", {"namespace": "made-by-hand", "pairs": pairs(1)}), 404)
+    assert err["field"] == "namespace" and "POST /v1/namespaces/made-by-hand" in err["message"]
+    assert "made-by-hand" not in _get_names(gw)
+    # Created with its own policy, routed in, then gone (deleted here; lost with a store in
+    # life): the next route is 404, not the namespace back again with the default policy...
+    assert _post(gw, "/v1/namespaces/made-by-hand", {"policy": "random"}).status_code == 200
+    route(gw.url, pairs(2), ns="made-by-hand", key=KEY, create=False)
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    assert httpx.delete(f"{gw.url}/v1/namespaces/made-by-hand", headers=headers).status_code == 200
+    _error(_post(gw, "/v1/route", {"namespace": "made-by-hand", "pairs": pairs(1)}), 404)
+    assert "made-by-hand" not in _get_names(gw)
+    # ...so creating it again with its own policy works (no 409 against a default-policy twin).
+    again = _post(gw, "/v1/namespaces/made-by-hand", {"policy": "random"})
+    assert again.status_code == 200 and again.json()["created"] is True
+    # The namespaces of startup_namespaces exist without a call (OpenRLHF cannot create one).
+    assert {"default", "openrlhf"} <= set(_get_names(gw))
+
+
+def _get_names(gw: Proc) -> list[str]:
+    r = httpx.get(f"{gw.url}/v1/namespaces", headers={"authorization": f"Bearer {KEY}"})
+    names: list[str] = r.json()["namespaces"]
+    return names
 
 
 @pytest.mark.parametrize("path", ["/v1/namespaces/nope/reset", "/v1/namespaces/nope"])
