@@ -1,10 +1,11 @@
 """The serving class: built once at start-up, kept on ``app.state``; the HTTP layer only calls it.
 
 Per request it does, for ``/v1/route``: namespace state (it must exist: a route never creates
-one) -> refresh from the store's log -> pair features (router artifact, in a worker thread) -> the policy's draw -> one
-``/v1/compare`` call per RM asked (concurrently), falling back along the draw's ranking when an
-RM fails -> route records in the store -> labels. For ``/v1/feedback``: the store's atomic
-exactly-once step, then a refresh of the touched namespaces.
+one) -> refresh from the store's log -> pair features (router artifact, in a worker thread) ->
+the policy's draw -> one ``/v1/compare`` call per RM asked (concurrently), falling back along
+the draw's ranking when an RM fails -> route records in the store -> labels. For
+``/v1/feedback``: the store's atomic exactly-once step, then a refresh of the touched
+namespaces.
 
 A replica's posterior for a namespace is always ``fold(prior, log[1..seq])``: the log holds raw
 rewards, folded in sequence order, one observation at a time through the namespace's normaliser,
@@ -53,7 +54,7 @@ from gateway.protocol import (
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
 from gateway.settings import NAMESPACE_RE, GatewaySettings
 from gateway.store import EmbeddedStore, NamespaceMeta, Observation, Outcome, Store, new_uid
-from reward_router.errors import ConfigError, RewardRouterError
+from reward_router.errors import ConfigError, DataFormatError, RewardRouterError
 
 if TYPE_CHECKING:
     from gateway.routing import Policy
@@ -282,7 +283,14 @@ class GatewayService:
             from gateway.offline.router import OfflineRouter
 
             torch.set_num_threads(settings.torch_threads)
-            loaded = OfflineRouter.load(settings.router_path)
+            try:
+                loaded = OfflineRouter.load(settings.router_path)
+            except DataFormatError as exc:
+                raise ConfigError(
+                    "router_path",
+                    f"{settings.router_path} is not a router artifact ({exc}); train one with "
+                    "`reward-router router train ... --out DIR` (docs/offline-router.md)",
+                ) from None
             missing = sorted(set(loaded.rms) - set(rm_order))
             extra = sorted(set(rm_order) - set(loaded.rms))
             if missing or extra:
