@@ -34,6 +34,7 @@ def serve(
     from gateway.service import GatewayService
     from gateway.settings import load_settings
     from reward_router.errors import RewardRouterError
+    from reward_router.http import header_timeout_protocol
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -55,4 +56,5 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
         timeout_keep_alive=int(settings.keep_alive_s),
+        http=header_timeout_protocol(settings.header_timeout_s),
     )

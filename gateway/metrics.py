@@ -100,6 +100,16 @@ class GatewayMetrics:
             "without AOF (see /readyz's warning).",
             registry=r,
         )
+        self.overloaded = Counter(
+            p + "overloaded",
+            "Requests answered 503 + Retry-After because max_in_flight were being served.",
+            registry=r,
+        )
+        self.cancelled = Counter(
+            p + "cancelled",
+            "Requests whose client went away before the answer; their work was cancelled.",
+            registry=r,
+        )
         for rm in rm_names:
             self.rm_available.labels(rm).set(1)
 

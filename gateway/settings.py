@@ -139,6 +139,15 @@ class GatewaySettings(BaseSettings):
     max_pairs: int = Field(default=1024, ge=1, le=100_000)
     max_text_chars: int = Field(default=200_000, ge=1)
     max_feedback: int = Field(default=10_000, ge=1)
+    # Overload (docs/reliability.md#overload): requests served at once; one more is answered
+    # 503 + Retry-After at once instead of queueing (health probes and /metrics not counted).
+    max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    # Slow clients: the request line + headers, then the body, must arrive within these, else
+    # the connection is closed (headers) or answered 408 (body). Abandoned requests (client
+    # disconnected) are cancelled, their RM calls with them.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     health_interval_s: float = Field(default=2.0, gt=0, le=3600)
     failure_threshold: int = Field(default=3, ge=1, le=1000)

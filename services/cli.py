@@ -31,6 +31,7 @@ def serve(
     """Serve one reward model over HTTP (/v1/score, /v1/compare, /v1/info, /metrics)."""
     import uvicorn
 
+    from reward_router.http import header_timeout_protocol
     from services.app import create_app
     from services.settings import load_settings
 
@@ -45,6 +46,7 @@ def serve(
         log_level=log_level,
         # Keep-alive longer than a client's pool idle time avoids resets on reused sockets.
         timeout_keep_alive=30,
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
 
 
