@@ -9,7 +9,7 @@ Errors are mapped to HTTP here, in one place, all with the one body
     missing / wrong API key                                        401
     a trainer key on an admin endpoint                             403
     UnknownNamespace                                               404
-    NamespaceConflict                                              409
+    NamespaceConflict, NamespaceLimit (max_namespaces)             409
     AllRMsFailed, StoreUnavailable                                 503
     max_in_flight requests being served already                    503 + Retry-After
     body not received within body_timeout_s                        408
@@ -50,7 +50,7 @@ from gateway.service import (
     NamespaceConflict,
     UnknownNamespace,
 )
-from gateway.store import StoreUnavailable
+from gateway.store import NamespaceLimit, StoreUnavailable
 from reward_router.errors import ConfigError
 from reward_router.http import BodyTooLarge, unparsable_body
 
@@ -163,6 +163,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownNamespace)
     async def _unknown_ns(request: Request, exc: UnknownNamespace) -> JSONResponse:
         return _error(404, "unknown_namespace", str(exc), "namespace")
+
+    @app.exception_handler(NamespaceLimit)
+    async def _limit(request: Request, exc: NamespaceLimit) -> JSONResponse:
+        message = f"{exc}: delete a namespace (admin) or raise max_namespaces"
+        return _error(409, "namespace_limit", message, "namespace")
 
     @app.exception_handler(NamespaceConflict)
     async def _conflict(request: Request, exc: NamespaceConflict) -> JSONResponse:

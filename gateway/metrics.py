@@ -110,6 +110,12 @@ class GatewayMetrics:
             "Requests whose client went away before the answer; their work was cancelled.",
             registry=r,
         )
+        self.rebuilds = Counter(
+            p + "rebuilds",
+            "Namespace states rebuilt from the store's log because it did not hold what this "
+            "replica had folded (the log went backwards, or a snapshot was ahead of it).",
+            registry=r,
+        )
         for rm in rm_names:
             self.rm_available.labels(rm).set(1)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -53,7 +54,15 @@ from gateway.protocol import (
 )
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
 from gateway.settings import NAMESPACE_RE, GatewaySettings
-from gateway.store import EmbeddedStore, NamespaceMeta, Observation, Outcome, Store, new_uid
+from gateway.store import (
+    EmbeddedStore,
+    NamespaceMeta,
+    Observation,
+    Outcome,
+    Store,
+    StoreUnavailable,
+    new_uid,
+)
 from reward_router.errors import ConfigError, DataFormatError, RewardRouterError
 
 if TYPE_CHECKING:
@@ -191,9 +200,21 @@ class Contexts:
 # ---- namespaces ----------------------------------------------------------------------------------
 
 
+#: Largest quantile window a namespace may ask for: each observation sorts the window, so at
+#: 300k values one feedback cost 6.7 ms on the event loop and a rebuild was quadratic.
+MAX_WINDOW = 16_384
+
+#: A log tail longer than this is folded in a worker thread (on a copy, swapped in after), so a
+#: rebuild of a long log never blocks /healthz or other namespaces' routes.
+FOLD_INLINE = 256
+
+
 def make_normalizer(kind: str, params: dict[str, Any]) -> Any:
     from gateway.routing import QuantileNormalizer, ZScoreNormalizer
 
+    window = params.get("window")
+    if kind == "quantile" and isinstance(window, int) and window > MAX_WINDOW:
+        raise ConfigError("normalizer_params", f"window must be at most {MAX_WINDOW}, got {window}")
     if kind == "none":
         if params:
             raise ConfigError("normalizer_params", "must be empty for normalizer 'none'")
@@ -216,6 +237,9 @@ class NsState:
     seq: int = 0
     obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     snapshot_seq: int = 0
+    # The route id of the observation at ``seq``: each read overlaps it, so a log that went
+    # backwards (a store restored from an older copy) is noticed even once it has grown again.
+    last_route_id: str | None = None
     last_refresh: float = -math.inf
     inflight: asyncio.Future[NsState] | None = None
     inflight_started: float = -math.inf
@@ -525,26 +549,77 @@ class GatewayService:
     async def _read_log(self, st: NsState) -> NsState:
         ns = st.meta.name
         started = time.monotonic()
-        meta, tail = await self.store.read_tail(ns, st.meta.gen, st.seq)
-        if meta is None:  # deleted (by an admin, maybe on another replica), or lost
-            if self._ns.get(ns) is st:
-                del self._ns[ns]
-            log.warning("namespace %s is gone from the store (deleted or lost): 404 from now", ns)
-            raise UnknownNamespace(ns)
-        if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
-            fresh = self._new_state(meta)
-            self._ns[ns] = fresh
-            meta, tail = await self.store.read_tail(ns, fresh.meta.gen, 0)
-            st = fresh
-        self._fold(st, tail)
+        chunk = self.settings.log_read_chunk
+        rebuilt = False
+        while True:  # chunked: at most log_read_chunk observations per store read
+            overlap = 1 if st.seq else 0  # re-read the last folded entry, to check it
+            meta, tail, length = await self.store.read_tail(
+                ns, st.meta.gen, st.seq - overlap, chunk + overlap
+            )
+            if meta is None:  # deleted (by an admin, maybe on another replica), or lost
+                if self._ns.get(ns) is st:
+                    del self._ns[ns]
+                log.warning("namespace %s is gone from the store (deleted or lost): 404", ns)
+                raise UnknownNamespace(ns)
+            if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
+                st = self._ns[ns] = self._new_state(meta)
+                continue
+            if overlap and not self._matches(st, tail):
+                if rebuilt:  # the log changed under the rebuild itself: next refresh
+                    raise StoreUnavailable(f"namespace {ns}: the log changed while rebuilding")
+                self._log_backwards(st, tail, length)
+                st = self._ns[ns] = self._new_state(meta)  # from the prior: the log is the truth
+                rebuilt = True
+                continue
+            await self._fold_async(st, tail[overlap:])
+            if len(tail) - overlap < chunk:
+                break
         st.last_refresh = started
         if tail:
             self._posterior_gauges(st)
         every = self.settings.snapshot_every
-        if every and st.seq - st.snapshot_seq >= every:
+        if every and st.seq - st.snapshot_seq >= every and st.seq <= length:
             with contextlib.suppress(RewardRouterError):  # a snapshot is an optimisation
                 await self._save_snapshot(st)
         return st
+
+    @staticmethod
+    def _matches(st: NsState, tail: list[Observation]) -> bool:
+        """Whether the store's entry at ``st.seq`` (the first of ``tail``) is the one folded."""
+        if not tail or tail[0].seq != st.seq:
+            return False
+        return st.last_route_id is None or tail[0].route_id == st.last_route_id
+
+    def _log_backwards(self, st: NsState, tail: list[Observation], length: int) -> None:
+        self.metrics.rebuilds.inc()
+        got = tail[0].route_id if tail and tail[0].seq == st.seq else None
+        log.error(
+            "namespace %s: the store's log does not hold what this replica folded (folded up "
+            "to seq %d%s, entry %s; the log now has %d entries, entry there %s): the log went "
+            "backwards (a store restored from an older copy, a failover to a lagging replica) "
+            "or a snapshot is ahead of it; rebuilding from the store's log, no snapshot written "
+            "from the old state",
+            st.meta.name,
+            st.seq,
+            f" (snapshot at {st.snapshot_seq})" if st.snapshot_seq else "",
+            st.last_route_id,
+            length,
+            got,
+        )
+
+    async def _fold_async(self, st: NsState, tail: list[Observation]) -> None:
+        """:meth:`_fold`, in a worker thread on a copy for a long tail (swapped in after), so
+        the event loop keeps serving while a long log is rebuilt."""
+        if len(tail) <= FOLD_INLINE:
+            self._fold(st, tail)
+            return
+        work = copy.copy(st)
+        work.policy = copy.deepcopy(st.policy)
+        work.normalizer = copy.deepcopy(st.normalizer)
+        work.obs_counts = st.obs_counts.copy()
+        await asyncio.to_thread(self._fold, work, tail)
+        st.policy, st.normalizer, st.obs_counts = work.policy, work.normalizer, work.obs_counts
+        st.seq, st.last_route_id = work.seq, work.last_route_id
 
     def _posterior_gauges(self, st: NsState) -> tuple[list[float], list[float]] | None:
         """Per RM: norm of the posterior mean and sqrt(mean diagonal of the covariance); also
@@ -578,11 +653,18 @@ class GatewayService:
         arrays = dict(st.policy.posteriors.to_arrays())  # type: ignore[attr-defined]
         arrays["obs_counts"] = st.obs_counts.copy()
         norm = st.normalizer.state() if st.normalizer is not None else None
-        head = json.dumps({"seq": st.seq, "normalizer": norm}).encode()
+        head = json.dumps(
+            {"seq": st.seq, "normalizer": norm, "last_route_id": st.last_route_id}
+        ).encode()
         arrays["head"] = np.frombuffer(head, dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        await self.store.put_snapshot(st.meta.name, st.meta.gen, st.seq, buf.getvalue())
+        # The store writes it only if its log still holds this entry at seq: a snapshot is
+        # never ahead of the log it came from (the log may have gone backwards since the read).
+        last_uid = st.last_route_id.rsplit(":", 1)[-1] if st.last_route_id else None
+        await self.store.put_snapshot(
+            st.meta.name, st.meta.gen, st.seq, buf.getvalue(), last_uid=last_uid
+        )
         st.snapshot_seq = st.seq
 
     async def _load_snapshot(self, st: NsState) -> None:
@@ -611,6 +693,7 @@ class GatewayService:
             return
         st.obs_counts = counts.astype(np.int64)
         st.seq = st.snapshot_seq = int(head["seq"])
+        st.last_route_id = head.get("last_route_id")
 
     def _fold(self, st: NsState, tail: list[Observation]) -> None:
         """Fold observations (in sequence order) into the normaliser and the policy."""
@@ -629,13 +712,16 @@ class GatewayService:
             rewards = raw
         arms = np.array([o.arm for o in tail], dtype=np.int64)
         h = np.stack([o.h for o in tail])
-        if st.forgetting:
-            for i in range(len(tail)):  # forgetting discounts per update call: keep it per item
+        if st.forgetting or not self._snapshottable(st):
+            # Forgetting discounts per update call, and laser's update depends on how a batch
+            # is split: per item, so the state never depends on how the log was read.
+            for i in range(len(tail)):
                 st.policy.update(h[i : i + 1], arms[i : i + 1], rewards[i : i + 1])
         else:
             st.policy.update(h, arms, rewards)
         st.obs_counts += np.bincount(arms, minlength=self.n_rms)
         st.seq = tail[-1].seq
+        st.last_route_id = tail[-1].route_id
 
     # ---- namespaces (HTTP: /v1/namespaces) ----------------------------------------------------
 
@@ -643,7 +729,9 @@ class GatewayService:
         self._check_ns(ns)
         config = self._full_config(req)
         self._policy_from(ns, config)  # validate before anything is stored
-        meta, created = await self.store.create_namespace(ns, config)
+        meta, created = await self.store.create_namespace(
+            ns, config, limit=self.settings.max_namespaces
+        )
         if not created and meta.config != config:
             raise NamespaceConflict(
                 f"namespace {ns!r} exists with another config {meta.config}; reset or delete it"

@@ -125,6 +125,11 @@ class GatewaySettings(BaseSettings):
     # Every this many observations a replica stores its folded state, so a restart reads the
     # snapshot plus the log after it, not the whole log (0 = never).
     snapshot_every: int = Field(default=1000, ge=0)
+    # Most log entries one store read returns: a long log is read (and folded) in chunks.
+    log_read_chunk: int = Field(default=4096, ge=1, le=1_000_000)
+    # Namespaces the store may hold (POST /v1/namespaces past it: 409); each costs memory in
+    # every replica (142-413 KiB at dim 64) and keys in Redis.
+    max_namespaces: int = Field(default=1000, ge=1, le=1_000_000)
 
     api_keys: list[SecretStr] = Field(default_factory=list)
     admin_key: SecretStr | None = None

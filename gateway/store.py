@@ -17,7 +17,11 @@ The contract:
   feedback is applied exactly once; a repeat is ``DUPLICATE``; a missing, expired, malformed or
   old-generation id is ``UNKNOWN``;
 * the log is append-only; an observation's sequence number is its 1-based position, so a replica
-  that folded ``seq <= k`` reads only the tail ``seq > k``.
+  that folded ``seq <= k`` reads only the tail ``seq > k`` (at most ``limit`` of it per call:
+  chunked reads), and learns the log's length with it: a length below ``k`` means the log went
+  backwards (a store restored from an older copy);
+* at most ``limit`` namespaces exist when ``create_namespace`` is given one
+  (:class:`NamespaceLimit` past it), checked in the same atomic step as the creation.
 
 Raw rewards go into the log, not normalised ones: every replica folds the log in sequence order
 through the same deterministic normaliser, so all replicas (and a restarted one) reach the same
@@ -30,7 +34,7 @@ the store and a per-item script round trip for it, for no gain.
 ...     meta, _ = await st.create_namespace("run", {"policy": "bayesian"})
 ...     rid = (await st.put_routes("run", meta.gen, [(0, np.ones(2))], ttl_s=60))[0]
 ...     first = await st.apply_feedback([(rid, 0.5), (rid, 0.5), ("nope", 1.0)])
-...     _, log = await st.read_tail("run", meta.gen, 0)
+...     _, log, _ = await st.read_tail("run", meta.gen, 0)
 ...     return [o.outcome.value for o in first], [(o.seq, o.arm, o.reward) for o in log]
 >>> asyncio.run(demo())
 (['applied', 'duplicate', 'unknown'], [(1, 0, 0.5)])
@@ -65,6 +69,10 @@ MEMORY_ONLY = (
 
 class StoreUnavailable(RewardRouterError):
     """The store could not be reached (after the configured retries); maps to HTTP 503."""
+
+
+class NamespaceLimit(RewardRouterError):
+    """The store holds ``max_namespaces`` namespaces already (HTTP 409)."""
 
 
 class Outcome(enum.Enum):
@@ -176,8 +184,11 @@ class Store(Protocol):
     async def get_namespace(self, ns: str) -> NamespaceMeta | None: ...
 
     async def create_namespace(
-        self, ns: str, config: dict[str, Any]
-    ) -> tuple[NamespaceMeta, bool]: ...
+        self, ns: str, config: dict[str, Any], *, limit: int | None = None
+    ) -> tuple[NamespaceMeta, bool]:
+        """Create ``ns`` unless it exists (then its meta and False); raises
+        :class:`NamespaceLimit` when ``limit`` namespaces exist already."""
+        ...
 
     async def reset_namespace(self, ns: str) -> NamespaceMeta | None: ...
 
@@ -202,8 +213,11 @@ class Store(Protocol):
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]: ...
 
     async def read_tail(
-        self, ns: str, gen: str, after_seq: int
-    ) -> tuple[NamespaceMeta | None, list[Observation]]: ...
+        self, ns: str, gen: str, after_seq: int, limit: int | None = None
+    ) -> tuple[NamespaceMeta | None, list[Observation], int]:
+        """The namespace's meta, the observations ``after_seq < seq <= after_seq + limit`` of
+        generation ``gen`` and the log's length, read at one instant (no log: ``[]``, 0)."""
+        ...
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]: ...
 
@@ -211,8 +225,12 @@ class Store(Protocol):
         """The newest snapshot ``(seq, blob)`` of a namespace generation, if any."""
         ...
 
-    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
-        """Store a snapshot unless one at ``seq`` or later is there already."""
+    async def put_snapshot(
+        self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
+    ) -> bool:
+        """Store a snapshot unless one at ``seq`` or later is there already, or (with
+        ``last_uid``) the log's entry at ``seq`` is missing or is not that route's: a snapshot
+        is never written ahead of the log (one that went backwards since it was read)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -251,10 +269,14 @@ class EmbeddedStore:
         st = self._ns.get(ns)
         return st.meta if st else None
 
-    async def create_namespace(self, ns: str, config: dict[str, Any]) -> tuple[NamespaceMeta, bool]:
+    async def create_namespace(
+        self, ns: str, config: dict[str, Any], *, limit: int | None = None
+    ) -> tuple[NamespaceMeta, bool]:
         st = self._ns.get(ns)
         if st is not None:
             return st.meta, False
+        if limit is not None and len(self._ns) >= limit:
+            raise NamespaceLimit(f"{len(self._ns)} namespaces exist (max_namespaces {limit})")
         meta = NamespaceMeta(ns, new_gen(), dict(config), self._clock())
         self._ns[ns] = _EmbeddedNs(meta)
         return meta, True
@@ -331,15 +353,17 @@ class EmbeddedStore:
         return out
 
     async def read_tail(
-        self, ns: str, gen: str, after_seq: int
-    ) -> tuple[NamespaceMeta | None, list[Observation]]:
+        self, ns: str, gen: str, after_seq: int, limit: int | None = None
+    ) -> tuple[NamespaceMeta | None, list[Observation], int]:
         st = self._ns.get(ns)
         if st is None:
-            return None, []
+            return None, [], 0
         if st.meta.gen != gen:
-            return st.meta, []
-        tail = st.log[after_seq:]
-        return st.meta, [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+            return st.meta, [], 0
+        end = None if limit is None else after_seq + limit
+        tail = st.log[after_seq:end]
+        obs = [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+        return st.meta, obs, len(st.log)
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
         st = self._ns.get(ns)
@@ -353,9 +377,15 @@ class EmbeddedStore:
             return None
         return st.snapshot
 
-    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
+    async def put_snapshot(
+        self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
+    ) -> bool:
         st = self._ns.get(ns)
         if st is None or st.meta.gen != gen or (st.snapshot and st.snapshot[0] >= seq):
+            return False
+        if last_uid is not None and not (
+            0 < seq <= len(st.log) and st.log[seq - 1].endswith(last_uid.encode())
+        ):
             return False
         st.snapshot = (seq, blob)
         return True

@@ -31,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.keys import Keys
 from gateway.store import (
     FeedbackResult,
+    NamespaceLimit,
     NamespaceMeta,
     Observation,
     Outcome,
@@ -47,10 +48,14 @@ from gateway.store import (
 T = TypeVar("T")
 
 # KEYS[1] meta, KEYS[2] namespaces set
-# ARGV[1] ns, ARGV[2] gen, ARGV[3] config JSON, ARGV[4] created
-# -> {1 if created else 0, gen, config, created}
+# ARGV[1] ns, ARGV[2] gen, ARGV[3] config JSON, ARGV[4] created, ARGV[5] limit (0: none)
+# -> {1 if created else 0, gen, config, created}, or {-1, count} past the limit
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  local n = redis.call('SCARD', KEYS[2])
+  if tonumber(ARGV[5]) > 0 and n >= tonumber(ARGV[5]) then
+    return {-1, n}
+  end
   redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'config', ARGV[3], 'created', ARGV[4])
   redis.call('SADD', KEYS[2], ARGV[1])
   return {1, ARGV[2], ARGV[3], ARGV[4]}
@@ -90,9 +95,15 @@ return out
 """
 
 
-# KEYS[1] snapshot hash; ARGV[1] seq, ARGV[2] blob -> 1 stored, 0 a newer one is there
+# KEYS[1] snapshot hash, KEYS[2] log; ARGV[1] seq, ARGV[2] blob, ARGV[3] the uid the log's entry
+# at seq must end with ('' = unchecked) -> 1 stored, 0 a newer one is there or the log does not
+# hold that entry (it went backwards since the state was read: never a snapshot ahead of it)
 _SNAPSHOT = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if ARGV[3] ~= '' then
+  local e = redis.call('LINDEX', KEYS[2], tonumber(ARGV[1]) - 1)
+  if not e or string.sub(e, -#ARGV[3]) ~= ARGV[3] then return 0 end
+end
 if tonumber(ARGV[1]) > cur then
   redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'blob', ARGV[2])
   return 1
@@ -182,11 +193,21 @@ class RedisStore:
             return None
         return _meta(ns, *m)
 
-    async def create_namespace(self, ns: str, config: dict[str, Any]) -> tuple[NamespaceMeta, bool]:
-        argv = [ns, new_gen(), json.dumps(config, sort_keys=True), repr(time.time())]
+    async def create_namespace(
+        self, ns: str, config: dict[str, Any], *, limit: int | None = None
+    ) -> tuple[NamespaceMeta, bool]:
+        argv: list[str | int] = [
+            ns,
+            new_gen(),
+            json.dumps(config, sort_keys=True),
+            repr(time.time()),
+            limit or 0,
+        ]
         res = await self._call(
             lambda: self._create(keys=[self.keys.meta(ns), self.keys.namespaces()], args=argv)
         )
+        if int(res[0]) < 0:
+            raise NamespaceLimit(f"{int(res[1])} namespaces exist (max_namespaces {limit})")
         return _meta(ns, res[1], res[2], res[3]), bool(res[0])
 
     async def reset_namespace(self, ns: str) -> NamespaceMeta | None:
@@ -286,22 +307,26 @@ class RedisStore:
         return [r for r in out if r is not None]
 
     async def read_tail(
-        self, ns: str, gen: str, after_seq: int
-    ) -> tuple[NamespaceMeta | None, list[Observation]]:
+        self, ns: str, gen: str, after_seq: int, limit: int | None = None
+    ) -> tuple[NamespaceMeta | None, list[Observation], int]:
+        end = -1 if limit is None else after_seq + limit - 1
+
         async def run() -> list[Any]:
-            # One MULTI so the generation and the log tail are read at the same instant.
+            # One MULTI so the generation, the log tail and its length are read at one instant.
             async with self._r.pipeline(transaction=True) as p:
                 p.hmget(self.keys.meta(ns), "gen", "config", "created")
-                p.lrange(self.keys.log(ns, gen), after_seq, -1)
+                p.lrange(self.keys.log(ns, gen), after_seq, end)
+                p.llen(self.keys.log(ns, gen))
                 return list(await p.execute())
 
-        m, tail = await self._call(run)
+        m, tail, length = await self._call(run)
         if m[0] is None:
-            return None, []
+            return None, [], 0
         meta = _meta(ns, *m)
         if meta.gen != gen:
-            return meta, []
-        return meta, [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+            return meta, [], 0
+        obs = [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+        return meta, obs, int(length)
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
         raw = await self._call(lambda: self._r.hgetall(self.keys.routes(ns, gen)))
@@ -315,9 +340,12 @@ class RedisStore:
             return None
         return int(seq), blob if isinstance(blob, bytes) else blob.encode()
 
-    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
-        key = self.keys.snapshot(ns, gen)
-        res = await self._call(lambda: self._snapshot(keys=[key], args=[seq, blob]))
+    async def put_snapshot(
+        self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
+    ) -> bool:
+        keys = [self.keys.snapshot(ns, gen), self.keys.log(ns, gen)]
+        args: list[int | bytes | str] = [seq, blob, last_uid or ""]
+        res = await self._call(lambda: self._snapshot(keys=keys, args=args))
         return bool(res)
 
     async def aclose(self) -> None:

@@ -24,7 +24,7 @@ All calls run in one worker thread on one connection (so the event loop never wa
 ...     await st.apply_feedback([(rid, 0.5)])
 ...     await st.aclose()
 ...     again = SqliteStore(path)          # a restart: the observation is still there
-...     _, log = await again.read_tail("run", meta.gen, 0)
+...     _, log, _ = await again.read_tail("run", meta.gen, 0)
 ...     await again.aclose()
 ...     return [(o.seq, o.arm, o.reward) for o in log]
 >>> asyncio.run(demo(tempfile.mkdtemp() + "/state.db"))
@@ -48,6 +48,7 @@ from gateway.keys import APPLIED
 from gateway.store import (
     _REC_HEAD,
     FeedbackResult,
+    NamespaceLimit,
     NamespaceMeta,
     Observation,
     Outcome,
@@ -164,11 +165,17 @@ class SqliteStore:
     async def get_namespace(self, ns: str) -> NamespaceMeta | None:
         return await self._run(self._get, self._db, ns)
 
-    async def create_namespace(self, ns: str, config: dict[str, Any]) -> tuple[NamespaceMeta, bool]:
+    async def create_namespace(
+        self, ns: str, config: dict[str, Any], *, limit: int | None = None
+    ) -> tuple[NamespaceMeta, bool]:
         def run(db: sqlite3.Connection) -> tuple[NamespaceMeta, bool]:
             got = self._get(db, ns)
             if got is not None:
                 return got, False
+            if limit is not None:
+                (n,) = db.execute("SELECT COUNT(*) FROM namespaces").fetchone()
+                if n >= limit:
+                    raise NamespaceLimit(f"{n} namespaces exist (max_namespaces {limit})")
             row = (ns, new_gen(), json.dumps(config, sort_keys=True), self._clock())
             db.execute("INSERT INTO namespaces (name, gen, config, created) VALUES (?,?,?,?)", row)
             return _meta(row), True
@@ -297,17 +304,20 @@ class SqliteStore:
         return await self._run(self._write, run)
 
     async def read_tail(
-        self, ns: str, gen: str, after_seq: int
-    ) -> tuple[NamespaceMeta | None, list[Observation]]:
-        def run(db: sqlite3.Connection) -> tuple[NamespaceMeta | None, list[Observation]]:
+        self, ns: str, gen: str, after_seq: int, limit: int | None = None
+    ) -> tuple[NamespaceMeta | None, list[Observation], int]:
+        def run(db: sqlite3.Connection) -> tuple[NamespaceMeta | None, list[Observation], int]:
             meta = self._get(db, ns)
             if meta is None or meta.gen != gen:
-                return meta, []
+                return meta, [], 0
+            (length,) = db.execute("SELECT seq FROM namespaces WHERE name = ?", (ns,)).fetchone()
             rows = db.execute(
-                "SELECT seq, entry FROM log WHERE ns = ? AND gen = ? AND seq > ? ORDER BY seq",
-                (ns, gen, after_seq),
+                "SELECT seq, entry FROM log WHERE ns = ? AND gen = ? AND seq > ? ORDER BY seq "
+                "LIMIT ?",
+                (ns, gen, after_seq, -1 if limit is None else limit),
             ).fetchall()
-            return meta, [decode_entry(int(s), bytes(e), ns, gen) for s, e in rows]
+            obs = [decode_entry(int(s), bytes(e), ns, gen) for s, e in rows]
+            return meta, obs, int(length)
 
         # One read transaction, so the generation and the tail are read at the same instant.
         return await self._run(self._read, run)
@@ -338,11 +348,19 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
+    async def put_snapshot(
+        self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
+    ) -> bool:
         def run(db: sqlite3.Connection) -> bool:
             row = self._get(db, ns)
             if row is None or row.gen != gen:
                 return False
+            if last_uid is not None:
+                got = db.execute(
+                    "SELECT entry FROM log WHERE ns = ? AND gen = ? AND seq = ?", (ns, gen, seq)
+                ).fetchone()
+                if got is None or not bytes(got[0]).endswith(last_uid.encode()):
+                    return False
             cur = db.execute(
                 "INSERT INTO snapshots (ns, gen, seq, blob) VALUES (?,?,?,?) "
                 "ON CONFLICT (ns, gen) DO UPDATE SET seq = excluded.seq, blob = excluded.blob "

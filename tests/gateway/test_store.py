@@ -69,17 +69,50 @@ async def test_feedback_applied_once_then_duplicate_and_unknown(store: Store) ->
     assert [r.arm for r in res] == [1, None, None, None, 0]
     again = await store.apply_feedback([(ids[1], 3.0)])
     assert again[0].outcome is Outcome.DUPLICATE
-    meta2, log = await store.read_tail("ns", meta.gen, 0)
-    assert meta2 == meta
+    meta2, log, length = await store.read_tail("ns", meta.gen, 0)
+    assert meta2 == meta and length == 2
     assert [(o.seq, o.arm, o.reward, o.route_id) for o in log] == [
         (1, 1, -0.25, ids[0]),
         (2, 0, 2.5, ids[1]),
     ]
     np.testing.assert_array_equal(log[0].h, _h(0))
     np.testing.assert_array_equal(log[1].h, _h(1))
-    _, tail = await store.read_tail("ns", meta.gen, 1)
+    _, tail, _ = await store.read_tail("ns", meta.gen, 1)
     assert [o.seq for o in tail] == [2]
     assert await store.route_counts("ns", meta.gen) == {1: 1, 0: 1}
+
+
+async def test_chunked_reads_and_the_log_length(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(i % 2, _h(i)) for i in range(5)], ttl_s=60)
+    await store.apply_feedback([(rid, float(i)) for i, rid in enumerate(ids)])
+    chunks = []
+    seq = 0
+    while True:
+        _, part, length = await store.read_tail("ns", meta.gen, seq, limit=2)
+        assert length == 5
+        if not part:
+            break
+        chunks.append([o.seq for o in part])
+        seq = part[-1].seq
+    assert chunks == [[1, 2], [3, 4], [5]]
+    # A reader ahead of the log (it folded more than the store holds now) sees the length.
+    assert (await store.read_tail("ns", meta.gen, 9))[1:] == ([], 5)
+    assert (await store.read_tail("absent", meta.gen, 0)) == (None, [], 0)
+
+
+async def test_namespace_limit_is_checked_with_the_creation(store: Store) -> None:
+    from gateway.store import NamespaceLimit
+
+    await store.create_namespace("a", {}, limit=2)
+    await store.create_namespace("b", {}, limit=2)
+    _, created = await store.create_namespace("a", {}, limit=2)  # existing: no new one
+    assert not created
+    with pytest.raises(NamespaceLimit, match="2 namespaces"):
+        await store.create_namespace("c", {}, limit=2)
+    assert await store.list_namespaces() == ["a", "b"]
+    await store.delete_namespace("b")
+    assert (await store.create_namespace("c", {}, limit=2))[1]
 
 
 async def test_expired_route_is_unknown(store: Store) -> None:
@@ -97,7 +130,7 @@ async def test_reset_orphans_old_routes_and_log(store: Store) -> None:
     new = await store.reset_namespace("ns")
     assert new is not None and new.gen != meta.gen and new.config == {"p": 1}
     assert (await store.apply_feedback([(old[1], 1.0)]))[0].outcome is Outcome.UNKNOWN
-    got, log = await store.read_tail("ns", meta.gen, 0)
+    got, log, _ = await store.read_tail("ns", meta.gen, 0)
     assert got == new and log == []  # the caller sees the new gen and rebuilds
     assert (await store.read_tail("ns", new.gen, 0))[1] == []
     assert await store.reset_namespace("absent") is None
@@ -123,7 +156,7 @@ async def test_concurrent_feedback_for_one_route_applies_once(store: Store) -> N
     applied = [r for res in results for r in res if r.outcome is Outcome.APPLIED]
     dups = [r for res in results for r in res if r.outcome is Outcome.DUPLICATE]
     assert len(applied) == 20 and len(dups) == 80
-    _, log = await store.read_tail("ns", meta.gen, 0)
+    _, log, _ = await store.read_tail("ns", meta.gen, 0)
     assert sorted(o.route_id for o in log) == sorted(ids)
     assert [o.seq for o in log] == list(range(1, 21))
 
@@ -136,8 +169,20 @@ async def test_rewrite_keeps_the_id_and_moves_the_count(store: Store) -> None:
     assert again == [ids[1]]
     assert await store.route_counts("ns", meta.gen) == {0: 1, 2: 1}
     await store.apply_feedback([(ids[1], 1.0)])
-    _, log = await store.read_tail("ns", meta.gen, 0)
+    _, log, _ = await store.read_tail("ns", meta.gen, 0)
     assert [o.arm for o in log] == [2]  # the rewritten record is the one applied
+
+
+async def test_a_snapshot_is_never_written_ahead_of_the_log(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(0, _h(0)), (0, _h(1))], ttl_s=60)
+    await store.apply_feedback([(ids[0], 1.0)])
+    uid0, uid1 = (i.split(":")[2] for i in ids)
+    assert not await store.put_snapshot("ns", meta.gen, 2, b"ahead", last_uid=uid1)  # no seq 2
+    assert not await store.put_snapshot("ns", meta.gen, 1, b"other", last_uid=uid1)  # not seq 1's
+    assert await store.get_snapshot("ns", meta.gen) is None
+    assert await store.put_snapshot("ns", meta.gen, 1, b"ok", last_uid=uid0)
+    assert await store.get_snapshot("ns", meta.gen) == (1, b"ok")
 
 
 async def test_snapshots_only_move_forward(store: Store) -> None:
@@ -167,7 +212,7 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
             (Outcome.DUPLICATE, None),
             (Outcome.APPLIED, 3),
         ]
-        _, log = await again.read_tail("ns", meta.gen, 0)
+        _, log, _ = await again.read_tail("ns", meta.gen, 0)
         assert [(o.seq, o.arm, o.reward) for o in log] == [(1, 1, 0.5), (2, 0, -1.0), (3, 0, 2.0)]
         assert await again.route_counts("ns", meta.gen) == {1: 1, 0: 2}
         assert await again.get_snapshot("ns", meta.gen) == (2, b"snap")
