@@ -550,7 +550,7 @@ class GatewayService:
         ns = st.meta.name
         started = time.monotonic()
         chunk = self.settings.log_read_chunk
-        rebuilt = False
+        rebuilt = 0
         while True:  # chunked: at most log_read_chunk observations per store read
             overlap = 1 if st.seq else 0  # re-read the last folded entry, to check it
             meta, tail, length = await self.store.read_tail(
@@ -564,12 +564,20 @@ class GatewayService:
             if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
                 st = self._ns[ns] = self._new_state(meta)
                 continue
-            if overlap and not self._matches(st, tail):
-                if rebuilt:  # the log changed under the rebuild itself: next refresh
+            fits = self._matches(st, tail) if overlap else not tail or tail[0].seq == 1
+            if not fits:
+                # Behind a trimmed head (compaction), or the log is not what was folded (it
+                # went backwards, a snapshot ahead of it): rebuild from the store's snapshot,
+                # and if that does not fit the log either, from the prior.
+                if rebuilt > 1:  # the log changed under the rebuild itself: next refresh
                     raise StoreUnavailable(f"namespace {ns}: the log changed while rebuilding")
-                self._log_backwards(st, tail, length)
-                st = self._ns[ns] = self._new_state(meta)  # from the prior: the log is the truth
-                rebuilt = True
+                trimmed = bool(tail) and tail[0].seq > st.seq and rebuilt == 0
+                if not trimmed:
+                    self._log_backwards(st, tail, length)
+                st = self._ns[ns] = self._new_state(meta)
+                if rebuilt == 0:
+                    await self._load_snapshot(st, always=True)
+                rebuilt += 1
                 continue
             await self._fold_async(st, tail[overlap:])
             if len(tail) - overlap < chunk:
@@ -662,13 +670,18 @@ class GatewayService:
         # The store writes it only if its log still holds this entry at seq: a snapshot is
         # never ahead of the log it came from (the log may have gone backwards since the read).
         last_uid = st.last_route_id.rsplit(":", 1)[-1] if st.last_route_id else None
-        await self.store.put_snapshot(
+        stored = await self.store.put_snapshot(
             st.meta.name, st.meta.gen, st.seq, buf.getvalue(), last_uid=last_uid
         )
         st.snapshot_seq = st.seq
+        keep = self.settings.log_keep
+        if stored and keep is not None and st.seq > keep:
+            await self.store.trim_log(st.meta.name, st.meta.gen, st.seq - keep)
 
-    async def _load_snapshot(self, st: NsState) -> None:
-        if not self.settings.snapshot_every or not self._snapshottable(st):
+    async def _load_snapshot(self, st: NsState, *, always: bool = False) -> None:
+        """The store's snapshot into ``st``; ``always``: even with ``snapshot_every: 0`` (a
+        rebuild behind a trimmed log head needs it)."""
+        if not (self.settings.snapshot_every or always) or not self._snapshottable(st):
             return
         got = await self.store.get_snapshot(st.meta.name, st.meta.gen)
         if got is None:

@@ -127,6 +127,10 @@ class GatewaySettings(BaseSettings):
     snapshot_every: int = Field(default=1000, ge=0)
     # Most log entries one store read returns: a long log is read (and folded) in chunks.
     log_read_chunk: int = Field(default=4096, ge=1, le=1_000_000)
+    # Log compaction: after writing a snapshot at seq s, the replica trims the log's entries
+    # seq <= s - log_keep (kept: replicas up to log_keep behind catch up from the log, others
+    # reload the snapshot). None = never trim (the whole log stays, for audits and rebuilds).
+    log_keep: int | None = Field(default=None, ge=0)
     # Namespaces the store may hold (POST /v1/namespaces past it: 409); each costs memory in
     # every replica (142-413 KiB at dim 64) and keys in Redis.
     max_namespaces: int = Field(default=1000, ge=1, le=1_000_000)

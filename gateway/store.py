@@ -20,6 +20,9 @@ The contract:
   that folded ``seq <= k`` reads only the tail ``seq > k`` (at most ``limit`` of it per call:
   chunked reads), and learns the log's length with it: a length below ``k`` means the log went
   backwards (a store restored from an older copy);
+* :meth:`Store.trim_log` drops the entries ``seq <= upto`` from the log's head (compaction,
+  after a snapshot at or past ``upto``); sequence numbers do not change, a read from before the
+  trimmed head starts at its first entry left;
 * at most ``limit`` namespaces exist when ``create_namespace`` is given one
   (:class:`NamespaceLimit` past it), checked in the same atomic step as the creation.
 
@@ -221,6 +224,10 @@ class Store(Protocol):
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]: ...
 
+    async def trim_log(self, ns: str, gen: str, upto: int) -> int:
+        """Drop the log's entries ``seq <= upto`` (never past its end); the new head's base."""
+        ...
+
     async def get_snapshot(self, ns: str, gen: str) -> tuple[int, bytes] | None:
         """The newest snapshot ``(seq, blob)`` of a namespace generation, if any."""
         ...
@@ -240,6 +247,7 @@ class Store(Protocol):
 class _EmbeddedNs:
     meta: NamespaceMeta
     log: list[bytes] = field(default_factory=list)
+    base: int = 0  # entries trimmed off the head: log[i] has seq base + i + 1
     routes: dict[int, int] = field(default_factory=dict)
     snapshot: tuple[int, bytes] | None = None
 
@@ -349,7 +357,7 @@ class EmbeddedStore:
             st.log.append(encode_reward(reward) + got[1])
             self._routes[key] = (got[0], APPLIED)
             (arm, _) = _REC_HEAD.unpack_from(got[1], 0)
-            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, len(st.log), arm))
+            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, st.base + len(st.log), arm))
         return out
 
     async def read_tail(
@@ -360,10 +368,21 @@ class EmbeddedStore:
             return None, [], 0
         if st.meta.gen != gen:
             return st.meta, [], 0
-        end = None if limit is None else after_seq + limit
-        tail = st.log[after_seq:end]
-        obs = [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
-        return st.meta, obs, len(st.log)
+        start = max(after_seq, st.base)
+        end = None if limit is None else start + limit
+        tail = st.log[start - st.base : None if end is None else end - st.base]
+        obs = [decode_entry(start + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+        return st.meta, obs, st.base + len(st.log)
+
+    async def trim_log(self, ns: str, gen: str, upto: int) -> int:
+        st = self._ns.get(ns)
+        if st is None or st.meta.gen != gen:
+            return 0
+        upto = min(upto, st.base + len(st.log))
+        if upto > st.base:
+            del st.log[: upto - st.base]
+            st.base = upto
+        return st.base
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
         st = self._ns.get(ns)
@@ -384,7 +403,8 @@ class EmbeddedStore:
         if st is None or st.meta.gen != gen or (st.snapshot and st.snapshot[0] >= seq):
             return False
         if last_uid is not None and not (
-            0 < seq <= len(st.log) and st.log[seq - 1].endswith(last_uid.encode())
+            st.base < seq <= st.base + len(st.log)
+            and st.log[seq - 1 - st.base].endswith(last_uid.encode())
         ):
             return False
         st.snapshot = (seq, blob)

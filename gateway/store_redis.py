@@ -72,13 +72,14 @@ redis.call('HSET', KEYS[1], 'gen', ARGV[1])
 return old
 """
 
-# Exactly-once feedback, for a batch; per item i: KEYS meta_i, route_i, log_i and ARGV gen_i,
-# reward_i (packed float64). Per item two numbers: 0 unknown, -1 duplicate or seq (> 0) applied;
-# then the RM index of an applied item (the record's first two bytes, little-endian), else -1.
+# Exactly-once feedback, for a batch; per item i: KEYS meta_i, route_i, log_i, base_i and ARGV
+# gen_i, reward_i (packed float64). Per item two numbers: 0 unknown, -1 duplicate or seq (> 0)
+# applied (entries trimmed off the log's head + its new length); then the RM index of an applied
+# item (the record's first two bytes, little-endian), else -1.
 _FEEDBACK = """
 local out = {}
-for i = 1, #KEYS / 3 do
-  local meta, route, log = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+for i = 1, #KEYS / 4 do
+  local meta, route, log = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1]
   local rec = redis.call('GET', route)
   out[2 * i] = -1
   if not rec or redis.call('HGET', meta, 'gen') ~= ARGV[2 * i - 1] then
@@ -86,7 +87,8 @@ for i = 1, #KEYS / 3 do
   elseif rec == 'A' then
     out[2 * i - 1] = -1
   else
-    out[2 * i - 1] = redis.call('RPUSH', log, ARGV[2 * i] .. rec)
+    local base = tonumber(redis.call('GET', KEYS[4 * i]) or '0')
+    out[2 * i - 1] = base + redis.call('RPUSH', log, ARGV[2 * i] .. rec)
     out[2 * i] = string.byte(rec, 1) + 256 * string.byte(rec, 2)
     redis.call('SET', route, 'A', 'KEEPTTL')
   end
@@ -95,13 +97,17 @@ return out
 """
 
 
-# KEYS[1] snapshot hash, KEYS[2] log; ARGV[1] seq, ARGV[2] blob, ARGV[3] the uid the log's entry
-# at seq must end with ('' = unchecked) -> 1 stored, 0 a newer one is there or the log does not
-# hold that entry (it went backwards since the state was read: never a snapshot ahead of it)
+# KEYS[1] snapshot hash, KEYS[2] log, KEYS[3] base; ARGV[1] seq, ARGV[2] blob, ARGV[3] the uid
+# the log's entry at seq must end with ('' = unchecked) -> 1 stored, 0 a newer one is there or
+# the log does not hold that entry (it went backwards since the state was read: never a
+# snapshot ahead of it)
 _SNAPSHOT = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if ARGV[3] ~= '' then
-  local e = redis.call('LINDEX', KEYS[2], tonumber(ARGV[1]) - 1)
+  local base = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local idx = tonumber(ARGV[1]) - 1 - base
+  if idx < 0 then return 0 end
+  local e = redis.call('LINDEX', KEYS[2], idx)
   if not e or string.sub(e, -#ARGV[3]) ~= ARGV[3] then return 0 end
 end
 if tonumber(ARGV[1]) > cur then
@@ -109,6 +115,35 @@ if tonumber(ARGV[1]) > cur then
   return 1
 end
 return 0
+"""
+
+
+# KEYS[1] meta, KEYS[2] log, KEYS[3] base; ARGV[1] after_seq, ARGV[2] limit (0: all)
+# -> {gen, config, created, base, length of the list, entries after after_seq...}; gen is nil
+# when the namespace does not exist
+_TAIL = """
+local m = redis.call('HMGET', KEYS[1], 'gen', 'config', 'created')
+if not m[1] then return {false, false, false, 0, 0} end
+local base = tonumber(redis.call('GET', KEYS[3]) or '0')
+local out = {m[1], m[2], m[3], base, redis.call('LLEN', KEYS[2])}
+local start = math.max(tonumber(ARGV[1]), base) - base
+local stop = -1
+if tonumber(ARGV[2]) > 0 then stop = start + tonumber(ARGV[2]) - 1 end
+local tail = redis.call('LRANGE', KEYS[2], start, stop)
+for i = 1, #tail do out[5 + i] = tail[i] end
+return out
+"""
+
+# KEYS[1] log, KEYS[2] base; ARGV[1] upto -> the new base (entries seq <= upto dropped)
+_TRIM = """
+local base = tonumber(redis.call('GET', KEYS[2]) or '0')
+local upto = math.min(tonumber(ARGV[1]), base + redis.call('LLEN', KEYS[1]))
+if upto > base then
+  redis.call('LTRIM', KEYS[1], upto - base, -1)
+  redis.call('SET', KEYS[2], upto)
+  base = upto
+end
+return base
 """
 
 
@@ -152,6 +187,8 @@ class RedisStore:
         self._reset = client.register_script(_RESET)
         self._feedback = client.register_script(_FEEDBACK)
         self._snapshot = client.register_script(_SNAPSHOT)
+        self._trim = client.register_script(_TRIM)
+        self._tail = client.register_script(_TAIL)
 
     @classmethod
     def from_url(
@@ -220,6 +257,7 @@ class RedisStore:
         await self._call(
             lambda: self._r.delete(
                 self.keys.log(ns, old_gen),
+                self.keys.base(ns, old_gen),
                 self.keys.routes(ns, old_gen),
                 self.keys.snapshot(ns, old_gen),
             )
@@ -237,6 +275,7 @@ class RedisStore:
                 p.srem(self.keys.namespaces(), ns)
                 p.delete(
                     self.keys.log(ns, meta.gen),
+                    self.keys.base(ns, meta.gen),
                     self.keys.routes(ns, meta.gen),
                     self.keys.snapshot(ns, meta.gen),
                 )
@@ -291,6 +330,7 @@ class RedisStore:
                 self.keys.meta(rid.ns),
                 self.keys.route(rid.ns, rid.gen, rid.uid),
                 self.keys.log(rid.ns, rid.gen),
+                self.keys.base(rid.ns, rid.gen),
             ]
             args += [rid.gen, encode_reward(reward)]
             where.append((i, rid))
@@ -309,24 +349,25 @@ class RedisStore:
     async def read_tail(
         self, ns: str, gen: str, after_seq: int, limit: int | None = None
     ) -> tuple[NamespaceMeta | None, list[Observation], int]:
-        end = -1 if limit is None else after_seq + limit - 1
-
         async def run() -> list[Any]:
-            # One MULTI so the generation, the log tail and its length are read at one instant.
-            async with self._r.pipeline(transaction=True) as p:
-                p.hmget(self.keys.meta(ns), "gen", "config", "created")
-                p.lrange(self.keys.log(ns, gen), after_seq, end)
-                p.llen(self.keys.log(ns, gen))
-                return list(await p.execute())
+            # A script, so the generation, the base, the tail and the length are read at one
+            # instant (the tail's index depends on the base).
+            keys = [self.keys.meta(ns), self.keys.log(ns, gen), self.keys.base(ns, gen)]
+            return list(await self._tail(keys=keys, args=[after_seq, limit or 0]))
 
-        m, tail, length = await self._call(run)
-        if m[0] is None:
+        m_gen, config, created, base, length, *tail = await self._call(run)
+        if m_gen is None or m_gen is False:
             return None, [], 0
-        meta = _meta(ns, *m)
+        meta = _meta(ns, m_gen, config, created)
         if meta.gen != gen:
             return meta, [], 0
-        obs = [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
-        return meta, obs, int(length)
+        start = max(after_seq, int(base))
+        obs = [decode_entry(start + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+        return meta, obs, int(base) + int(length)
+
+    async def trim_log(self, ns: str, gen: str, upto: int) -> int:
+        keys = [self.keys.log(ns, gen), self.keys.base(ns, gen)]
+        return int(await self._call(lambda: self._trim(keys=keys, args=[upto])))
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
         raw = await self._call(lambda: self._r.hgetall(self.keys.routes(ns, gen)))
@@ -343,7 +384,7 @@ class RedisStore:
     async def put_snapshot(
         self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
     ) -> bool:
-        keys = [self.keys.snapshot(ns, gen), self.keys.log(ns, gen)]
+        keys = [self.keys.snapshot(ns, gen), self.keys.log(ns, gen), self.keys.base(ns, gen)]
         args: list[int | bytes | str] = [seq, blob, last_uid or ""]
         res = await self._call(lambda: self._snapshot(keys=keys, args=args))
         return bool(res)

@@ -339,6 +339,24 @@ class SqliteStore:
 
         return await self._run(run)
 
+    async def trim_log(self, ns: str, gen: str, upto: int) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT gen, seq FROM namespaces WHERE name = ?", (ns,)).fetchone()
+            if row is None or row[0] != gen:
+                return 0
+            length = int(row[1])
+            db.execute(
+                "DELETE FROM log WHERE ns = ? AND gen = ? AND seq <= ?",
+                (ns, gen, min(upto, length)),
+            )
+            (base,) = db.execute(
+                "SELECT COALESCE(MIN(seq) - 1, ?) FROM log WHERE ns = ? AND gen = ?",
+                (length, ns, gen),
+            ).fetchone()
+            return int(base)
+
+        return await self._run(self._write, run)
+
     async def get_snapshot(self, ns: str, gen: str) -> tuple[int, bytes] | None:
         def run() -> tuple[int, bytes] | None:
             row = self._db.execute(

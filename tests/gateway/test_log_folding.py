@@ -182,3 +182,38 @@ async def test_a_snapshot_ahead_of_the_log_is_not_used(
             await fresh.aclose()
     finally:
         await svc.aclose()
+
+
+async def test_compaction_trims_the_log_and_replicas_rebuild_from_the_snapshot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``log_keep: 3`` with snapshots every 10: the log keeps the entries after the newest
+    snapshot's seq - 3. A replica that fell behind the trimmed head, and a fresh one, rebuild
+    from the snapshot silently (no error: nothing went backwards) and agree with the writer."""
+    writer = _service(log_read_chunk=4096, snapshot_every=10, log_keep=3)
+    store = writer.store
+    assert isinstance(store, EmbeddedStore)
+    lagging = _service(store=store, log_read_chunk=4096, snapshot_every=10)
+    try:
+        await writer.create_namespace("cmp", None)
+        await _feed(writer, "cmp", 5, seed=5)
+        assert (await lagging._state("cmp")).seq == 5
+        for k in range(4):
+            await _feed(writer, "cmp", 10, seed=10 + k)
+            await writer._state("cmp", force_refresh=True)
+        w = await writer._state("cmp", force_refresh=True)
+        assert w.seq == 45 and w.snapshot_seq == 45  # snapshots at 15, 25, 35, 45
+        assert store._ns["cmp"].base == 42 and len(store._ns["cmp"].log) == 3
+        with caplog.at_level(logging.ERROR, logger="reward_router.gateway"):
+            lag = await lagging._state("cmp", force_refresh=True)  # was at 5, head is at 43
+            fresh = _service(store=store, log_read_chunk=4096, snapshot_every=0)
+            new = await fresh._state("cmp")
+            await fresh.aclose()
+        assert caplog.text == ""
+        for st in (lag, new):
+            assert st.seq == 45
+            pa, pb = st.policy.posteriors, w.policy.posteriors  # type: ignore[attr-defined]
+            np.testing.assert_allclose(pa.means(), pb.means(), rtol=0, atol=1e-12)
+    finally:
+        await writer.aclose()
+        await lagging.aclose()

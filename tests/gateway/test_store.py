@@ -101,6 +101,25 @@ async def test_chunked_reads_and_the_log_length(store: Store) -> None:
     assert (await store.read_tail("absent", meta.gen, 0)) == (None, [], 0)
 
 
+async def test_trimmed_log_keeps_its_sequence_numbers(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(0, _h(i)) for i in range(6)], ttl_s=60)
+    await store.apply_feedback([(rid, float(i)) for i, rid in enumerate(ids[:4])])
+    assert await store.trim_log("ns", meta.gen, 3) == 3
+    assert await store.trim_log("ns", meta.gen, 2) == 3  # never backwards
+    _, log, length = await store.read_tail("ns", meta.gen, 0)
+    assert [o.seq for o in log] == [4] and log[0].reward == 3.0 and length == 4
+    res = await store.apply_feedback([(ids[4], 4.0), (ids[0], 9.0)])
+    assert [(r.outcome, r.seq) for r in res] == [(Outcome.APPLIED, 5), (Outcome.DUPLICATE, None)]
+    _, log, length = await store.read_tail("ns", meta.gen, 4, limit=5)
+    assert [o.seq for o in log] == [5] and length == 5
+    uid3 = ids[3].split(":")[2]
+    assert not await store.put_snapshot("ns", meta.gen, 2, b"gone", last_uid=ids[1].split(":")[2])
+    assert await store.put_snapshot("ns", meta.gen, 4, b"s4", last_uid=uid3)
+    assert await store.trim_log("ns", meta.gen, 99) == 5  # at most to the end
+    assert (await store.read_tail("ns", meta.gen, 0))[1:] == ([], 5)
+
+
 async def test_namespace_limit_is_checked_with_the_creation(store: Store) -> None:
     from gateway.store import NamespaceLimit
 
