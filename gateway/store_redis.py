@@ -24,7 +24,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -215,8 +215,17 @@ class RedisStore:
         await self._call(self._r.ping)
 
     async def durability_warning(self) -> str | None:
-        # INFO, not CONFIG GET: CONFIG is often disabled by ACLs on managed Redis.
-        info = await self._call(lambda: self._r.info("persistence"))
+        # INFO, not CONFIG GET: CONFIG is often disabled by ACLs on managed Redis. An ACL
+        # without INFO (-@dangerous) leaves it unknown: said so, not taken as durable.
+        try:
+            info = await self._r.info("persistence")
+        except NoPermissionError:
+            return (
+                "cannot tell whether redis persists acknowledged feedback (this user may not "
+                "run INFO): make sure it runs with appendonly yes, appendfsync always"
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
         if int(info.get("aof_enabled", 0)):
             return None
         return (

@@ -458,6 +458,10 @@ def test_gateway_on_redis_acl_user_keeps_its_state_there(stack: Stack) -> None:
     assert fb.json() == {"applied": 1, "duplicate": 0, "unknown": 0}
     post = _call(url, "GET", "/v1/posteriors?namespace=acl", TRAINER_KEY).json()
     assert post["seq"] == 1
+    # This ACL (-@dangerous) refuses INFO, so the gateway cannot check Redis persists: it says so.
+    ready = httpx.get(url + "/readyz", timeout=30).json()
+    assert ready["ready"] is True and ready["durable"] is False
+    assert "cannot tell whether redis persists" in ready["warning"]
     admin = stack.redis_admin
     try:
         assert admin.sismember("rr:namespaces", "acl")
