@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,12 +20,16 @@ from gateway.settings import GatewaySettings
 from reward_router.http import BodyLimit, RequestGuard
 from trainer_client.openrlhf import build_openrlhf_router
 
+log = logging.getLogger("reward_router.gateway")
+
 
 def build_app(settings: GatewaySettings, service: GatewayService | None = None) -> FastAPI:
     """The gateway app; ``service`` (already built) is for tests and benchmarks."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for warning in settings.startup_warnings():
+            log.warning("gateway: %s", warning)
         svc = service or GatewayService.build(settings)
         await svc.start()
         app.state.service = svc

@@ -46,6 +46,12 @@ class GatewayMetrics:
             ["rm", "reason"],
             registry=r,
         )
+        self.second_opinions = Counter(
+            p + "second_opinions",
+            "Pairs asked of a second RM because the first tied (max_calls_per_pair > 1).",
+            ["namespace"],
+            registry=r,
+        )
         self.rm_latency = Histogram(
             p + "rm_request_duration_seconds",
             "Time of one /v1/compare call to an RM.",

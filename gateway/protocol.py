@@ -95,6 +95,8 @@ class RouteResult(BaseModel):
 
     ``rm`` is the RM that answered (after any fallback); ensemble policies (majority, uwo) ask
     several RMs: then ``rms`` lists them and ``rm`` is the first of them in the draw's ranking.
+    A second opinion (``max_calls_per_pair`` > 1, the first RM tied) lists both RMs in ``rms``;
+    ``rm`` is then the one whose label is returned.
     """
 
     id: str | None = None
@@ -178,6 +180,11 @@ class NamespaceConfig(BaseModel):
     normalizer: Literal["quantile", "zscore", "none"] | None = None
     normalizer_params: ConfigParams = None
     best_rm: Text | None = None
+    #: what the feedback reward is: "dpo" (−DPO loss, normalised then mapped through the link)
+    #: or "correct" (already P(label right), in [0, 1]); default by the normaliser.
+    reward: Literal["dpo", "correct"] | None = None
+    dpo_informativeness: float | None = Field(default=None, gt=0, le=1)
+    max_calls_per_pair: float | None = Field(default=None, ge=1, le=2)
 
 
 class NamespaceInfo(BaseModel):

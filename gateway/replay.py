@@ -25,11 +25,26 @@ from typing import Any
 import numpy as np
 
 from gateway.routing import POLICY_NAMES, make_policy
+from gateway.routing.normalize import QuantileNormalizer
+from gateway.routing.prior import RewardLink
+from gateway.routing.registry import NEEDS_PRIOR, NO_ONLINE_VARIANT, RAW_PRIOR
 from reward_router.data import BehaviorMatrix
 from reward_router.errors import ConfigError
 
-#: Policies whose prior comes from the offline router (the others need no router at all).
-USES_ROUTER = frozenset({"bayesian", "bayesian-no-online", "weighted-score"})
+#: What the online policies learn from (``--reward``): the picked RM's correctness, the same
+#: flipped with probability ``reward_noise``, or a model of quantile-normalised −DPO loss.
+REWARDS = ("correct", "noisy", "dpo-proxy")
+#: Order of each held-out stream (``--stream-order``): a seeded shuffle; blocks by pair source
+#: (a shift of the pair distribution); or a shuffle in which, halfway, the RM that was best on
+#: the training folds starts answering like the worst one (an RM that breaks mid-run).
+STREAM_ORDERS = ("shuffled", "by-source", "drift")
+#: ``dpo-proxy``: the trained policy agrees with the true preference with a probability rising
+#: along the stream from the first to the second value (the policy learns as it trains).
+DPO_POLICY_AGREEMENT = (0.55, 0.75)
+#: ``dpo-proxy``: the link's assumed informativeness of −DPO loss about label correctness
+#: (:class:`~gateway.routing.prior.RewardLink`), the gateway's default too. Not fitted to the
+#: proxy: the simulated signal's real informativeness rises from ~0.05 to ~0.3 along a stream.
+DPO_INFORMATIVENESS = 0.1
 
 #: Called after each (seed, fold) with (done, total, message).
 ProgressFn = Callable[[int, int, str], None]
@@ -51,6 +66,20 @@ class ReplayConfig:
     policies: tuple[str, ...] = POLICY_NAMES
     policy_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     seed: int = 0
+    reward: str = "correct"
+    stream_order: str = "shuffled"
+    #: RM calls per pair allowed on average: above 1, a single-RM policy asks the next RM of
+    #: the same draw when the chosen one ties or its |margin| (in units of that RM's typical
+    #: margin) is below ``second_opinion_margin``, while the budget lasts. ``None``: the
+    #: threshold is the RM's own ``max_calls_per_pair - 1`` quantile of |margin| on the
+    #: training folds, so the budget goes to its least sure labels.
+    max_calls_per_pair: float = 1.0
+    second_opinion_margin: float | None = None
+    #: gold audits: this share of ``bayesian``'s pairs is also labelled by ``audit_rm`` (default:
+    #: the training-best RM); agreement, calibrated by the auditor's training accuracy, is that
+    #: pair's reward instead of the ``reward`` signal
+    audit_rate: float = 0.0
+    audit_rm: str | None = None
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -61,6 +90,24 @@ class ReplayConfig:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.reward_noise <= 0.5:
             raise ConfigError("reward_noise", f"must be in [0, 0.5], got {self.reward_noise}")
+        if self.reward not in REWARDS:
+            raise ConfigError("reward", f"must be one of {REWARDS}, got {self.reward!r}")
+        if self.reward == "noisy" and self.reward_noise == 0.0:
+            raise ConfigError("reward_noise", "must be > 0 with reward 'noisy'")
+        if self.stream_order not in STREAM_ORDERS:
+            raise ConfigError(
+                "stream_order", f"must be one of {STREAM_ORDERS}, got {self.stream_order!r}"
+            )
+        if not 1.0 <= self.max_calls_per_pair <= 2.0:
+            raise ConfigError(
+                "max_calls_per_pair", f"must be in [1, 2], got {self.max_calls_per_pair}"
+            )
+        if not 0.0 <= self.audit_rate <= 0.5:
+            raise ConfigError("audit_rate", f"must be in [0, 0.5], got {self.audit_rate}")
+        if self.second_opinion_margin is not None and not 0.0 <= self.second_opinion_margin <= 10:
+            raise ConfigError(
+                "second_opinion_margin", f"must be in [0, 10], got {self.second_opinion_margin}"
+            )
         if not self.policies:
             raise ConfigError("policies", "at least one policy is needed")
         for name in (*self.policies, *self.policy_params):
@@ -133,6 +180,12 @@ class PolicyTrace:
     streams: list[np.ndarray] = field(default_factory=list)  # per (seed, fold): stream quality
 
 
+def _se(values: np.ndarray) -> float:
+    """Standard error of the mean over seeds (0 with one seed)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 @dataclass
 class ReplayResult:
     """Everything a replay measured; ``to_json`` gives the documented output shape."""
@@ -144,10 +197,47 @@ class ReplayResult:
     domains: list[str]
     traces: dict[str, PolicyTrace]
     router_valid_accuracy: list[float] = field(default_factory=list)
+    config: ReplayConfig | None = None
+    #: best RM per domain, chosen on the same pairs (an upper bound for a domain router)
+    best_per_domain: float = float("nan")
+    best_single: float = float("nan")
+    oracle: float = float("nan")
 
     def accuracy(self, policy: str) -> np.ndarray:
         """Accuracy per seed (a tie counts as half)."""
         return np.array([q.mean() for q in self.traces[policy].quality])
+
+    def quarters(self, policy: str) -> np.ndarray:
+        """Accuracy per quarter of the held-out streams, per seed: (seeds, 4).
+
+        Each (seed, fold) stream is cut in four equal parts in stream order; a seed's quarter
+        is the mean over its folds' pairs in that quarter.
+        """
+        streams = self.traces[policy].streams
+        out = np.zeros((self.seeds, 4))
+        per_seed = len(streams) // max(self.seeds, 1)
+        for s in range(self.seeds):
+            parts: list[list[np.ndarray]] = [[], [], [], []]
+            for q in streams[s * per_seed : (s + 1) * per_seed]:
+                for k, chunk in enumerate(np.array_split(q, 4)):
+                    parts[k].append(chunk)
+            out[s] = [np.concatenate(p).mean() if p else np.nan for p in parts]
+        return out
+
+    def gain_over_no_online(self, policy: str) -> dict[str, float] | None:
+        """``policy`` minus its own no-online variant, paired by seed, with standard errors."""
+        base = NO_ONLINE_VARIANT.get(policy)
+        if base is None or base not in self.traces or policy not in self.traces:
+            return None
+        diff = self.accuracy(policy) - self.accuracy(base)
+        last = self.quarters(policy)[:, 3] - self.quarters(base)[:, 3]
+        return {
+            "versus": base,  # type: ignore[dict-item]
+            "accuracy": float(diff.mean()),
+            "accuracy_se": _se(diff),
+            "last_quarter": float(last.mean()),
+            "last_quarter_se": _se(last),
+        }
 
     def by_domain(self, policy: str) -> dict[str, float]:
         trace = self.traces[policy]
@@ -169,20 +259,38 @@ class ReplayResult:
         return picks / total if total > 0 else picks
 
     def to_json(self) -> dict[str, Any]:
+        policies: dict[str, Any] = {}
+        for name in self.traces:
+            acc = self.accuracy(name)
+            quarters = self.quarters(name)
+            row: dict[str, Any] = {
+                "accuracy": float(acc.mean()),
+                "accuracy_std": float(acc.std()),
+                "accuracy_se": _se(acc),
+                "rm_calls_per_pair": self.calls_per_pair(name),
+                "by_domain": self.by_domain(name),
+                "quarters": [float(v) for v in quarters.mean(axis=0)],
+                "quarters_se": [_se(quarters[:, k]) for k in range(4)],
+            }
+            gain = self.gain_over_no_online(name)
+            if gain is not None:
+                row["gain_over_no_online"] = gain
+            policies[name] = row
+        cfg = self.config
         return {
             "pairs": self.n_pairs,
             "rms": list(self.rms),
             "folds": self.folds,
             "seeds": self.seeds,
-            "policies": {
-                name: {
-                    "accuracy": float(self.accuracy(name).mean()),
-                    "accuracy_std": float(self.accuracy(name).std()),
-                    "rm_calls_per_pair": self.calls_per_pair(name),
-                    "by_domain": self.by_domain(name),
-                }
-                for name in self.traces
+            "reward": cfg.reward if cfg else "correct",
+            "stream_order": cfg.stream_order if cfg else "shuffled",
+            "max_calls_per_pair": cfg.max_calls_per_pair if cfg else 1.0,
+            "matrix": {
+                "best_single": self.best_single,
+                "best_per_domain": self.best_per_domain,
+                "oracle": self.oracle,
             },
+            "policies": policies,
         }
 
     def cumulative_accuracy(self, policy: str) -> np.ndarray:
@@ -197,98 +305,262 @@ class ReplayResult:
         return np.asarray(np.mean(runs, axis=0))
 
 
+def matrix_headroom(matrix: BehaviorMatrix) -> tuple[float, float, float]:
+    """``(best single RM, best RM per domain, oracle)`` accuracy of a matrix, on all its rows
+    (the best RM of a domain is chosen on the same rows: an upper bound for a domain router).
+    """
+    c = matrix.correct
+    if len(c) == 0:
+        return float("nan"), float("nan"), float("nan")
+    domains = np.array([p.domain for p in matrix.pairs])
+    best_single = float(c.mean(axis=0).max())
+    per_domain = sum(
+        c[domains == d].mean(axis=0).max() * (domains == d).sum() for d in set(domains)
+    )
+    return best_single, float(per_domain / len(c)), float(c.max(axis=1).mean())
+
+
 @dataclass(frozen=True)
 class FittedRouter:
     """What the replay needs of an offline router fitted on one fold's training rows.
 
-    ``lambda0`` / ``sigma2`` are the prior strength fitted with it (``None``: use the policy
-    defaults); they apply to the policies that inject the prior, unless the user sets them.
+    ``prior_means`` are on the correctness scale (calibrated); ``raw_means`` the BT head as
+    trained (what ``bayesian-paper`` injects); ``prior_precision`` / ``sigma2`` the fitted
+    strength (``None``: the policy defaults); ``stream_accuracy`` centres the −DPO link.
     """
 
     contexts: Callable[[np.ndarray], np.ndarray]
     prior_means: np.ndarray
     valid_accuracy: float
-    lambda0: float | None = None
+    prior_precision: np.ndarray | None = None
     sigma2: float | None = None
+    noise: np.ndarray | None = None
+    raw_means: np.ndarray | None = None
+    stream_accuracy: float = 0.5
 
 
 #: Fits an offline router on (features, correct, groups, seed) of the training rows.
 RouterFitter = Callable[[np.ndarray, np.ndarray, list[str], int], FittedRouter]
 
 
+@dataclass(frozen=True)
+class _Stream:
+    """One held-out stream: rows in stream order and what every RM said on them."""
+
+    rows: np.ndarray
+    correct: np.ndarray  # (P_total, N): matrix.correct, modified on this stream's rows for drift
+    margins: np.ndarray
+    scales: np.ndarray  # (N,) typical |margin| per RM on the training folds
+    best_rm: int
+    unsure: np.ndarray  # (N,) scaled |margin| below which a label is worth a second opinion
+    train_acc: np.ndarray  # (N,) accuracy per RM on the training folds
+    auditor: int  # the RM that audits (gold audits)
+
+
+def _dpo_proxy(
+    label_correct: np.ndarray, position: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Raw −DPO loss of the labels, modelled: the policy agrees with the true preference with
+    probability rising along the stream (``DPO_POLICY_AGREEMENT``); a label that agrees with
+    the policy's current preference has a positive implicit-reward margin, one that disagrees a
+    negative one, with noise. A tie is a coin-flip label."""
+    c = np.where(label_correct == 0.5, rng.random(len(label_correct)) < 0.5, label_correct > 0.5)
+    q0, q1 = DPO_POLICY_AGREEMENT
+    policy_right = rng.random(len(c)) < q0 + (q1 - q0) * position
+    agree = c == policy_right
+    margin = np.abs(rng.normal(0.8, 0.6, len(c))) * np.where(agree, 1.0, -1.0)
+    margin += rng.normal(0.0, 0.5, len(c))
+    return -np.logaddexp(0.0, -margin)  # log sigmoid(margin) = −DPO loss
+
+
 def _stream_policy(
     name: str,
     params: Mapping[str, Any],
     contexts: np.ndarray,
-    rows: np.ndarray,
-    correct: np.ndarray,
-    margins: np.ndarray,
-    *,
-    prior_means: np.ndarray | None,
-    best_rm: int,
-    scales: np.ndarray,
-    batch_size: int,
-    reward_noise: float,
+    stream: _Stream,
+    fitted: FittedRouter | None,
+    config: ReplayConfig,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, float, np.ndarray]:
-    """Stream ``rows`` (already in stream order) through one fresh policy.
-
-    Returns per-pair quality, RM calls made and picks per RM.
-    """
+    """Stream ``stream.rows`` through one fresh policy. Returns per-pair quality, RM calls made
+    and picks per RM."""
+    rows, correct, margins = stream.rows, stream.correct, stream.margins
     n_rms = correct.shape[1]
+    injects = fitted is not None and name in NEEDS_PRIOR
     policy = make_policy(
         name,
         n_rms=n_rms,
         dim=contexts.shape[1],
         rng=rng,
-        prior_means=prior_means,
-        best_rm=best_rm,
-        margin_scales=scales,
+        prior_means=fitted.prior_means if injects and fitted else None,
+        raw_prior_means=fitted.raw_means if injects and fitted and name in RAW_PRIOR else None,
+        prior_precision=fitted.prior_precision if injects and fitted else None,
+        prior_sigma2=fitted.noise if injects and fitted else None,
+        best_rm=stream.best_rm,
+        margin_scales=stream.scales,
         **dict(params),
+    )
+    # The −DPO proxy is quantile-normalised per stream, as the gateway does per namespace; only
+    # ``bayesian`` maps it through the link onto the correctness scale (the paper's preset and
+    # the baselines learn from the quantile itself).
+    normalizer = QuantileNormalizer() if config.reward == "dpo-proxy" else None
+    link = RewardLink(
+        "dpo" if normalizer is not None and name == "bayesian" else "correct",
+        informativeness=DPO_INFORMATIVENESS,
+        center=fitted.stream_accuracy if fitted is not None else 0.5,
+        sigma2=fitted.sigma2 if fitted is not None and fitted.sigma2 else 0.25,
     )
     quality = np.empty(len(rows))
     picks = np.zeros(n_rms, dtype=np.int64)
     calls = 0.0
-    for start in range(0, len(rows), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, len(rows), config.batch_size):
+        sl = slice(start, start + config.batch_size)
         batch_rows = rows[sl]
         ctx = contexts[sl]
         selection = policy.select(ctx)
-        asked = selection.asked
-        calls += float(asked.sum())
-        if policy.calls_per_pair == 1.0:
-            arms = selection.ranking[:, 0]
-            q = correct[batch_rows, arms]
-            np.add.at(picks, arms, 1)
-            rewards = q.copy()
-            if reward_noise > 0:
-                flip = rng.random(len(q)) < reward_noise
-                rewards[flip] = 1.0 - rewards[flip]
-            policy.update(ctx, arms, rewards)
-        else:
-            masked = np.where(asked, margins[batch_rows], np.nan)
-            combined = policy.combine(masked)
-            q = np.where(combined > 0, 1.0, np.where(combined < 0, 0.0, 0.5))
+        if policy.calls_per_pair != 1.0:
+            asked = selection.asked
+            calls += float(asked.sum())
+            combined = policy.combine(np.where(asked, margins[batch_rows], np.nan))
+            quality[sl] = np.where(combined > 0, 1.0, np.where(combined < 0, 0.0, 0.5))
             picks += asked.sum(axis=0)
+            continue
+        arms = selection.ranking[:, 0].copy()
+        calls += len(arms)
+        if config.max_calls_per_pair > 1.0 and n_rms > 1:
+            calls += _second_opinions(
+                arms, selection.ranking[:, 1], batch_rows, stream, config, calls, start
+            )
+        q = correct[batch_rows, arms]
+        np.add.at(picks, arms, 1)
+        rewards = q.copy()
+        if config.reward_noise > 0:
+            flip = rng.random(len(q)) < config.reward_noise
+            rewards[flip] = 1.0 - rewards[flip]
+        if normalizer is not None:
+            position = (start + np.arange(len(q))) / max(len(rows) - 1, 1)
+            raw = _dpo_proxy(q, position, rng)
+            rewards = np.array([normalizer.normalize(raw[i : i + 1])[0] for i in range(len(raw))])
+        values, weight = link.map(rewards)
+        weights = np.full(len(q), weight)
+        if config.audit_rate > 0 and name == "bayesian":
+            calls += _audit(values, weights, arms, batch_rows, stream, config, rng)
+        policy.update(ctx, arms, values, weights)
         quality[sl] = q
     return quality, calls, picks
 
 
-def _policy_params(
-    name: str, user: Mapping[str, Any], fitted: FittedRouter | None
-) -> dict[str, Any]:
-    """The user's parameters, plus the fitted prior strength for the full Bayesian router.
+def _audit(
+    values: np.ndarray,
+    weights: np.ndarray,
+    arms: np.ndarray,
+    batch_rows: np.ndarray,
+    stream: _Stream,
+    config: ReplayConfig,
+    rng: np.random.Generator,
+) -> int:
+    """Gold audits: on a ``config.audit_rate`` share of pairs the auditor labels the pair too;
+    where neither tied, agreement becomes the reward (in place), on the correctness scale:
+    ``E[agree | c] = p c + (1 - p)(1 - c)`` with p the auditor's training accuracy, so
+    ``(agree - (1 - p)) / (2p - 1)`` is unbiased for c, worth ``(2p - 1)²`` observations.
+    Returns the extra RM calls."""
+    p = float(stream.train_acc[stream.auditor])
+    if p <= 0.5:
+        return 0
+    audited = rng.random(len(arms)) < config.audit_rate
+    extra = 0
+    for i in np.flatnonzero(audited):
+        row, arm = batch_rows[i], arms[i]
+        if arm == stream.auditor:
+            continue  # the auditor's own label: nothing to compare with
+        extra += 1
+        mine, gold = stream.correct[row, arm], stream.correct[row, stream.auditor]
+        if mine == 0.5 or gold == 0.5:
+            continue
+        agree = float(mine == gold)
+        values[i] = (agree - (1.0 - p)) / (2.0 * p - 1.0)
+        weights[i] = (2.0 * p - 1.0) ** 2
+    return extra
 
-    Only ``bayesian`` takes the fitted lambda0 / sigma2: the ablations keep the policy
-    defaults, so that they measure what their name says and nothing more.
-    """
-    params = dict(user)
-    if name == "bayesian" and fitted is not None:
-        if fitted.lambda0 is not None:
-            params.setdefault("lambda0", fitted.lambda0)
-        if fitted.sigma2 is not None:
-            params.setdefault("sigma2", fitted.sigma2)
-    return params
+
+def _second_opinions(
+    arms: np.ndarray,
+    second: np.ndarray,
+    batch_rows: np.ndarray,
+    stream: _Stream,
+    config: ReplayConfig,
+    calls: float,
+    start: int,
+) -> int:
+    """Ask the next RM of the draw where the chosen one tied or was unsure, within the budget;
+    ``arms`` is updated in place to the RM whose label is used. Returns the extra calls."""
+    extra = 0
+    budget = config.max_calls_per_pair * (start + len(arms))
+    for i, row in enumerate(batch_rows):
+        if calls + extra + 1 > budget:
+            break
+        first = arms[i]
+        unsure = stream.correct[row, first] == 0.5 or (
+            abs(stream.margins[row, first]) / stream.scales[first] < stream.unsure[first]
+        )
+        if not unsure:
+            continue
+        extra += 1
+        other = second[i]
+        mine = abs(stream.margins[row, first]) / stream.scales[first]
+        theirs = abs(stream.margins[row, other]) / stream.scales[other]
+        if stream.correct[row, other] != 0.5 and (
+            stream.correct[row, first] == 0.5 or theirs > mine
+        ):
+            arms[i] = other
+    return extra
+
+
+def _make_stream(
+    matrix: BehaviorMatrix,
+    margins: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    config: ReplayConfig,
+    rng: np.random.Generator,
+) -> _Stream:
+    order = config.stream_order
+    correct = matrix.correct
+    train_acc = correct[train].mean(axis=0)
+    best = int(np.argmax(train_acc))
+    rows = rng.permutation(test)
+    if order == "by-source":
+        keys = np.array([f"{matrix.pairs[r].source}|{matrix.pairs[r].domain}" for r in rows])
+        blocks = rng.permutation(sorted(set(keys)))
+        rank = {k: i for i, k in enumerate(blocks)}
+        rows = rows[np.argsort([rank[k] for k in keys], kind="stable")]
+    elif order == "drift":
+        # Halfway through, the training-best RM starts answering like the training-worst one.
+        worst = int(np.argmin(train_acc))
+        late = rows[len(rows) // 2 :]
+        correct = correct.copy()
+        margins = margins.copy()
+        correct[late, best] = correct[late, worst]
+        margins[late, best] = margins[late, worst]
+    scales = margin_scales(margins[train])
+    if config.second_opinion_margin is not None:
+        unsure = np.full(len(scales), config.second_opinion_margin)
+    else:
+        share = min(config.max_calls_per_pair - 1.0, 1.0)
+        unsure = np.quantile(np.abs(margins[train]) / scales, share, axis=0)
+    if config.audit_rm is None:
+        auditor = best
+    elif config.audit_rm in matrix.rms:
+        auditor = matrix.rms.index(config.audit_rm)
+    else:
+        raise ConfigError("audit_rm", f"must be one of {matrix.rms}, got {config.audit_rm!r}")
+    return _Stream(rows, correct, margins, scales, best, unsure, train_acc, auditor)
+
+
+def _policy_params(name: str, user: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's parameters for ``name``; the fitted prior strength reaches ``bayesian``
+    through ``make_policy``'s prior arguments, so explicit settings always win."""
+    return dict(user)
 
 
 def run_replay(
@@ -309,7 +581,7 @@ def run_replay(
     margins = oriented_margins(matrix)
     groups = [p.group for p in matrix.pairs]
     traces = {name: PolicyTrace() for name in config.policies}
-    need_router = bool(USES_ROUTER & set(config.policies))
+    need_router = bool(NEEDS_PRIOR & set(config.policies))
     valid_accs: list[float] = []
     total_steps = config.seeds * config.folds
     step = 0
@@ -325,40 +597,34 @@ def run_replay(
         seed_picks = {name: np.zeros(matrix.n_rms, dtype=np.int64) for name in config.policies}
         for k in range(config.folds):
             train = np.flatnonzero(fold_of != k)
-            test = split_rng.permutation(np.flatnonzero(fold_of == k))
-            best_rm = int(np.argmax(matrix.correct[train].mean(axis=0)))
-            scales = margin_scales(margins[train])
+            stream = _make_stream(
+                matrix, margins, train, np.flatnonzero(fold_of == k), config, split_rng
+            )
             fitted: FittedRouter | None = None
             if need_router:
                 router_seed = int(split_rng.integers(2**31))
                 fitted = fit_router(
                     features[train], matrix.correct[train], [groups[i] for i in train], router_seed
                 )
-                contexts = fitted.contexts(features[test])
+                contexts = fitted.contexts(features[stream.rows])
                 valid_accs.append(fitted.valid_accuracy)
             else:
-                contexts = np.ones((len(test), 1))
+                contexts = np.ones((len(stream.rows), 1))
             # Every policy sees the same contexts (the router's h when a router was fitted):
             # laser's batch context is their mean; the no-offline ablation keeps h but drops
             # the prior mean; ensembles and baselines ignore them.
             for name, prng in zip(config.policies, policy_seeds, strict=True):
-                injects = fitted is not None and name in USES_ROUTER
                 q, calls, picks = _stream_policy(
                     name,
-                    _policy_params(name, config.policy_params.get(name, {}), fitted),
+                    _policy_params(name, config.policy_params.get(name, {})),
                     contexts,
-                    test,
-                    matrix.correct,
-                    margins,
-                    prior_means=fitted.prior_means if fitted is not None and injects else None,
-                    best_rm=best_rm,
-                    scales=scales,
-                    batch_size=config.batch_size,
-                    reward_noise=config.reward_noise,
-                    rng=prng,
+                    stream,
+                    fitted,
+                    config,
+                    prng,
                 )
                 seed_quality[name] = np.concatenate([seed_quality[name], q])
-                seed_rows[name] = np.concatenate([seed_rows[name], test])
+                seed_rows[name] = np.concatenate([seed_rows[name], stream.rows])
                 seed_calls[name] += calls
                 seed_picks[name] += picks
                 traces[name].streams.append(q)
@@ -370,6 +636,7 @@ def run_replay(
             traces[name].rows.append(seed_rows[name])
             traces[name].calls.append(seed_calls[name])
             traces[name].picks.append(seed_picks[name])
+    best_single, best_domain, oracle = matrix_headroom(matrix)
     return ReplayResult(
         n_pairs=matrix.n_pairs,
         rms=list(matrix.rms),
@@ -378,6 +645,10 @@ def run_replay(
         domains=[p.domain for p in matrix.pairs],
         traces=traces,
         router_valid_accuracy=valid_accs,
+        config=config,
+        best_per_domain=best_domain,
+        best_single=best_single,
+        oracle=oracle,
     )
 
 
@@ -389,9 +660,8 @@ def torch_router_fitter(
     """A :data:`RouterFitter` that trains the real offline router (torch) on each fold.
 
     With ``calibrate`` (the default) the policies get the router's calibrated prior and its
-    evidence-fitted strength (``OfflineRouter.prior_fit``, measured on the router's held-out
-    rows, see :mod:`gateway.routing.prior`); without it ``E_bt`` is injected raw, as in the
-    paper, with the policies' default strength.
+    stated strength (``OfflineRouter.prior_fit``, :mod:`gateway.routing.prior`); without it
+    ``E_bt`` is injected raw, as in the paper, with the policies' default strength.
     """
     from gateway.offline.router import RouterConfig, train_router
 
@@ -410,8 +680,11 @@ def torch_router_fitter(
             contexts=router.hidden,
             prior_means=router.prior_means if prior is not None else router.bt_means,
             valid_accuracy=report.valid_routing_acc,
-            lambda0=prior.lambda0 if prior is not None else None,
+            prior_precision=router.prior_precision if prior is not None else None,
             sigma2=prior.sigma2 if prior is not None else None,
+            noise=np.asarray(prior.noise) if prior is not None else None,
+            raw_means=router.bt_means,
+            stream_accuracy=prior.stream_accuracy if prior is not None else 0.5,
         )
 
     return fit

@@ -10,6 +10,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway.replay_options import (
+    AuditRateOpt,
+    AuditRmOpt,
+    BatchSizeOpt,
+    CacheDirOpt,
+    CalibrateOpt,
+    EncoderOpt,
+    FoldsOpt,
+    JsonOpt,
+    MaxCallsOpt,
+    MaxLengthOpt,
+    PoliciesOpt,
+    RewardNoiseOpt,
+    RewardOpt,
+    SecondOpinionMarginOpt,
+    SeedsOpt,
+    SetOpt,
+    StreamOrderOpt,
+)
 from reward_router.errors import RewardRouterError
 
 console = Console(stderr=True)
@@ -40,39 +59,24 @@ def _parse_settings(items: list[str]) -> tuple[dict[str, dict[str, Any]], dict[s
 def replay(
     pairs: Annotated[Path, typer.Option(help="Pairs file (JSONL or JSONL.gz).")],
     behavior: Annotated[Path, typer.Option(help="Behaviour file: what each RM said per pair.")],
-    policies: Annotated[str, typer.Option(help="'all' or a comma-separated list.")] = "all",
-    folds: Annotated[int, typer.Option(help="Cross-fitting folds (split by group).")] = 5,
-    seeds: Annotated[int, typer.Option(help="Repetitions with new folds and stream order.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Pairs per routing batch.")] = 8,
-    reward_noise: Annotated[
-        float, typer.Option(help="Probability of flipping the online reward (noisy −DPO).")
-    ] = 0.0,
-    encoder: Annotated[
-        str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
-    ] = "minilm",
-    max_length: Annotated[int, typer.Option(help="Encoder token limit per side.")] = 256,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Embedding cache (default: the project cache).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="Parameter override, repeatable: POLICY.PARAM=VALUE (e.g. bayesian.lambda0=2)"
-            " or router.PARAM=VALUE (e.g. router.epochs=200).",
-        ),
-    ] = None,
-    calibrate: Annotated[
-        bool,
-        typer.Option(
-            help="Calibrate the BT prior onto the reward scale and fit its strength (default);"
-            " --no-calibrate injects E_bt raw, as in the paper.",
-        ),
-    ] = True,
+    policies: PoliciesOpt = "all",
+    folds: FoldsOpt = 5,
+    seeds: SeedsOpt = 5,
+    batch_size: BatchSizeOpt = 8,
+    reward_noise: RewardNoiseOpt = 0.0,
+    reward: RewardOpt = "correct",
+    stream_order: StreamOrderOpt = "shuffled",
+    max_calls_per_pair: MaxCallsOpt = 1.0,
+    second_opinion_margin: SecondOpinionMarginOpt = None,
+    audit_rate: AuditRateOpt = 0.0,
+    audit_rm: AuditRmOpt = None,
+    encoder: EncoderOpt = "minilm",
+    max_length: MaxLengthOpt = 256,
+    cache_dir: CacheDirOpt = None,
+    set_: SetOpt = None,
+    calibrate: CalibrateOpt = True,
     seed: Annotated[int, typer.Option(help="Root seed.")] = 0,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write results JSON here.")
-    ] = None,
+    json_out: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here.")] = None,
 ) -> None:
     """Replay every policy on recorded RM behaviour, cross-fitted, and compare them."""
@@ -80,6 +84,10 @@ def replay(
         _replay(
             pairs, behavior, policies, folds, seeds, batch_size, reward_noise, encoder,
             max_length, cache_dir, set_ or [], calibrate, seed, json_out, plot,
+            {"reward": reward, "stream_order": stream_order,
+             "max_calls_per_pair": max_calls_per_pair,
+             "second_opinion_margin": second_opinion_margin,
+             "audit_rate": audit_rate, "audit_rm": audit_rm},
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
@@ -102,6 +110,7 @@ def _replay(
     seed: int,
     json_out: Path | None,
     plot: Path | None,
+    options: dict[str, Any],
 ) -> None:
     from rich.progress import Progress
 
@@ -117,6 +126,7 @@ def _replay(
         policies=parse_policies(policies_spec),
         policy_params=policy_params,
         seed=seed,
+        **options,
     )
     pairs = load_pairs(pairs_path)
     matrix = load_behavior(behavior_path, pairs)
@@ -159,27 +169,45 @@ def _features(matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | 
 
 
 def _print_table(result: Any) -> None:
-    out = Console(width=max(Console().width, 140))
+    out = Console(width=max(Console().width, 160))
     domains = sorted(set(result.domains))
+    js = result.to_json()
     table = Table(
-        title=f"replay: {result.n_pairs} pairs, {result.folds} folds x {result.seeds} seeds"
+        title=f"replay: {result.n_pairs} pairs, {result.folds} folds x {result.seeds} seeds, "
+        f"reward {js['reward']}, stream {js['stream_order']}"
     )
     table.add_column("policy")
     table.add_column("accuracy", justify="right")
-    table.add_column("± std", justify="right")
+    table.add_column("± se", justify="right")
     table.add_column("RM calls/pair", justify="right")
+    for k in range(1, 5):
+        table.add_column(f"Q{k}", justify="right")
     for d in domains:
         table.add_column(d, justify="right")
-    summary = result.to_json()["policies"]
+    summary = js["policies"]
     for name, row in sorted(summary.items(), key=lambda kv: -kv[1]["accuracy"]):
         table.add_row(
             name,
             f"{row['accuracy']:.3f}",
-            f"{row['accuracy_std']:.3f}",
+            f"{row['accuracy_se']:.3f}",
             f"{row['rm_calls_per_pair']:.2f}",
+            *(f"{q:.3f}" for q in row["quarters"]),
             *(f"{row['by_domain'][d]:.3f}" for d in domains),
         )
     out.print(table)
+    m = js["matrix"]
+    out.print(
+        f"matrix: best single {m['best_single']:.3f}, best RM per domain "
+        f"{m['best_per_domain']:.3f}, oracle {m['oracle']:.3f} (chosen on all its rows)"
+    )
+    for name, row in summary.items():
+        gain = row.get("gain_over_no_online")
+        if gain:
+            out.print(
+                f"{name} - {gain['versus']}: {gain['accuracy']:+.3f} ± {gain['accuracy_se']:.3f}"
+                f" overall, {gain['last_quarter']:+.3f} ± {gain['last_quarter_se']:.3f} in the"
+                " last quarter (online phase's gain, paired by seed)"
+            )
     if "bayesian" in summary and "best-single" in summary:
         delta = summary["bayesian"]["accuracy"] - summary["best-single"]["accuracy"]
         verdict = "beats" if delta > 0 else "does NOT beat"

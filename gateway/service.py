@@ -53,6 +53,7 @@ from gateway.protocol import (
     RouteResult,
 )
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
+from gateway.routing.prior import RewardLink
 from gateway.settings import NAMESPACE_RE, GatewaySettings
 from gateway.store import (
     EmbeddedStore,
@@ -226,6 +227,40 @@ def make_normalizer(kind: str, params: dict[str, Any]) -> Any:
         raise ConfigError("normalizer_params", f"{exc}") from None
 
 
+def prior_kwargs(router: Any) -> dict[str, Any]:
+    """``make_policy`` keyword arguments from a router artifact: the calibrated prior means,
+    their fitted precision and label variance, and the raw BT head (``bayesian-paper``)."""
+    if router is None:
+        return {}
+    fit = getattr(router, "prior_fit", None)
+    return {
+        "prior_means": router.prior_means,
+        "prior_precision": getattr(router, "prior_precision", None),
+        "prior_sigma2": None if fit is None else np.asarray(fit.noise),
+        "raw_prior_means": getattr(router, "bt_means", None),
+    }
+
+
+def reward_link(config: dict[str, Any], router: Any) -> RewardLink:
+    """How a namespace's normalised rewards reach its posterior (``gateway.routing.prior``).
+
+    Only ``bayesian`` maps −DPO loss through the link (centred on the accuracy its prior
+    expects); ``bayesian-paper`` and the baselines learn from the normalised reward itself.
+    """
+    kind = config.get("reward") or ("correct" if config.get("normalizer") == "none" else "dpo")
+    if kind == "dpo" and config.get("normalizer") == "none":
+        raise ConfigError("reward", "'dpo' needs a normalizer (quantile or zscore), got 'none'")
+    fit = getattr(router, "prior_fit", None)
+    if kind == "dpo" and config.get("policy") == "bayesian":
+        return RewardLink(
+            "dpo",
+            informativeness=float(config.get("dpo_informativeness") or 0.1),
+            center=fit.stream_accuracy if fit is not None else 0.5,
+            sigma2=fit.sigma2 if fit is not None else 0.25,
+        )
+    return RewardLink("correct")
+
+
 @dataclass
 class NsState:
     """One namespace as this replica holds it: its policy folded up to log position ``seq``."""
@@ -234,7 +269,11 @@ class NsState:
     policy: Policy
     normalizer: Any
     forgetting: bool
+    link: RewardLink = field(default_factory=RewardLink)
     seq: int = 0
+    #: pairs routed and second opinions asked by this replica (the max_calls_per_pair budget)
+    pairs_routed: int = 0
+    second_opinions: int = 0
     obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     snapshot_seq: int = 0
     # The route id of the observation at ``seq``: each read overlaps it, so a log that went
@@ -293,6 +332,9 @@ class GatewayService:
             "normalizer": d.normalizer,
             "normalizer_params": dict(d.normalizer_params),
             "best_rm": d.best_rm,
+            "reward": d.reward,
+            "dpo_informativeness": d.dpo_informativeness,
+            "max_calls_per_pair": d.max_calls_per_pair,
         }
 
     @classmethod
@@ -433,7 +475,7 @@ class GatewayService:
 
     # ---- namespace config and state ----------------------------------------------------------
 
-    def _policy_from(self, ns: str, config: dict[str, Any]) -> tuple[Policy, Any, bool]:
+    def _policy_from(self, ns: str, config: dict[str, Any]) -> tuple[Policy, Any, bool, RewardLink]:
         from gateway.routing import make_policy
 
         name = config.get("policy")
@@ -448,18 +490,15 @@ class GatewayService:
         seed = self.settings.seed
         rng = np.random.default_rng(None if seed is None else [seed, zlib.crc32(ns.encode())])
         params = dict(config.get("params") or {})
-        prior_fit = getattr(self.contexts.router, "prior_fit", None)
-        if name == "bayesian" and prior_fit is not None:
-            # The router's evidence-fitted prior strength, unless the namespace sets its own.
-            params.setdefault("lambda0", prior_fit.lambda0)
-            params.setdefault("sigma2", prior_fit.sigma2)
+        # The router's fitted prior (means, precision, label variance) reaches the policy as
+        # arguments; a namespace's own lambda0 / sigma2 in params override them.
         policy = make_policy(
             name,
             n_rms=self.n_rms,
             dim=self.contexts.dim,
             rng=rng,
-            prior_means=self.contexts.prior_means,
             best_rm=best_idx,
+            **prior_kwargs(self.contexts.router),
             **params,
         )
         if policy.requires_labels:
@@ -472,7 +511,7 @@ class GatewayService:
             str(config.get("normalizer", "quantile")), dict(config.get("normalizer_params") or {})
         )
         forgetting = float(params.get("forgetting", 1.0)) < 1.0
-        return policy, normalizer, forgetting
+        return policy, normalizer, forgetting, reward_link(config, self.contexts.router)
 
     def _full_config(self, req: NamespaceConfig | None) -> dict[str, Any]:
         cfg = dict(self.default_config)
@@ -493,9 +532,14 @@ class GatewayService:
                 f"{cfg.get('dim')}, this gateway has {self.rm_names} and {self.contexts.dim}; "
                 "reset or delete it (admin) to reuse the name"
             )
-        policy, normalizer, forgetting = self._policy_from(meta.name, cfg)
+        policy, normalizer, forgetting, link = self._policy_from(meta.name, cfg)
         return NsState(
-            meta, policy, normalizer, forgetting, obs_counts=np.zeros(self.n_rms, dtype=np.int64)
+            meta,
+            policy,
+            normalizer,
+            forgetting,
+            link,
+            obs_counts=np.zeros(self.n_rms, dtype=np.int64),
         )
 
     def _lock_for(self, ns: str) -> asyncio.Lock:
@@ -700,7 +744,7 @@ class GatewayService:
         except (ValueError, KeyError, TypeError, OSError) as exc:
             # Unreadable (another version, another policy config): the log is the truth.
             log.warning("ignoring snapshot of %s: %s", st.meta.name, exc)
-            st.policy, st.normalizer, st.forgetting = self._policy_from(
+            st.policy, st.normalizer, st.forgetting, st.link = self._policy_from(
                 st.meta.name, st.meta.config
             )
             return
@@ -723,15 +767,18 @@ class GatewayService:
             )
         else:
             rewards = raw
+        # Onto the posterior's scale (P(label right)); the link depends on the prior only, so
+        # any replica folding the same log gets the same posterior.
+        values, weight = st.link.map(rewards)
         arms = np.array([o.arm for o in tail], dtype=np.int64)
         h = np.stack([o.h for o in tail])
         if st.forgetting or not self._snapshottable(st):
             # Forgetting discounts per update call, and laser's update depends on how a batch
             # is split: per item, so the state never depends on how the log was read.
             for i in range(len(tail)):
-                st.policy.update(h[i : i + 1], arms[i : i + 1], rewards[i : i + 1])
+                st.policy.update(h[i : i + 1], arms[i : i + 1], values[i : i + 1], weight)
         else:
-            st.policy.update(h, arms, rewards)
+            st.policy.update(h, arms, values, weight)
         st.obs_counts += np.bincount(arms, minlength=self.n_rms)
         st.seq = tail[-1].seq
         st.last_route_id = tail[-1].route_id
@@ -929,6 +976,10 @@ class GatewayService:
         payloads = [p.model_dump(exclude={"id"}, exclude_none=True) for p in req.pairs]
         try:
             answers, timing.rm_wait = await self._dispatch(payloads, ranking, first)
+            if not ensemble:
+                timing.rm_wait += await self._second_opinions(
+                    st, req.namespace, ranking, answers, payloads
+                )
         except BaseException:
             with contextlib.suppress(BaseException):
                 await write
@@ -946,7 +997,8 @@ class GatewayService:
         arms: list[int] = []
         for i, ans in enumerate(answers):
             order = [int(a) for a in ranking[i] if int(a) in ans]
-            arm = order[0]
+            # A second opinion replaces a tie; otherwise the first-ranked answer.
+            arm = next((a for a in order if ans[a].preferred != "tie"), order[0])
             arms.append(arm)
             if arm != planned[i]:
                 moved.append(i)
@@ -965,11 +1017,11 @@ class GatewayService:
                     id=req.pairs[i].id,
                     route_id=ids[i],
                     rm=self.rm_names[arm],
-                    rms=names if ensemble else None,
+                    rms=names if ensemble or len(order) > 1 else None,
                     preferred=preferred,  # type: ignore[arg-type]
                     score_a=score_a,
                     score_b=score_b,
-                    fallback=(not ensemble) and arm != int(ranking[i, 0]),
+                    fallback=(not ensemble) and order[0] != int(ranking[i, 0]),
                 )
             )
         if moved:
@@ -984,6 +1036,43 @@ class GatewayService:
         timing.total = time.perf_counter() - t_start
         self._update_rm_gauges()
         return RouteResponse(namespace=req.namespace, results=results), timing
+
+    async def _second_opinions(
+        self,
+        st: NsState,
+        ns: str,
+        ranking: np.ndarray,
+        answers: list[dict[int, Comparison]],
+        payloads: list[dict[str, Any]],
+    ) -> float:
+        """Ask the next RM of the same draw for pairs whose RM tied, while the namespace's
+        ``max_calls_per_pair`` budget (this replica's count) lasts; returns the RM wait."""
+        cap = float(st.meta.config.get("max_calls_per_pair") or 1.0)
+        st.pairs_routed += len(answers)
+        if cap <= 1.0 or self.n_rms < 2:
+            return 0.0
+        targets: dict[int, list[int]] = {}
+        for i, ans in enumerate(answers):
+            if len(ans) != 1 or next(iter(ans.values())).preferred != "tie":
+                continue
+            if st.second_opinions + 1 > (cap - 1.0) * st.pairs_routed:
+                break
+            nxt = [a for a in self._order(ranking[i], set(ans)) if self.pool.clients[a].available()]
+            if nxt:
+                st.second_opinions += 1
+                targets.setdefault(nxt[0], []).append(i)
+        if not targets:
+            return 0.0
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(self._ask(a, idx, payloads) for a, idx in targets.items()))
+        label = self.metrics.ns_label(ns)
+        for arm, idx, res in done:
+            self.metrics.second_opinions.labels(label).inc(len(idx))
+            if isinstance(res, RMUnavailable):
+                continue  # the first RM's tie stands
+            for i, cmp in zip(idx, res, strict=True):
+                answers[i][arm] = cmp
+        return time.perf_counter() - t0
 
     # ---- feedback ------------------------------------------------------------------------------
 

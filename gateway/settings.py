@@ -35,6 +35,7 @@ from pydantic_settings import (
 
 from gateway.routing.registry import NEEDS_PRIOR
 from reward_router.errors import ConfigError
+from reward_router.exposure import is_loopback, placeholder_secret, redis_password
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 """Namespace names: no ':' (route ids are ``ns:gen:uuid``) and no braces (Redis hash tags)."""
@@ -77,6 +78,16 @@ class PolicyDefaults(BaseModel):
     normalizer: Literal["quantile", "zscore", "none"] = "quantile"
     normalizer_params: dict[str, Any] = Field(default_factory=dict)
     best_rm: str | None = None
+    # What the trainer's reward is: "dpo" (−DPO loss: normalised, then mapped onto P(label
+    # right) by the link) or "correct" (already P(label right)); None = by the normaliser
+    # ("correct" with normalizer none, else "dpo"). See gateway.routing.prior.RewardLink.
+    reward: Literal["dpo", "correct"] | None = None
+    # How much a quantile of −DPO loss says about the label's correctness (the link's beta):
+    # E[u | correct] - E[u | wrong]. A stated assumption, docs/routing-core.md.
+    dpo_informativeness: float = Field(default=0.1, gt=0, le=1)
+    # Average RM calls per pair allowed: above 1, a pair whose RM tied is asked of the next RM
+    # of the same draw while the namespace's budget lasts.
+    max_calls_per_pair: float = Field(default=1.0, ge=1, le=2)
 
 
 class GatewaySettings(BaseSettings):
@@ -137,6 +148,12 @@ class GatewaySettings(BaseSettings):
 
     api_keys: list[SecretStr] = Field(default_factory=list)
     admin_key: SecretStr | None = None
+    # The key of every RM service whose ``rms[]`` entry names none (one env var for a cluster
+    # whose RMs share a key: REWARD_ROUTER_GATEWAY_RM_API_KEY).
+    rm_api_key: SecretStr | None = None
+    # A host other than loopback with no api_keys is refused at start-up (anyone reaching it
+    # could route and send feedback); true serves it open on purpose, and says so in the log.
+    allow_unauthenticated: bool = False
 
     policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
     # Created with the policy defaults at start-up when missing, for clients that cannot create
@@ -182,6 +199,44 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"{n!r} must match {NAMESPACE_RE.pattern}")
         return names
 
+    @model_validator(mode="after")
+    def _safe_by_default(self) -> GatewaySettings:
+        # Every secret: refuse a known placeholder (a default key is worse than no key).
+        named: list[tuple[str, SecretStr | str | None]] = [
+            *((f"api_keys.{i}", k) for i, k in enumerate(self.api_keys)),
+            ("admin_key", self.admin_key),
+            ("rm_api_key", self.rm_api_key),
+            *((f"rms.{i}.api_key", rm.api_key) for i, rm in enumerate(self.rms)),
+            ("redis_url", redis_password(self.redis_url) if self.redis_url else None),
+        ]
+        for field, secret in named:
+            raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+            if raw is not None and placeholder_secret(raw):
+                raise ValueError(
+                    f"{field}: a known placeholder ('change-me', 'changethis', 'password', ...) "
+                    "is not a secret: set a real one, e.g. the output of "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
+        if not self.api_keys and not is_loopback(self.host) and not self.allow_unauthenticated:
+            raise ValueError(
+                f"host: {self.host!r} is reachable from other machines and api_keys is empty: "
+                "set api_keys (REWARD_ROUTER_GATEWAY_API_KEYS), bind 127.0.0.1, or set "
+                "allow_unauthenticated: true to serve it without keys on purpose"
+            )
+        for rm in self.rms:
+            if rm.api_key is None:
+                rm.api_key = self.rm_api_key
+        return self
+
+    def startup_warnings(self) -> list[str]:
+        """What the gateway logs at start-up about its exposure (empty when nothing is open)."""
+        if self.api_keys or is_loopback(self.host):
+            return []
+        return [
+            f"serving on {self.host}:{self.port} without api_keys (allow_unauthenticated is "
+            "set): anyone who reaches this address can route pairs and send feedback"
+        ]
+
     @field_validator("rms")
     @classmethod
     def _unique_rm_names(cls, rms: list[RMEndpoint]) -> list[RMEndpoint]:
@@ -205,9 +260,10 @@ class GatewaySettings(BaseSettings):
 
     def safe_dict(self) -> dict[str, Any]:
         """The settings without secrets, for logs and ``/v1/info``."""
-        d = self.model_dump(mode="json", exclude={"api_keys", "admin_key"})
+        d = self.model_dump(mode="json", exclude={"api_keys", "admin_key", "rm_api_key"})
         d["api_keys"] = f"{len(self.api_keys)} configured"
         d["admin_key"] = "configured" if self.admin_key else None
+        d["rm_api_key"] = "configured" if self.rm_api_key else None
         if self.redis_url:
             d["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
         for rm, out in zip(self.rms, d["rms"], strict=True):

@@ -11,6 +11,7 @@ import typer
 from gateway.cli import app as gateway_app
 from gateway.offline.cli import app as router_app
 from gateway.replay_cli import replay
+from gateway.simulate_cli import simulate
 from reward_router.cluster import up
 from reward_router.demo import demo
 from services.cli import app as rm_app
@@ -26,6 +27,7 @@ app.add_typer(router_app, name="router", help="Train and inspect the offline rou
 app.add_typer(rm_app, name="rm", help="Reward-model scoring services and the small RM pool.")
 app.add_typer(gateway_app, name="gateway", help="The router gateway.")
 app.command("replay")(replay)
+app.command("simulate")(simulate)
 app.command("train-dpo")(train_dpo)
 app.command("up")(up)
 app.command("demo")(demo)

@@ -191,6 +191,8 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for warning in settings.startup_warnings():
+            log.warning("rm %s: %s", settings.name, warning)
         state = ServiceState(settings, backend or make_backend(settings))
         app.state.rm = state
         loading = asyncio.create_task(state.load(), name="rm-load")

@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from reward_router.errors import ConfigError
+from reward_router.exposure import is_loopback, placeholder_secret
 
 BackendName = Literal["hf", "vllm", "judge", "verifier", "length"]
 BACKENDS: tuple[str, ...] = ("hf", "vllm", "judge", "verifier", "length")
@@ -89,6 +90,9 @@ class ServiceSettings(BaseSettings):
     # Passed to transformers' from_pretrained: a model folder's own Python code (config.json
     # ``auto_map``) runs only when this is true. Off unless the config turns it on.
     trust_remote_code: bool = False
+    # A host other than loopback with no api_key is refused at start-up; true serves the RM
+    # open on purpose (e.g. behind a network policy), and says so in the log.
+    allow_unauthenticated: bool = False
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -104,6 +108,30 @@ class ServiceSettings(BaseSettings):
         if self.backend == "vllm" and not self.vllm_url:
             raise ValueError("vllm_url: the vllm backend needs the URL of a `vllm serve` server")
         return self
+
+    @model_validator(mode="after")
+    def _safe_by_default(self) -> ServiceSettings:
+        if self.api_key is not None and placeholder_secret(self.api_key.get_secret_value()):
+            raise ValueError(
+                "api_key: a known placeholder ('change-me', 'changethis', 'password', ...) is "
+                "not a secret: set a real one"
+            )
+        if self.api_key is None and not is_loopback(self.host) and not self.allow_unauthenticated:
+            raise ValueError(
+                f"host: {self.host!r} is reachable from other machines and api_key is unset: "
+                "set api_key (RR_RM_API_KEY), bind 127.0.0.1, or set allow_unauthenticated: "
+                "true to serve it without a key on purpose"
+            )
+        return self
+
+    def startup_warnings(self) -> list[str]:
+        """What the service logs at start-up about its exposure (empty when nothing is open)."""
+        if self.api_key is not None or is_loopback(self.host):
+            return []
+        return [
+            f"serving on {self.host}:{self.port} without api_key (allow_unauthenticated is "
+            "set): anyone who reaches this address can score with this RM"
+        ]
 
     @classmethod
     def settings_customise_sources(

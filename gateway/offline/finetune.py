@@ -35,6 +35,7 @@ from gateway.offline.router import (
     _fit,
     _standardiser,
     _validate_inputs,
+    calibration_split,
     holdout_split,
 )
 from reward_router.data import PromptLike, prompt_text
@@ -85,6 +86,7 @@ def finetune_router(
     x0 = PairFeaturizer(enc, cache_dir).featurize(prompts, responses_a, responses_b)
     x0, c = _validate_inputs(x0, correct, rms, groups, valid_fraction)
     tr, va = holdout_split(len(x0), groups, valid_fraction, cfg.seed)
+    tr, cal = calibration_split(tr, groups, cfg.seed) if len(va) else (tr, va[:0])
     start = time.perf_counter()
     in_mean, in_std = _standardiser(x0[tr])
     mean_t = torch.from_numpy(in_mean).to(device)
@@ -126,7 +128,19 @@ def finetune_router(
     e = final.embed_sides([*prompts, *prompts], [*responses_a, *responses_b])
     x1 = pair_features(e[: len(prompts)], e[len(prompts) :])
     router, report = _finish(
-        fit, cfg, rms, x1, c, tr, va, in_mean, in_std, ENCODER_SUBDIR, enc.max_length, start
+        fit,
+        cfg,
+        rms,
+        x1,
+        c,
+        tr,
+        va,
+        in_mean,
+        in_std,
+        ENCODER_SUBDIR,
+        enc.max_length,
+        start,
+        calib=cal,
     )
     router.encoder = enc
     router.info["finetune"] = {"base_encoder": enc.ref, "encoder_lr": encoder_lr}

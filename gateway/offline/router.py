@@ -186,6 +186,8 @@ class TrainReport:
     valid_oracle_acc: float
     seconds: float
     history: list[EpochLog] = field(default_factory=list)
+    #: rows kept aside (from the training part) to calibrate the prior
+    n_calib: int = 0
 
     @property
     def beats_best_single(self) -> bool:
@@ -300,15 +302,20 @@ class OfflineRouter:
 
     @property
     def prior_means(self) -> np.ndarray:
-        """The online posteriors' prior means (N, d+1), float64.
+        """The online posteriors' prior means (N, d+1), float64, on the correctness scale.
 
-        ``bt_means`` mapped onto the reward scale by ``prior_fit`` (one scale for all RMs plus
-        an offset on the intercept, so the ranking of RMs is unchanged); ``bt_means`` itself
-        when the router has no prior fit (no held-out rows at training).
+        ``bt_means`` mapped by ``prior_fit`` (per-RM overall accuracy plus a calibrated,
+        monotone share of the BT head's pair-level scores, :mod:`gateway.routing.prior`);
+        ``bt_means`` itself when the router has no prior fit (no held-out rows at training).
         """
         if self.prior_fit is None:
             return self.bt_means
         return self.prior_fit.apply(self.bt_means)
+
+    @property
+    def prior_precision(self) -> np.ndarray | None:
+        """The diagonal prior precision per RM (N, d+1) from ``prior_fit``, or None."""
+        return None if self.prior_fit is None else self.prior_fit.precision(self.dim)
 
     def scores(self, pair_feats: np.ndarray) -> np.ndarray:
         """Offline Bradley-Terry scores (B, N): ``hidden() @ bt_means.T``."""
@@ -368,7 +375,7 @@ class OfflineRouter:
             "input_dim": self.input_dim,
             "dim": self.dim,
             "router": self.config.to_dict(),
-            "prior": dataclasses.asdict(self.prior_fit) if self.prior_fit is not None else None,
+            "prior": self.prior_fit.to_dict() if self.prior_fit is not None else None,
             "info": self.info,
         }
 
@@ -435,7 +442,9 @@ class OfflineRouter:
                 bt_embeddings=t["bt.embeddings"],
                 bt_bias=t["bt.bias"],
                 info=cfg.get("info") or {},
-                prior_fit=PriorFit(**cfg["prior"]) if cfg.get("prior") else None,
+                prior_fit=(
+                    PriorFit.from_dict(cfg["prior"], len(cfg["rms"])) if cfg.get("prior") else None
+                ),
             )
         except KeyError as exc:
             raise DataFormatError(str(folder), None, str(exc.args[0]), "missing") from exc
@@ -502,6 +511,36 @@ def holdout_split(
     vmask = np.zeros(n, dtype=bool)
     vmask[valid] = True
     return np.flatnonzero(~vmask), np.flatnonzero(vmask)
+
+
+#: Share of the training part kept aside to calibrate the prior (``gateway.routing.prior``).
+CALIB_FRACTION = 0.125
+#: Fewest calibration rows worth fitting a slope on; with less data the prior takes no
+#: pair-level structure from the BT head (slopes 0: each RM at its overall accuracy).
+MIN_CALIB_ROWS = 24
+
+
+def calibration_split(
+    train: np.ndarray, groups: Sequence[str] | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Carve calibration rows (about :data:`CALIB_FRACTION`, whole groups) out of the training
+    rows: rows the weights are not trained on and that do not choose the checkpoint either. A
+    calibration fitted on the rows that chose the checkpoint would trust the router for its
+    luck there.
+
+    >>> tr, cal = calibration_split(np.arange(400), [f"g{i // 2}" for i in range(400)], seed=0)
+    >>> len(tr), len(cal), set(tr) & set(cal)
+    (350, 50, set())
+    >>> len(calibration_split(np.arange(100), None, seed=0)[1])  # too few rows to calibrate
+    0
+    """
+    train = np.asarray(train, dtype=np.int64)
+    sub_groups = None if groups is None else [groups[i] for i in train]
+    too_few = len(train) * CALIB_FRACTION < MIN_CALIB_ROWS
+    if too_few or (sub_groups is not None and len(set(sub_groups)) < 8):
+        return train, np.zeros(0, dtype=np.int64)
+    keep, cal = holdout_split(len(train), sub_groups, CALIB_FRACTION, seed + 1)
+    return train[keep], train[cal]
 
 
 def _validate_inputs(
@@ -641,6 +680,7 @@ def train_router(
     cfg = config if config is not None else RouterConfig()
     x, c = _validate_inputs(features, correct, rms, groups, valid_fraction)
     tr, va = holdout_split(len(x), groups, valid_fraction, cfg.seed)
+    tr, cal = calibration_split(tr, groups, cfg.seed) if len(va) else (tr, va[:0])
     start = time.perf_counter()
     in_mean, in_std = _standardiser(x[tr])
     xs = torch.from_numpy((x - in_mean) / in_std)
@@ -655,7 +695,9 @@ def train_router(
             lambda rows, _: xs[torch.from_numpy(rows)],
             progress,
         )
-    return _finish(fit, cfg, rms, x, c, tr, va, in_mean, in_std, encoder_ref, max_length, start)
+    return _finish(
+        fit, cfg, rms, x, c, tr, va, in_mean, in_std, encoder_ref, max_length, start, calib=cal
+    )
 
 
 def _standardiser(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -785,8 +827,14 @@ def _finish(
     encoder_ref: str,
     max_length: int,
     start: float,
+    *,
+    calib: np.ndarray | None = None,
 ) -> tuple[OfflineRouter, TrainReport]:
-    """The numpy router from a fitted net, and the report measured with that router on ``x``."""
+    """The numpy router from a fitted net, and the report measured with that router on ``x``.
+
+    ``va`` chose the checkpoint; ``calib`` (rows neither trained on nor used to choose) fits
+    the prior's calibration; the training rows give each RM's overall accuracy.
+    """
     import torch
 
     net = fit.net.cpu()
@@ -822,11 +870,18 @@ def _finish(
         valid_oracle_acc=float(valid_c.max(axis=1).mean()) if len(va) else nan,
         seconds=time.perf_counter() - start,
         history=fit.history,
+        n_calib=0 if calib is None else len(calib),
     )
-    if len(va) >= 2:
-        # Calibrate and size the prior on rows the weights were not trained on.
+    cal = np.zeros(0, dtype=np.int64) if calib is None else np.asarray(calib, dtype=np.int64)
+    if len(va) + len(cal) >= 2:
+        # Overall accuracies on the training and checkpoint rows; the slopes on the
+        # calibration rows only.
+        acc_rows = np.concatenate([tr, va])
         router.prior_fit = fit_prior(
-            router.hidden(x[va]), router.scores(x[va]), valid_c, router.bt_means
+            router.scores(x[acc_rows]),
+            c[acc_rows],
+            router.scores(x[cal]),
+            c[cal],
         )
     router.info = {"train": report.summary()}
     return router, report

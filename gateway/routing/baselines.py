@@ -169,7 +169,14 @@ class LaserPolicy(Policy):
         ranking = np.tile(order, (b, 1))
         return Selection(ranking, first_only(ranking))
 
-    def update(self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
+    def update(
+        self,
+        contexts: np.ndarray,
+        arms: np.ndarray,
+        rewards: np.ndarray,
+        weight: float | np.ndarray = 1.0,
+    ) -> None:
+        # LASeR's LinUCB has no notion of a weaker signal: every batch reward counts fully.
         contexts, arms, rewards = self._check_feedback(contexts, arms, rewards)
         for arm in np.unique(arms):
             rows = arms == arm

@@ -3,8 +3,8 @@
 Every check fails with :class:`reward_router.errors.ConfigError` naming the field and its allowed
 range, at construction time, so a bad value never reaches the math.
 
->>> BayesianConfig(lambda0=2.0).sigma2
-0.25
+>>> BayesianConfig(lambda0=2.0).explore_z
+2.0
 >>> BayesianConfig(lambda0=0.0)
 Traceback (most recent call last):
 ...
@@ -164,28 +164,83 @@ def check_arms(field: str, arms: object, n_rms: int, length: int) -> np.ndarray:
 class BayesianConfig:
     """Parameters of the Bayesian linear Thompson-sampling router.
 
-    ``lambda0``: prior precision (prior covariance is I / lambda0), in [1e-3, 1e6].
-    ``sigma2``: observation noise variance of a reward, in [1e-3, 1e6] (:data:`SCALE_RANGE`).
+    ``lambda0``: isotropic prior precision (prior covariance I / lambda0), in [1e-3, 1e6];
+    ``None`` (the default) takes the router's fitted prior precision (its strength stated as
+    pseudo-observations, :mod:`gateway.routing.prior`), or :data:`DEFAULT_LAMBDA0` without one.
+    ``sigma2``: observation noise variance of a reward, in [1e-3, 1e6]; ``None`` takes the
+    router's fitted label variance, or :data:`DEFAULT_SIGMA2`.
     ``forgetting``: per-observation factor gamma in (0, 1] pulling the posterior back toward the
     prior (1 = off, the default; anything below 1 makes updates order-dependent).
+    ``explore_z``: an RM is drawn for a pair only if its score could still beat the leader's:
+    ``mean_n + z * sd(mean_n - mean_leader) >= mean_leader`` (the leader has the highest posterior
+    mean). 2.0 by default (explore what has at least a ~2% chance of being better); ``None`` is
+    plain Thompson sampling over every RM, as in the paper.
 
     >>> BayesianConfig(forgetting=0.99).forgetting
     0.99
+    >>> BayesianConfig().lambda0 is None, BayesianConfig(sigma2=0.2).sigma2
+    (True, 0.2)
     """
 
-    lambda0: float = DEFAULT_LAMBDA0
-    sigma2: float = DEFAULT_SIGMA2
+    lambda0: float | None = None
+    sigma2: float | None = None
     forgetting: float = 1.0
+    explore_z: float | None = 2.0
+    explore_ramp: float = 500.0
 
     def __post_init__(self) -> None:
         low, high = SCALE_RANGE
-        _set(self, "lambda0", check_number("lambda0", self.lambda0, low=low, high=high))
-        _set(self, "sigma2", check_number("sigma2", self.sigma2, low=low, high=high))
+        for name in ("lambda0", "sigma2"):
+            if getattr(self, name) is not None:
+                _set(self, name, check_number(name, getattr(self, name), low=low, high=high))
         _set(
             self,
             "forgetting",
             check_number("forgetting", self.forgetting, low=0.0, high=1.0, low_open=True),
         )
+        if self.explore_z is not None:
+            _set(self, "explore_z", check_number("explore_z", self.explore_z, low=0.0, high=100.0))
+        _set(
+            self,
+            "explore_ramp",
+            check_number("explore_ramp", self.explore_ramp, low=0.0, high=1e9),
+        )
+
+    @property
+    def noise(self) -> float:
+        """``sigma2``, or the default when unset (an unfitted prior)."""
+        return DEFAULT_SIGMA2 if self.sigma2 is None else self.sigma2
+
+
+@dataclass(frozen=True)
+class NoOfflineConfig(BayesianConfig):
+    """``bayesian-no-offline``: plain Thompson sampling from a zero prior (no prior knowledge
+    for the gate or the ramp to protect).
+
+    >>> NoOfflineConfig().explore_z, NoOfflineConfig().explore_ramp
+    (None, 0.0)
+    """
+
+    explore_z: float | None = None
+    explore_ramp: float = 0.0
+
+
+@dataclass(frozen=True)
+class PaperConfig(BayesianConfig):
+    """The ``bayesian-paper`` preset: hand-set strength, plain Thompson sampling. The paper
+    hand-sets lambda0 and sigma2; these are the project's historical defaults (lambda0 = 10:
+    prior score sd ~0.45 on [0, 1] rewards; sigma2 = 0.25, a fair coin's variance).
+
+    >>> PaperConfig().lambda0, PaperConfig().sigma2, PaperConfig().explore_z
+    (10.0, 0.25, None)
+    >>> PaperConfig().explore_ramp
+    0.0
+    """
+
+    lambda0: float | None = DEFAULT_LAMBDA0
+    sigma2: float | None = DEFAULT_SIGMA2
+    explore_z: float | None = None
+    explore_ramp: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +256,9 @@ class WeightedScoreConfig(BayesianConfig):
     """
 
     alpha: float = 0.5
+    # The online part is plain Thompson sampling from a zero prior (nothing to gate or ramp).
+    explore_z: float | None = None
+    explore_ramp: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.routing.config import (
+    DEFAULT_LAMBDA0,
     BayesianConfig,
+    NoOfflineConfig,
+    PaperConfig,
     WeightedScoreConfig,
     check_arms,
     check_array,
@@ -100,10 +103,20 @@ class Policy(ABC):
     def select(self, contexts: np.ndarray) -> Selection:
         """Decide, for each pair (row of ``contexts``, (B, D)), which RMs to ask."""
 
-    def update(self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
-        """Learn from rewards in [0, 1] of the RMs ``arms`` (B,) asked on ``contexts`` (B, D).
+    def update(
+        self,
+        contexts: np.ndarray,
+        arms: np.ndarray,
+        rewards: np.ndarray,
+        weight: float | np.ndarray = 1.0,
+    ) -> None:
+        """Learn from rewards of the RMs ``arms`` (B,) asked on ``contexts`` (B, D).
 
-        The base checks the inputs and learns nothing (the non-learning baselines).
+        Rewards are on the correctness scale (P(label right), see
+        :class:`~gateway.routing.prior.RewardLink`); ``weight`` is what one of them is worth in
+        correctness observations (1 for correctness itself; one per observation or one for
+        all). The base checks the inputs and
+        learns nothing (the non-learning baselines).
         """
         self._check_feedback(contexts, arms, rewards)
 
@@ -157,8 +170,11 @@ class Policy(ABC):
 
 
 class BayesianPolicy(Policy):
-    """``bayesian``: the full method. Prior N(mu0_n, I / lambda0) with mu0_n = E_bt[n] from the
-    offline router, one Thompson draw of h^T w_n per pair per RM, posterior updated online.
+    """``bayesian``: the full method. Prior ``N(mu0_n, P_n^-1)`` per RM from the offline router
+    (``prior_means`` on the correctness scale, ``prior_precision`` the diagonal of ``P_n``, both
+    from :class:`~gateway.routing.prior.PriorFit`; ``lambda0 I`` when the config sets lambda0 or
+    no fitted precision is given), one Thompson draw of h^T w_n per pair among the RMs that can
+    still beat the leader (``explore_z``), posterior updated online.
 
     ``posteriors`` is the :class:`GaussianPosteriors` (assignable, so a gateway can restore a
     stored one of the same shape).
@@ -174,12 +190,32 @@ class BayesianPolicy(Policy):
         rng: np.random.Generator,
         prior_means: np.ndarray | None,
         config: BayesianConfig | None = None,
+        *,
+        prior_precision: np.ndarray | None = None,
+        prior_sigma2: float | np.ndarray | None = None,
     ) -> None:
         super().__init__(n_rms, dim, rng)
         self.config = config or BayesianConfig()
-        self._posteriors = GaussianPosteriors.from_prior(
-            require_prior(self.name, prior_means, n_rms, dim), self.config.lambda0
-        )
+        means = require_prior(self.name, prior_means, n_rms, dim)
+        if self.config.lambda0 is not None or prior_precision is None:
+            lambda0 = self.config.lambda0 if self.config.lambda0 is not None else DEFAULT_LAMBDA0
+            self._posteriors = GaussianPosteriors.from_prior(means, lambda0)
+        else:
+            precision = check_array("prior_precision", prior_precision, (n_rms, dim))
+            self._posteriors = GaussianPosteriors.from_prior(
+                means, float(precision[:, :-1].mean()), prior_precision=precision
+            )
+        #: the noise variance of one correctness reward per RM (N,): the config's for all RMs,
+        #: else the fitted one (an RM right 97% of the time is a far less noisy coin than one
+        #: right 60%), else the default
+        if self.config.sigma2 is not None or prior_sigma2 is None:
+            self.noise = np.full(n_rms, self.config.noise)
+        else:
+            noise = np.broadcast_to(np.asarray(prior_sigma2, dtype=np.float64), (n_rms,))
+            self.noise = check_array("prior_sigma2", noise, (n_rms,)).copy()
+            if (self.noise <= 0).any():
+                raise ConfigError("prior_sigma2", "noise variances must all be > 0")
+        self.sigma2 = float(self.noise.mean())
 
     @property
     def posteriors(self) -> GaussianPosteriors:
@@ -196,26 +232,95 @@ class BayesianPolicy(Policy):
         self._posteriors = value
 
     def scores(self, contexts: np.ndarray) -> np.ndarray:
-        """The scores this policy ranks by, (B, N): one posterior draw per pair and RM."""
-        return self._posteriors.sample_scores(contexts, self.rng)
+        """The scores this policy ranks by, (B, N): one posterior draw per pair and RM, its
+        spread around the mean scaled by :meth:`exploration`."""
+        means = self._posteriors.mean_scores(contexts)
+        std = np.sqrt(self._posteriors.variances(contexts)) * self.exploration()
+        return means + std * self.rng.standard_normal(means.shape)
+
+    def exploration(self) -> float:
+        """The share of the posterior's spread the draws use now: ``sqrt(min(1, t / ramp))``
+        after ``t`` observations (``explore_ramp``; 1 when the ramp is 0)."""
+        ramp = self.config.explore_ramp
+        if ramp <= 0:
+            return 1.0
+        return float(np.sqrt(min(1.0, float(self._posteriors.counts.sum()) / ramp)))
 
     def select(self, contexts: np.ndarray) -> Selection:
-        ranking = rank_desc(self.scores(self._check_contexts(contexts)))
+        contexts = self._check_contexts(contexts)
+        draws = self.scores(contexts)
+        z = self.config.explore_z
+        if z is None or draws.size == 0:
+            ranking = rank_desc(draws)
+            return Selection(ranking, first_only(ranking))
+        eligible, means = self.plausible(contexts, z)
+        # Eligible RMs first, by their draw; the rest (the fallback order) by posterior mean.
+        key = np.where(eligible, draws, means)
+        ranking = np.lexsort((-key, ~eligible), axis=-1)
         return Selection(ranking, first_only(ranking))
 
-    def update(self, contexts: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
+    def plausible(self, contexts: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+        """Which RMs may still beat the leader per pair (B, N) bool, and the posterior means.
+
+        RM n is plausible at h when ``m_n + z sqrt(v_n + v_L) >= m_L`` with ``L`` the RM of the
+        highest posterior mean ``m`` and ``v`` the variances of the draws (the posterior's,
+        scaled by :meth:`exploration`): exploring an RM whose draw almost never beats the
+        leader's costs label accuracy now and can hardly change a later decision.
+
+        >>> post = BayesianPolicy(2, 1, np.random.default_rng(0), np.array([[0.9], [0.5]]),
+        ...                       BayesianConfig(lambda0=1e4, explore_ramp=0))
+        >>> post.plausible(np.ones((1, 1)), 2.0)[0].tolist()
+        [[True, False]]
+        """
+        means = self._posteriors.mean_scores(contexts)
+        var = self._posteriors.variances(contexts) * self.exploration() ** 2
+        rows = np.arange(means.shape[0])
+        lead = np.argmax(means, axis=1)
+        gap = means - means[rows, lead][:, None]
+        sd = np.sqrt(var + var[rows, lead][:, None])
+        return gap + z * sd >= 0.0, means
+
+    def update(
+        self,
+        contexts: np.ndarray,
+        arms: np.ndarray,
+        rewards: np.ndarray,
+        weight: float | np.ndarray = 1.0,
+    ) -> None:
         contexts, arms, rewards = self._check_feedback(contexts, arms, rewards)
         if self.config.forgetting < 1.0 and arms.size:
             # Discount per observation, so the total forgetting does not depend on batch size;
             # a huge batch may underflow gamma^B to 0, which means "back to the prior" anyway.
             gamma = max(self.config.forgetting**arms.size, float(np.finfo(np.float64).tiny))
             self._posteriors.forget(gamma)
-        self._posteriors.observe(arms, contexts, rewards, self.config.sigma2)
+        # Per-RM noise as a per-observation weight against the mean noise.
+        weights = weight * self.sigma2 / self.noise[arms]
+        self._posteriors.observe(arms, contexts, rewards, self.sigma2, weights)
+
+
+class PaperPolicy(BayesianPolicy):
+    """``bayesian-paper``: the paper's recipe as a preset. ``E_bt`` injected raw as the prior
+    mean (the caller passes the uncalibrated BT head), hand-set ``lambda0`` / ``sigma2``
+    (:class:`~gateway.routing.config.PaperConfig`), plain Thompson sampling over every RM; the
+    gateway feeds it quantile-normalised −DPO loss as the reward, with no link."""
+
+    name = "bayesian-paper"
+
+    def __init__(
+        self,
+        n_rms: int,
+        dim: int,
+        rng: np.random.Generator,
+        prior_means: np.ndarray | None,
+        config: BayesianConfig | None = None,
+    ) -> None:
+        super().__init__(n_rms, dim, rng, prior_means, config or PaperConfig())
 
 
 class NoOfflinePolicy(BayesianPolicy):
     """``bayesian-no-offline``: the Bayesian router with a zero prior mean (``prior_means`` is
-    ignored), i.e. online Thompson sampling alone."""
+    ignored), i.e. online Thompson sampling alone: plain draws from the first pair (with no prior
+    knowledge there is nothing for ``explore_z`` / ``explore_ramp`` to protect)."""
 
     name = "bayesian-no-offline"
 
@@ -227,6 +332,7 @@ class NoOfflinePolicy(BayesianPolicy):
         prior_means: np.ndarray | None = None,
         config: BayesianConfig | None = None,
     ) -> None:
+        config = config or NoOfflineConfig()
         super().__init__(n_rms, dim, rng, np.zeros((n_rms, dim)), config)
 
 
@@ -266,6 +372,12 @@ class WeightedScorePolicy(BayesianPolicy):
         self.prior_means = require_prior(self.name, prior_means, n_rms, dim)
         self.weights = config or WeightedScoreConfig()
         super().__init__(n_rms, dim, rng, np.zeros((n_rms, dim)), self.weights)
+
+    def select(self, contexts: np.ndarray) -> Selection:
+        # The ablation ranks by its blended score alone (no plausibility gate: the offline part
+        # is not a posterior).
+        ranking = rank_desc(self.scores(self._check_contexts(contexts)))
+        return Selection(ranking, first_only(ranking))
 
     def scores(self, contexts: np.ndarray) -> np.ndarray:
         alpha = self.weights.alpha

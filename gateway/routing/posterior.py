@@ -1,11 +1,14 @@
 """Per-RM Gaussian posteriors of Bayesian linear regression, in natural parameters.
 
 For RM n the score of a pair with context h is ``h^T w_n`` and rewards follow
-``r = h^T w_n + noise``, ``noise ~ N(0, sigma2)``. The prior is ``w_n ~ N(mu0_n, I / lambda0)``.
+``r = h^T w_n + noise``, ``noise ~ N(0, sigma2)``.
+The prior is ``w_n ~ N(mu0_n, P_n^{-1})`` with a diagonal prior precision ``P_n``
+(``lambda0 I`` by default; the router's fitted prior gives the intercept its own precision).
 The posterior is kept as precision ``Lambda_n`` and ``eta_n = Lambda_n mu_n``:
 
-* prior:        ``Lambda_n = lambda0 I``,  ``eta_n = lambda0 mu0_n``
-* observation:  ``Lambda_n += h h^T / sigma2``,  ``eta_n += r h / sigma2``
+* prior:        ``Lambda_n = P_n``,  ``eta_n = P_n mu0_n``
+* observation:  ``Lambda_n += v h h^T / sigma2``,  ``eta_n += v r h / sigma2`` (weight ``v``,
+  1 for a correctness reward, less for a weaker signal such as −DPO loss)
 
 Updates are sums, so any order and any batching of the same observations gives the same
 posterior (up to float rounding), which is what lets several gateway replicas share one.
@@ -35,6 +38,8 @@ from reward_router.errors import ConfigError
 _SCORE_CHUNK_ELEMENTS = 1 << 22
 
 ARRAY_KEYS = ("precision", "eta", "prior_eta", "lambda0", "counts")
+#: Stored too; absent in snapshots written before it existed (then ``lambda0`` everywhere).
+OPTIONAL_KEYS = ("prior_diag",)
 
 
 def with_intercept(h: np.ndarray) -> np.ndarray:
@@ -76,8 +81,9 @@ def inv_lower(lower: np.ndarray, leaf: int = 64) -> np.ndarray:
 class GaussianPosteriors:
     """N independent Gaussian posteriors over D-dimensional weights, one per RM.
 
-    Attributes: ``precision`` (N, D, D), ``eta`` (N, D), ``prior_eta`` (N, D), ``lambda0``,
-    ``counts`` (N,) observations applied; ``prior_precision`` (N, D, D) is ``lambda0 I``.
+    Attributes: ``precision`` (N, D, D), ``eta`` (N, D), ``prior_eta`` (N, D), ``prior_diag``
+    (N, D) the diagonal of each prior precision, ``lambda0`` (the isotropic default it came
+    from, kept for display), ``counts`` (N,) observations applied.
 
     >>> import numpy as np
     >>> post = GaussianPosteriors.from_prior(None, lambda0=2.0, dim=3, n_rms=1)
@@ -92,6 +98,7 @@ class GaussianPosteriors:
         prior_eta: np.ndarray,
         lambda0: float,
         counts: np.ndarray | None = None,
+        prior_diag: np.ndarray | None = None,
     ) -> None:
         self.lambda0 = check_number("lambda0", lambda0, low=0.0, low_open=True)
         self.eta = check_array("eta", eta, (None, None)).copy()
@@ -105,6 +112,13 @@ class GaussianPosteriors:
             if counts is None
             else check_array("counts", counts, (n,), dtype=np.int64).copy()
         )
+        self.prior_diag = (
+            np.full((n, d), self.lambda0)
+            if prior_diag is None
+            else check_array("prior_diag", prior_diag, (n, d)).copy()
+        )
+        if (self.prior_diag <= 0).any():
+            raise ConfigError("prior_diag", "prior precisions must all be > 0")
         self._dirty = np.ones(n, dtype=bool)
         self._chol_inv = np.zeros((n, d, d))  # L_n^{-1}, lower triangular
         self._means = np.zeros((n, d))
@@ -119,8 +133,10 @@ class GaussianPosteriors:
         dim: int | None = None,
         *,
         n_rms: int | None = None,
+        prior_precision: np.ndarray | None = None,
     ) -> GaussianPosteriors:
-        """Prior ``N(mu0_n, I / lambda0)`` per RM; ``prior_means=None`` means zero means, and
+        """Prior ``N(mu0_n, I / lambda0)`` per RM, or ``N(mu0_n, diag(prior_precision[n])^-1)``
+        when ``prior_precision`` (N, D) is given; ``prior_means=None`` means zero means, and
         then ``dim`` and ``n_rms`` say the shape.
 
         >>> GaussianPosteriors.from_prior(np.ones((4, 3)), lambda0=1.0).means().shape
@@ -136,14 +152,22 @@ class GaussianPosteriors:
         else:
             means = check_array("prior_means", prior_means, (n_rms, dim))
         n, d = means.shape
-        precision = np.broadcast_to(lambda0 * np.eye(d), (n, d, d))
-        return cls(precision, lambda0 * means, lambda0 * means, lambda0)
+        diag = (
+            np.full((n, d), lambda0)
+            if prior_precision is None
+            else check_array("prior_precision", prior_precision, (n, d))
+        )
+        if (diag <= 0).any():
+            raise ConfigError("prior_precision", "prior precisions must all be > 0")
+        precision = np.zeros((n, d, d))
+        precision[:, np.arange(d), np.arange(d)] = diag
+        return cls(precision, diag * means, diag * means, lambda0, prior_diag=diag)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The natural parameters, the prior and the counts as arrays (copies), for storage.
 
         >>> sorted(GaussianPosteriors.from_prior(np.zeros((1, 2)), 1.0).to_arrays())
-        ['counts', 'eta', 'lambda0', 'precision', 'prior_eta']
+        ['counts', 'eta', 'lambda0', 'precision', 'prior_diag', 'prior_eta']
         """
         return {
             "precision": self.precision.copy(),
@@ -151,6 +175,7 @@ class GaussianPosteriors:
             "prior_eta": self.prior_eta.copy(),
             "lambda0": np.array(self.lambda0),
             "counts": self.counts.copy(),
+            "prior_diag": self.prior_diag.copy(),
         }
 
     @classmethod
@@ -168,6 +193,7 @@ class GaussianPosteriors:
             arrays["prior_eta"],
             float(lambda0.reshape(())),
             arrays["counts"],
+            arrays.get("prior_diag"),
         )
 
     # ---- shape ---------------------------------------------------------------------------
@@ -184,15 +210,24 @@ class GaussianPosteriors:
 
     @property
     def prior_precision(self) -> np.ndarray:
-        """``lambda0 I`` for every RM, (N, D, D) (built on demand: the prior is isotropic)."""
-        return np.broadcast_to(self.lambda0 * np.eye(self.dim), self.precision.shape).copy()
+        """The prior precision of every RM, (N, D, D) (built on demand: it is diagonal)."""
+        out = np.zeros(self.precision.shape)
+        out[:, np.arange(self.dim), np.arange(self.dim)] = self.prior_diag
+        return out
 
     # ---- updates -------------------------------------------------------------------------
 
     def observe(
-        self, arms: np.ndarray, contexts: np.ndarray, rewards: np.ndarray, sigma2: float
+        self,
+        arms: np.ndarray,
+        contexts: np.ndarray,
+        rewards: np.ndarray,
+        sigma2: float,
+        weight: float | np.ndarray = 1.0,
     ) -> None:
-        """Add observations: ``Lambda[a] += h h^T / sigma2``, ``eta[a] += r h / sigma2``.
+        """Add observations: ``Lambda[a] += v h h^T / sigma2``, ``eta[a] += v r h / sigma2``
+        with ``v = weight`` (a scalar or one per observation: what the observation is worth in
+        observations of noise ``sigma2``).
 
         >>> post = GaussianPosteriors.from_prior(np.zeros((2, 2)), lambda0=1.0)
         >>> post.observe(np.array([0, 0]), np.ones((2, 2)), np.array([1.0, 0.0]), sigma2=1.0)
@@ -203,18 +238,22 @@ class GaussianPosteriors:
         contexts = self.check_contexts(contexts)
         rewards = check_array("rewards", rewards, (contexts.shape[0],))
         arms = check_arms("arms", arms, self.n_rms, contexts.shape[0])
+        w = np.broadcast_to(np.asarray(weight, dtype=np.float64), rewards.shape)
+        if not np.all(np.isfinite(w)) or (w <= 0).any():
+            raise ConfigError("weight", "must be finite and > 0")
         # One rank-k update per RM touched: a batch is a sum, the same as k rank-1 updates.
         for arm in np.unique(arms):
             rows = arms == arm
             h = contexts[rows]
-            self.precision[arm] += (h.T @ h) / sigma2
-            self.eta[arm] += (h.T @ rewards[rows]) / sigma2
+            hw = h * (w[rows] / sigma2)[:, None]
+            self.precision[arm] += hw.T @ h
+            self.eta[arm] += hw.T @ rewards[rows]
             self.counts[arm] += int(rows.sum())
             self._dirty[arm] = True
 
     def forget(self, gamma: float) -> None:
         """Exponential forgetting toward the prior, for drifting RMs. For every RM:
-        ``Lambda = gamma Lambda + (1 - gamma) lambda0 I``, ``eta = gamma eta + (1 - gamma) eta0``.
+        ``Lambda = gamma Lambda + (1 - gamma) P``, ``eta = gamma eta + (1 - gamma) eta0``.
 
         ``gamma = 1`` is a no-op. Forgetting does not commute with :meth:`observe`: old evidence
         weighs less than new, so the order of updates matters once it is on.
@@ -230,7 +269,7 @@ class GaussianPosteriors:
             return
         self.precision *= gamma
         diag = np.arange(self.dim)
-        self.precision[:, diag, diag] += (1.0 - gamma) * self.lambda0
+        self.precision[:, diag, diag] += (1.0 - gamma) * self.prior_diag
         self.eta *= gamma
         self.eta += (1.0 - gamma) * self.prior_eta
         self._dirty[:] = True
@@ -328,6 +367,6 @@ class GaussianPosteriors:
         if not isinstance(other, GaussianPosteriors):
             return NotImplemented
         mine, theirs = self.to_arrays(), other.to_arrays()
-        return all(np.array_equal(mine[k], theirs[k]) for k in ARRAY_KEYS)
+        return all(np.array_equal(mine[k], theirs[k]) for k in (*ARRAY_KEYS, *OPTIONAL_KEYS))
 
     __hash__ = None  # type: ignore[assignment]

@@ -1,122 +1,297 @@
-"""Turning the offline router into a prior the online phase can trust: calibration + evidence.
+"""The offline router as a prior the online phase can trust: one reward scale, stated strength.
 
-The Bradley-Terry head scores RMs on a logit scale (``s_n = h·E_n + b_n``) while the online
-phase regresses rewards in [0, 1] (correctness, or quantile-normalised −DPO loss). Injecting
-``E_bt`` as is makes the prior mean and the rewards disagree in scale, and with the wrong prior
-strength Thompson sampling either ignores a good prior or is stuck with a bad one (measured:
-see docs/replay.md). Two small fits, both on rows the router was *not* trained on, fix that:
+**What the posterior regresses.** For RM n and a pair with context ``h = [h_pair; 1]`` the
+posterior's score ``h·w_n`` estimates ``p_n(h)``, the probability that RM n's label of that pair
+is right. Every reward that reaches a posterior is put on that scale first: correctness (replay,
+a labelled stream) as is, and the trainer's −DPO loss through :class:`RewardLink`.
 
-1. :func:`calibrate_prior`: one scale ``k`` and one offset ``c`` shared by all RMs, by least
-   squares of correctness on BT scores, so ``h·mu0_n = k·s_n + c`` predicts the expected reward.
-   The prior mean keeps the router's direction (``mu0_n = k·[E_n; b_n] + c·e_intercept``).
-2. :func:`fit_prior_strength`: ``lambda0`` and ``sigma2`` by type-II maximum likelihood
-   (the marginal likelihood of the held-out rewards under the prior), over a grid. A prior that
-   predicts held-out rewards well gets a large ``lambda0`` (trusted); a noisy one a small one.
+**The prior mean** (:class:`PriorFit`), per RM, from two kinds of rows the router's weights were
+*not* chosen on::
+
+    p_n(h) = a_n + k_n · (r_n(h) − r̄_n)     r_n = s_n − mean_m s_m,  s_n = h·E_bt[n] + b_n
+
+* ``a_n`` is RM n's accuracy on the training rows (many rows, shrunk a little toward the
+  pool's mean), ``r̄_n`` the mean of its relative BT score there, so that on average the prior
+  predicts each RM's overall accuracy whatever the BT head learned;
+* ``k_n ≥ 0`` is a per-RM monotone calibration slope of relative correctness on relative
+  score (:func:`calibrate_slopes`: relative, so that a pair's shared difficulty cancels),
+  fitted on calibration rows (rows used neither to train the weights nor to choose the
+  checkpoint), shrunk toward the pooled slope, then toward 0 by how sure the pooled slope is
+  (positive-part James-Stein): a BT head whose scores do not predict held-out correctness gets
+  ``k = 0``, and the prior is then exactly "each RM at its overall accuracy" — the best single
+  RM, honestly, not by accident.
+
+**The prior strength** is stated as pseudo-observations (rows of evidence), per part:
+
+* the intercept of RM n is worth ``intercept_obs[n] = min(rows, INTERCEPT_OBS_CAP)``
+  observations: what the training rows really measured, capped so that a stream of a few
+  hundred pairs can still overrule it (a deployment is never quite the training distribution);
+* the pair weights are worth ``weight_obs = sigma2 / PAIR_SD²`` observations per direction:
+  a prior standard deviation of :data:`PAIR_SD` on any pair's score beyond the prior mean.
+  Small on purpose: Thompson sampling explores in proportion to it on every pair, and on the
+  real matrices (a few close RMs) a wider one spent more accuracy on exploration than a
+  stream of a few hundred pairs could win back. Over long streams the posterior still moves:
+  a domain's direction of h gets ~0.8 of each of its observations, so ~``weight_obs``
+  observations of a domain move its score halfway from the prior.
+
+Precisions follow as ``obs / sigma2`` with ``sigma2`` the pooled Bernoulli variance of a label.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
->>> h = np.c_[rng.normal(size=(200, 3)), np.ones(200)]
->>> w = np.array([[0.2, 0.0, 0.0, 0.6], [-0.2, 0.0, 0.0, 0.4]])
->>> y = (rng.random((200, 2)) < np.clip(h @ w.T, 0, 1)).astype(float)
->>> lam, s2 = fit_prior_strength(h, y, w)
->>> bool(lam > 1.0), bool(0.1 <= s2 <= 0.3)
-(True, True)
+>>> s = rng.normal(size=(400, 2))
+>>> c = (rng.random((400, 2)) < 0.6 + 0.1 * np.clip(s, -2, 2)).astype(float)
+>>> fit = fit_prior(s[:200], c[:200], s[200:], c[200:])
+>>> [round(k, 1) for k in fit.slopes], [round(a, 2) for a in fit.intercepts]
+([0.1, 0.1], [0.6, 0.61])
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from reward_router.errors import ConfigError
 
-#: Grids searched by :func:`fit_prior_strength`: lambda0 from weak (0.1) to very strong (1e4);
-#: sigma2 spans the variance of a {0, 1} reward (at most 0.25) down to nearly noiseless.
-LAMBDA0_GRID = tuple(float(x) for x in np.logspace(-1, 4, 21))
-SIGMA2_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+#: Most pseudo-observations an RM's overall accuracy counts for in the prior (see module doc).
+INTERCEPT_OBS_CAP = 500.0
+#: Prior standard deviation of a pair's score beyond the prior mean (see the module doc).
+PAIR_SD = 0.02
+#: Bounds of a label noise variance: a {0, 1} label has at most 0.25; a near-certain RM should
+#: not make one observation look noiseless.
+SIGMA2_RANGE = (0.02, 0.25)
+#: Pseudo-rows pulling each RM's accuracy toward the pool's mean (a Beta-prior-like shrink).
+_ACCURACY_SHRINK_ROWS = 2.0
 
 
 @dataclass(frozen=True)
 class PriorFit:
-    """Calibration and strength of the injected prior, as stored with a router artifact."""
+    """Calibration and strength of the injected prior, as stored with a router artifact.
 
-    scale: float
-    offset: float
-    lambda0: float
+    Per RM: ``slopes`` (k_n), ``intercepts`` (a_n), ``centers`` (s̄_n), ``intercept_obs``;
+    shared: ``sigma2``, ``weight_obs`` and ``stream_accuracy`` (the accuracy the prior expects
+    routed labels to have: the centre of the −DPO reward link).
+    """
+
+    slopes: tuple[float, ...]
+    intercepts: tuple[float, ...]
+    centers: tuple[float, ...]
+    intercept_obs: tuple[float, ...]
+    weight_obs: float
     sigma2: float
+    stream_accuracy: float
+    #: per-RM label noise variance (``None``: ``sigma2`` for every RM)
+    noise: tuple[float, ...] | None = None
+    #: slopes act on scores relative to the mean over RMs (False: a version-1 fit, absolute)
+    relative: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.slopes)
+        if self.noise is None:
+            object.__setattr__(self, "noise", (self.sigma2,) * n)
+        for name in ("intercepts", "centers", "intercept_obs", "noise"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(name, f"must have one entry per RM ({n})")
+        if min(self.noise or (1.0,)) <= 0:
+            raise ConfigError("noise", "must all be > 0")
+        for name in ("slopes", "intercepts", "centers", "intercept_obs", "noise"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.sigma2 <= 0 or self.weight_obs <= 0 or min(self.intercept_obs, default=1) <= 0:
+            raise ConfigError("prior", "sigma2, weight_obs and intercept_obs must be > 0")
+
+    @property
+    def n_rms(self) -> int:
+        return len(self.slopes)
 
     def apply(self, raw_means: np.ndarray) -> np.ndarray:
-        """Calibrated prior means from raw ``[E_n; b_n]`` rows (intercept last)."""
-        return calibrated_means(raw_means, self.scale, self.offset)
+        """Prior means (N, D) on the correctness scale from raw ``[E_n; b_n]`` rows.
+
+        ``mu0_n = [k_n E_n ; a_n + k_n (b_n − s̄_n)]``, so ``h·mu0_n = a_n + k_n (s_n(h) − s̄_n)``.
+        """
+        raw = np.asarray(raw_means, dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[0] != self.n_rms:
+            raise ConfigError("prior_means", f"must have {self.n_rms} rows, got {raw.shape}")
+        k = np.asarray(self.slopes)[:, None]
+        rel = raw - raw.mean(axis=0) if self.relative else raw  # s_n(h) - mean_m s_m(h)
+        out = k * rel
+        out[:, -1] = np.asarray(self.intercepts) + k[:, 0] * (rel[:, -1] - np.asarray(self.centers))
+        return out
+
+    def precision(self, dim: int) -> np.ndarray:
+        """Diagonal prior precision per RM (N, dim): ``weight_obs / sigma2`` on the pair
+        coordinates (a prior sd of the pair-level effect the same for every RM),
+        ``intercept_obs[n] / noise[n]`` on the intercept (the last one): the precision of an
+        accuracy measured on that many rows of that RM's label noise."""
+        out = np.full((self.n_rms, dim), self.weight_obs / self.sigma2)
+        out[:, -1] = np.asarray(self.intercept_obs) / np.asarray(self.noise)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"version": 2, **out}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], n_rms: int) -> PriorFit:
+        """From :meth:`to_dict`; a version-1 fit (one scale and offset, lambda0) maps onto the
+        same prior means and an isotropic strength."""
+        if values.get("version") == 2:
+            body = {k: v for k, v in values.items() if k != "version"}
+            return cls(**body)
+        scale, offset = float(values["scale"]), float(values["offset"])
+        sigma2, lambda0 = float(values["sigma2"]), float(values["lambda0"])
+        return cls(
+            slopes=(scale,) * n_rms,
+            intercepts=(offset,) * n_rms,
+            centers=(0.0,) * n_rms,
+            intercept_obs=(lambda0 * sigma2,) * n_rms,
+            weight_obs=lambda0 * sigma2,
+            sigma2=sigma2,
+            stream_accuracy=offset,
+            relative=False,
+        )
 
 
-def calibrate_prior(scores: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
-    """Scale and offset mapping BT scores (P, N) to expected correctness (P, N), least squares.
+def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares slope of y on x (both centred here), its standard error and sum x²."""
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx = float(xc @ xc)
+    if sxx <= 1e-12 or len(x) < 3:
+        return 0.0, math.inf, sxx
+    k = float(xc @ yc) / sxx
+    resid = yc - k * xc
+    se = math.sqrt(float(resid @ resid) / (len(x) - 2) / sxx)
+    return k, se, sxx
 
-    A non-positive scale (scores anti-correlated with correctness on these rows) is clipped to
-    0: the prior then says "every RM equally good" and the online phase decides alone.
+
+def relative(scores: np.ndarray) -> np.ndarray:
+    """Each row's scores minus their mean over RMs (P, N): what ranks RMs at a pair.
+
+    >>> relative(np.array([[1.0, 3.0]])).tolist()
+    [[-1.0, 1.0]]
     """
-    s, y = np.asarray(scores, float).ravel(), np.asarray(correct, float).ravel()
-    if s.shape != y.shape or s.size < 2:
-        raise ConfigError("scores", "need at least 2 (score, correct) pairs of equal shape")
-    var = s.var()
-    if var <= 0:
-        return 0.0, float(y.mean())
-    scale = max(float(np.mean((s - s.mean()) * (y - y.mean())) / var), 0.0)
-    return scale, float(y.mean() - scale * s.mean())
+    s = np.asarray(scores, dtype=np.float64)
+    return s - s.mean(axis=1, keepdims=True)
 
 
-def calibrated_means(raw_means: np.ndarray, scale: float, offset: float) -> np.ndarray:
-    """``scale * raw_means`` with ``offset`` added to the intercept (last) coordinate."""
-    out = scale * np.asarray(raw_means, dtype=np.float64)
-    out[:, -1] += offset
-    return out
+def calibrate_slopes(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Per-RM monotone calibration slopes ``k_n ≥ 0`` of relative correctness on relative BT
+    score, (P, N) each: ``c_n − mean_m c_m`` on ``s_n − mean_m s_m``.
 
+    Relative, because a pair's shared difficulty (RMs tend to be wrong on the same hard pairs)
+    moves every RM's correctness together: it is noise for an absolute regression, which then
+    flattens the slope toward "every RM at its average", but cancels in the differences that
+    decide the routing. Each RM's slope is shrunk toward the pooled slope (with as much weight
+    as one RM's own rows), clipped at 0, then all are scaled by ``max(0, 1 − 1/t²)`` with t the
+    pooled slope's t-statistic: a slope that is not clearly positive is mostly noise.
 
-def log_evidence(
-    contexts: np.ndarray,
-    rewards: np.ndarray,
-    prior_means: np.ndarray,
-    lambda0: float,
-    sigma2: float,
-) -> float:
-    """Log marginal likelihood of rewards (P, N) under w_n ~ N(mu0_n, I/lambda0), noise sigma2.
-
-    Per RM: y ~ N(H mu0_n, sigma2 I + H H^T / lambda0); RMs are independent, so logs add up.
+    >>> rng = np.random.default_rng(1)
+    >>> s = rng.normal(size=(300, 2))
+    >>> float(calibrate_slopes(s, rng.random((300, 2)) < 0.5).max()) < 0.05
+    True
     """
-    h = np.asarray(contexts, dtype=np.float64)
-    cov = sigma2 * np.eye(len(h)) + (h @ h.T) / lambda0
-    chol = np.linalg.cholesky(cov)
-    logdet = 2.0 * np.log(np.diag(chol)).sum()
-    resid = np.asarray(rewards, float) - h @ np.asarray(prior_means, float).T  # (P, N)
-    z = np.linalg.solve(chol, resid)
-    n_rms = resid.shape[1]
-    return float(-0.5 * ((z**2).sum() + n_rms * (logdet + len(h) * np.log(2 * np.pi))))
-
-
-def fit_prior_strength(
-    contexts: np.ndarray,
-    rewards: np.ndarray,
-    prior_means: np.ndarray,
-    lambda0_grid: tuple[float, ...] = LAMBDA0_GRID,
-    sigma2_grid: tuple[float, ...] = SIGMA2_GRID,
-) -> tuple[float, float]:
-    """``(lambda0, sigma2)`` maximising :func:`log_evidence` over the grids."""
-    if len(contexts) < 2:
-        raise ConfigError("contexts", "need at least 2 held-out rows to fit the prior strength")
-    best = max(
-        ((lam, s2) for lam in lambda0_grid for s2 in sigma2_grid),
-        key=lambda p: log_evidence(contexts, rewards, prior_means, p[0], p[1]),
-    )
-    return float(best[0]), float(best[1])
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    if s.shape != y.shape or s.ndim != 2 or s.shape[0] < 3:
+        raise ConfigError("scores", "need (P, N) scores and correctness with P >= 3")
+    if s.shape[1] == 1:  # one RM: nothing to rank, its absolute calibration is what there is
+        s, y = np.c_[s, np.zeros_like(s)], np.c_[y, np.zeros_like(y)]
+        return calibrate_slopes(s, y)[:1] * 2.0
+    s, y = relative(s), relative(y)
+    sc = s - s.mean(axis=0)
+    yc = y - y.mean(axis=0)
+    pooled, se, sxx_all = _slope(sc.ravel(), yc.ravel())
+    if pooled <= 0 or not math.isfinite(se):
+        return np.zeros(s.shape[1])
+    sxx = (sc**2).sum(axis=0)
+    sxy = (sc * yc).sum(axis=0)
+    tau = sxx_all / s.shape[1]
+    slopes = np.maximum((sxy + tau * pooled) / (sxx + tau), 0.0)
+    t2 = (pooled / se) ** 2
+    return np.asarray(slopes * max(0.0, 1.0 - 1.0 / t2))
 
 
 def fit_prior(
-    contexts: np.ndarray, scores: np.ndarray, correct: np.ndarray, raw_means: np.ndarray
+    train_scores: np.ndarray,
+    train_correct: np.ndarray,
+    calib_scores: np.ndarray,
+    calib_correct: np.ndarray,
 ) -> PriorFit:
-    """Calibrate ``raw_means`` on held-out rows, then fit its strength on the same rows."""
-    scale, offset = calibrate_prior(scores, correct)
-    means = calibrated_means(raw_means, scale, offset)
-    lambda0, sigma2 = fit_prior_strength(contexts, correct, means)
-    return PriorFit(scale=scale, offset=offset, lambda0=lambda0, sigma2=sigma2)
+    """Fit :class:`PriorFit`: accuracies and score centres on the training rows, calibration
+    slopes on the calibration rows (never the rows that chose the checkpoint)."""
+    ts, tc = np.asarray(train_scores, float), np.asarray(train_correct, float)
+    cs, cc = np.asarray(calib_scores, float), np.asarray(calib_correct, float)
+    if ts.ndim != 2 or ts.shape != tc.shape or ts.shape[0] < 1:
+        raise ConfigError("train_scores", "need (P, N) training scores and correctness")
+    if cs.ndim != 2 or cs.shape != cc.shape or cs.shape[1] != ts.shape[1]:
+        raise ConfigError("calib_scores", "need (P, N) calibration scores and correctness")
+    rows = ts.shape[0] + cs.shape[0]
+    pool = float(np.concatenate([tc, cc]).mean())
+    raw_acc = np.concatenate([tc, cc]).mean(axis=0)
+    acc = (raw_acc * rows + _ACCURACY_SHRINK_ROWS * pool) / (rows + _ACCURACY_SHRINK_ROWS)
+    slopes = calibrate_slopes(cs, cc) if cs.shape[0] >= 3 else np.zeros(ts.shape[1])
+    rel_train = relative(ts)
+    centers = rel_train.mean(axis=0)
+    low, high = SIGMA2_RANGE
+    both = np.concatenate([tc, cc])
+    noise = np.clip(((both - acc) ** 2).mean(axis=0), low, high)  # ties count as 0.5
+    sigma2 = float(noise.mean())
+    effects = slopes * (rel_train - centers)
+    weight_obs = sigma2 / PAIR_SD**2
+    predicted = acc + effects
+    fit = PriorFit(
+        slopes=tuple(slopes),
+        intercepts=tuple(acc),
+        centers=tuple(centers),
+        intercept_obs=(min(float(rows), INTERCEPT_OBS_CAP),) * ts.shape[1],
+        weight_obs=weight_obs,
+        sigma2=sigma2,
+        stream_accuracy=float(np.clip(predicted.max(axis=1).mean(), 0.0, 1.0)),
+        noise=tuple(float(v) for v in noise),
+    )
+    return fit
+
+
+@dataclass(frozen=True)
+class RewardLink:
+    """Maps the trainer's reward onto the posterior's scale (P(label right)) with its weight.
+
+    ``kind="correct"``: the reward already is correctness in [0, 1]; weight 1.
+
+    ``kind="dpo"``: the reward is a quantile-normalised −DPO loss ``u`` in [0, 1], whose mean is
+    0.5 whichever RM answered. Modelled as ``E[u | c] = 0.5 + beta (c − c̄)`` with ``c`` the
+    label's correctness, ``c̄ = center`` the accuracy the prior expects routed labels to have
+    and ``beta = informativeness``; then ``c_hat = c̄ + (u − 0.5) / beta`` is unbiased for
+    ``c``, with variance ``var_u / beta²`` (``var_u = 1/12``, a uniform quantile), so each such
+    observation counts ``weight = sigma2 beta² / var_u`` correctness observations. The link
+    depends only on the prior, never on the current posterior, so folds still commute.
+
+    >>> RewardLink("dpo", informativeness=0.2, center=0.7, sigma2=0.25).map([0.5, 1.0])
+    (array([0.7, 3.2]), 0.12)
+    """
+
+    kind: str = "correct"
+    informativeness: float = 0.1
+    center: float = 0.5
+    sigma2: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("correct", "dpo"):
+            raise ConfigError("reward", f"must be 'correct' or 'dpo', got {self.kind!r}")
+        if not 0.0 < self.informativeness <= 1.0:
+            raise ConfigError(
+                "dpo_informativeness", f"must be in (0, 1], got {self.informativeness!r}"
+            )
+        if not 0.0 <= self.center <= 1.0:
+            raise ConfigError("center", f"must be in [0, 1], got {self.center!r}")
+
+    def map(self, rewards: Any) -> tuple[np.ndarray, float]:
+        """``(values on the correctness scale, weight of each observation)``."""
+        u = np.asarray(rewards, dtype=np.float64)
+        if self.kind == "correct":
+            return u, 1.0
+        beta = self.informativeness
+        weight = round(self.sigma2 * beta**2 * 12.0, 12)
+        return self.center + (u - 0.5) / beta, weight

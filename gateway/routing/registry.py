@@ -8,8 +8,8 @@
 Traceback (most recent call last):
 ...
 reward_router.errors.ConfigError: policy: unknown policy 'bandit'; known: bayesian, \
-bayesian-no-offline, bayesian-no-online, weighted-score, laser, majority, uwo, random, \
-best-single, oracle
+bayesian-paper, bayesian-no-offline, bayesian-no-online, weighted-score, laser, majority, uwo, \
+random, best-single, oracle
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from gateway.routing.baselines import (
 from gateway.routing.config import (
     BayesianConfig,
     LaserConfig,
+    NoOfflineConfig,
     NoParams,
+    PaperConfig,
     UwoConfig,
     WeightedScoreConfig,
     build_config,
@@ -40,6 +42,7 @@ from gateway.routing.policies import (
     BayesianPolicy,
     NoOfflinePolicy,
     NoOnlinePolicy,
+    PaperPolicy,
     Policy,
     WeightedScorePolicy,
 )
@@ -47,6 +50,7 @@ from reward_router.errors import ConfigError
 
 POLICY_NAMES: tuple[str, ...] = (
     "bayesian",
+    "bayesian-paper",
     "bayesian-no-offline",
     "bayesian-no-online",
     "weighted-score",
@@ -59,12 +63,19 @@ POLICY_NAMES: tuple[str, ...] = (
 )
 
 #: Policies whose prior means come from the offline router (``prior_means`` is required).
-NEEDS_PRIOR: frozenset[str] = frozenset({"bayesian", "bayesian-no-online", "weighted-score"})
+NEEDS_PRIOR: frozenset[str] = frozenset(
+    {"bayesian", "bayesian-paper", "bayesian-no-online", "weighted-score"}
+)
+#: Policies that take the prior's raw, uncalibrated BT head (``raw_prior_means``) instead.
+RAW_PRIOR: frozenset[str] = frozenset({"bayesian-paper"})
+#: name -> the policy that is the same without its online phase (for "gain over no-online").
+NO_ONLINE_VARIANT: dict[str, str] = {"bayesian": "bayesian-no-online"}
 
 # name -> the config class holding that policy's tunable parameters
 CONFIGS: dict[str, type] = {
     "bayesian": BayesianConfig,
-    "bayesian-no-offline": BayesianConfig,
+    "bayesian-paper": PaperConfig,
+    "bayesian-no-offline": NoOfflineConfig,
     "bayesian-no-online": NoParams,
     "weighted-score": WeightedScoreConfig,
     "laser": LaserConfig,
@@ -85,14 +96,20 @@ def make_policy(
     prior_means: np.ndarray | None = None,
     best_rm: int | None = None,
     margin_scales: np.ndarray | None = None,
+    prior_precision: np.ndarray | None = None,
+    prior_sigma2: float | np.ndarray | None = None,
+    raw_prior_means: np.ndarray | None = None,
     **params: Any,
 ) -> Policy:
     """Build the policy ``name`` (one of :data:`POLICY_NAMES`) with its ``params``.
 
-    ``prior_means`` (n_rms, dim) is required by ``bayesian``, ``bayesian-no-online`` and
-    ``weighted-score`` (ignored by the others, but checked when given); ``best_rm`` by
-    ``best-single``; ``margin_scales`` (n_rms,) is used by ``uwo``. Any bad value raises
-    :class:`~reward_router.errors.ConfigError` naming the field.
+    ``prior_means`` (n_rms, dim) is required by the policies of :data:`NEEDS_PRIOR` (ignored by
+    the others, but checked when given); ``bayesian`` also takes the fitted
+    ``prior_precision`` (n_rms, dim) and ``prior_sigma2`` (one label noise variance, or one
+    per RM); ``bayesian-paper`` takes
+    ``raw_prior_means`` (the uncalibrated BT head; ``prior_means`` when not given);
+    ``best_rm`` is required by ``best-single``; ``margin_scales`` (n_rms,) is used by ``uwo``.
+    Any bad value raises :class:`~reward_router.errors.ConfigError` naming the field.
     """
     if name not in CONFIGS:
         raise ConfigError("policy", f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
@@ -108,7 +125,19 @@ def make_policy(
 
     if name == "bayesian":
         assert isinstance(config, BayesianConfig)
-        return BayesianPolicy(n_rms, dim, rng, prior_means, config)
+        return BayesianPolicy(
+            n_rms,
+            dim,
+            rng,
+            prior_means,
+            config,
+            prior_precision=prior_precision,
+            prior_sigma2=prior_sigma2,
+        )
+    if name == "bayesian-paper":
+        assert isinstance(config, PaperConfig)
+        raw = prior_means if raw_prior_means is None else raw_prior_means
+        return PaperPolicy(n_rms, dim, rng, raw, config)
     if name == "bayesian-no-offline":
         assert isinstance(config, BayesianConfig)
         return NoOfflinePolicy(n_rms, dim, rng, None, config)

@@ -4,7 +4,9 @@ A private ``prometheus`` (Debian's package; ``.ci/run`` installs it) on a free p
 gateway process and two ``length`` RM service processes started here (the gateway tests'
 helpers). After a few routes and feedbacks, every PromQL expression of
 ``deploy/grafana/dashboards/reward-router.json`` is evaluated through Prometheus's HTTP API: none
-may error, and every metric it names must be one a service exports on ``/metrics``.
+may error, and every metric it names must be one a service exports on ``/metrics``. The same
+Prometheus loads the alert rules of ``deploy/prometheus/alerts.yml``: each rule's expression is
+evaluated the same way, and every rule must report healthy after Prometheus has evaluated it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +39,9 @@ from tests.procs import Proc, free_port, running
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "reward-router.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+# Series Prometheus makes itself: `up` per target, `ALERTS` per active alert.
+PROMETHEUS_MADE = {"up", "ALERTS"}
 
 # What the issue asks the dashboard to show; each must be a panel title.
 REQUIRED_PANELS = (
@@ -108,7 +114,8 @@ def concrete(expr: str, dash: dict[str, Any]) -> str:
     for name in _INTERVALS:
         expr = expr.replace(name, "5m")
     for var in dash["templating"]["list"]:
-        expr = expr.replace(f"${var['name']}", var.get("allValue") or ".*")
+        if var["type"] == "query":
+            expr = expr.replace(f"${var['name']}", var.get("allValue") or ".*")
     assert "$" not in expr, f"unreplaced variable in {expr}"
     return expr
 
@@ -150,6 +157,47 @@ def test_dashboard_has_every_panel_the_issue_asks_for() -> None:
         refs = [t["refId"] for t in p["targets"]]
         assert refs and len(refs) == len(set(refs)), p["title"]
         assert all(metric_names(t["expr"]) for t in p["targets"]), p["title"]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc: dict[str, Any] = yaml.safe_load(ALERTS.read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def test_every_query_reads_the_datasource_variable() -> None:
+    # One dashboard for any Prometheus: the compose stack's, or a cluster's (deploy/k8s).
+    dash = dashboard()
+    (ds,) = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert ds["query"] == "prometheus"
+    uids = set()
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            uids.add(p["datasource"]["uid"])
+        uids.update(t["datasource"]["uid"] for t in p.get("targets", []))
+    uids.update(v["datasource"]["uid"] for v in dash["templating"]["list"] if "datasource" in v)
+    assert uids == {"${" + ds["name"] + "}"}
+
+
+def test_alert_rules_are_named_and_shown() -> None:
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) >= 5 and len(set(names)) == len(names)
+    for r in rules:
+        assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
+        assert r["annotations"]["summary"], r["alert"]
+    # The dashboard lists the firing ones.
+    exprs = [e for t, e in targets(dashboard()) if t == "Firing alerts"]
+    assert exprs and all("ALERTS" in e for e in exprs)
+
+
+def test_promtool_accepts_the_alert_rules() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (.ci/run installs Debian's prometheus)")
+    r = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_panels_fit_the_grid_without_overlapping() -> None:
@@ -219,6 +267,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             port = free_port()
             prom_cfg = {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
                 "scrape_configs": [
                     {"job_name": "gateway", "static_configs": [{"targets": [_hp(gateway)]}]},
                     {"job_name": "rm", "static_configs": [{"targets": [_hp(p) for p in rms]}]},
@@ -237,6 +286,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 exported = set()
                 for p in (gateway, *rms):
                     exported |= exported_names(httpx.get(f"{p.url}/metrics", timeout=30).text)
+                exported |= PROMETHEUS_MADE
                 yield Stack(prom, gateway, rms, exported)
         finally:
             gateway.kill()
@@ -299,9 +349,30 @@ def test_every_dashboard_query_evaluates_against_real_services(traffic: Stack) -
             empty.append(f"{title}: {expr}")
     assert not empty, "queries without data after traffic:\n" + "\n".join(empty)
 
-    for var in dash["templating"]["list"]:
+    for var in (v for v in dash["templating"]["list"] if v["type"] == "query"):
         m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["definition"])
         assert m is not None and m.group(1) in traffic.exported, var["definition"]
+
+
+def test_every_alert_rule_evaluates_against_real_services(traffic: Stack) -> None:
+    for rule in alert_rules():
+        expr = str(rule["expr"])
+        body = _query(traffic.prometheus, expr)
+        assert not body.get("warnings"), f"{rule['alert']}: {body['warnings']}"
+        unknown = metric_names(expr) - traffic.exported
+        assert not unknown, f"{rule['alert']}: {expr} names metrics no service exports: {unknown}"
+    # Prometheus itself loaded every rule and evaluated it without error (1 s interval).
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.get(f"{traffic.prometheus.url}/api/v1/rules", timeout=30).json()
+        loaded = {x["name"]: x for g in r["data"]["groups"] for x in g["rules"]}
+        if loaded and all(x["health"] != "unknown" for x in loaded.values()):
+            break
+        assert time.monotonic() < deadline, "rules never evaluated"
+        time.sleep(0.5)
+    assert set(loaded) == {x["alert"] for x in alert_rules()}
+    bad = {n: x.get("lastError") for n, x in loaded.items() if x["health"] != "ok"}
+    assert not bad, bad
 
 
 def test_route_share_sums_to_one_per_namespace(traffic: Stack) -> None:
@@ -328,5 +399,6 @@ def test_the_name_check_flags_what_no_service_exports(stack: Stack) -> None:
     assert "reward_router_gateway_routes_total" in stack.exported
     assert "reward_router_rm_request_duration_seconds_bucket" in stack.exported
     assert "reward_router_gateway_routes" not in stack.exported
-    expr = "sum(rate(reward_router_gateway_pairs_total[5m])) + up"
-    assert metric_names(expr) - stack.exported == {"reward_router_gateway_pairs_total", "up"}
+    expr = "sum(rate(reward_router_gateway_pairs_total[5m])) + up + vllm_made_up"
+    missing = {"reward_router_gateway_pairs_total", "vllm_made_up"}
+    assert metric_names(expr) - stack.exported == missing

@@ -73,7 +73,8 @@ def test_router_train_then_info(tmp_path: Path, llama_dir: Path) -> None:
     assert router.encoder_ref == str(llama_dir.resolve())
     assert router.input_dim == 64 and router.dim == 9
     assert router.info["data"]["n_pairs"] == 40
-    assert router.info["train"]["n_train"] + router.info["train"]["n_valid"] == 40
+    train = router.info["train"]
+    assert train["n_train"] + train["n_valid"] + train["n_calib"] == 40
     # The embeddings were cached: the artifact's featurizer finds all of them on disk.
     fz = router.load_featurizer(tmp_path / "cache")
     assert len(fz.cache or []) == 80

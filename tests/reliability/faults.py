@@ -628,26 +628,25 @@ def undisturbed_posterior(router: Path, config: dict[str, Any], obs: Sequence[An
     order, from the prior, through a fresh normaliser: no batching, no restart, no snapshot."""
     from gateway.offline.router import OfflineRouter
     from gateway.routing import make_policy
-    from gateway.service import make_normalizer
+    from gateway.service import make_normalizer, prior_kwargs, reward_link
 
     loaded = OfflineRouter.load(router)
     params = dict(config.get("params") or {})
-    if config["policy"] == "bayesian" and loaded.prior_fit is not None:
-        params.setdefault("lambda0", loaded.prior_fit.lambda0)
-        params.setdefault("sigma2", loaded.prior_fit.sigma2)
     policy = make_policy(
         config["policy"],
         n_rms=len(config["rms"]),
         dim=int(config["dim"]),
         rng=np.random.default_rng(0),
-        prior_means=loaded.prior_means,
+        **prior_kwargs(loaded),
         **params,
     )
+    link = reward_link(config, loaded)
     norm = make_normalizer(config["normalizer"], dict(config.get("normalizer_params") or {}))
     for o in obs:
         r = np.array([o.reward])
         r = norm.normalize(r) if norm is not None else r
-        policy.update(o.h[None, :], np.array([o.arm]), r)
+        values, weight = link.map(r)
+        policy.update(o.h[None, :], np.array([o.arm]), values, weight)
     return policy.posteriors  # type: ignore[attr-defined]
 
 

@@ -87,11 +87,19 @@ def test_json_shape_calls_and_bounds() -> None:
     config = ReplayConfig(folds=3, seeds=2)
     result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 30}))
     out = result.to_json()
-    assert set(out) == {"pairs", "rms", "folds", "seeds", "policies"}
+    assert set(out) == {
+        "pairs", "rms", "folds", "seeds", "policies", "reward", "stream_order",
+        "max_calls_per_pair", "matrix",
+    }  # fmt: skip
     assert out["pairs"] == 120 and out["rms"] == ["rm0", "rm1", "rm2"]
     assert set(out["policies"]) == set(POLICY_NAMES)
     for name, row in out["policies"].items():
-        assert set(row) == {"accuracy", "accuracy_std", "rm_calls_per_pair", "by_domain"}
+        keys = {"accuracy", "accuracy_std", "accuracy_se", "rm_calls_per_pair", "by_domain"}
+        keys |= {"quarters", "quarters_se"} | (
+            {"gain_over_no_online"} if name == "bayesian" else set()
+        )
+        assert set(row) == keys
+        assert len(row["quarters"]) == 4
         assert set(row["by_domain"]) == {"x", "y"}
         expected_calls = 3.0 if name in ("majority", "uwo", "oracle") else 1.0
         assert row["rm_calls_per_pair"] == pytest.approx(expected_calls), name
@@ -130,3 +138,93 @@ def test_reward_noise_is_seeded_and_reproducible() -> None:
     c = run_replay(matrix, features, ReplayConfig(**{**config.__dict__, "seed": 1}), no_router)
     assert a == b
     assert c.to_json() != a
+
+
+def _no_router(*args: object) -> NoReturn:
+    raise AssertionError("these policies need no offline router")
+
+
+def test_second_opinions_stay_within_the_budget_and_fix_ties() -> None:
+    """RM0 ties on a third of the pairs and is right otherwise; RM1 is right 70% everywhere."""
+    rng = np.random.default_rng(4)
+    n = 300
+    correct = np.c_[np.where(rng.random(n) < 1 / 3, 0.5, 1.0), rng.random(n) < 0.7].astype(float)
+    matrix = _matrix(correct, ["x"] * n)
+    base = ReplayConfig(folds=3, seeds=2, policies=("best-single",))
+    single = run_replay(matrix, np.zeros((n, 1)), base, _no_router)
+    budget = ReplayConfig(**{**base.__dict__, "max_calls_per_pair": 1.2})
+    second = run_replay(matrix, np.zeros((n, 1)), budget, _no_router)
+    assert single.calls_per_pair("best-single") == 1.0
+    assert 1.15 < second.calls_per_pair("best-single") <= 1.2
+    gain = second.accuracy("best-single").mean() - single.accuracy("best-single").mean()
+    # A fifth of the pairs are re-asked, all ties (worth 0.5): the second RM is right on 70%.
+    assert gain == pytest.approx(0.2 * 0.2, abs=0.02)
+
+
+def test_drift_breaks_the_training_best_rm_halfway() -> None:
+    rng = np.random.default_rng(5)
+    n = 400
+    correct = np.c_[rng.random(n) < 0.9, rng.random(n) < 0.7, rng.random(n) < 0.3].astype(float)
+    matrix = _matrix(correct, ["x"] * n)
+    config = ReplayConfig(folds=2, seeds=2, policies=("best-single",), stream_order="drift")
+    result = run_replay(matrix, np.zeros((n, 1)), config, _no_router)
+    quarters = result.quarters("best-single").mean(axis=0)
+    assert quarters[:2].mean() > 0.85 and quarters[2:].mean() < 0.4  # 0.9, then the worst's 0.3
+    out = result.to_json()
+    assert out["stream_order"] == "drift" and out["matrix"]["best_single"] == pytest.approx(
+        correct.mean(axis=0).max()
+    )
+
+
+def test_online_learning_catches_a_drift_that_the_frozen_prior_misses() -> None:
+    """Two specialists that are decent elsewhere, and a poor RM; halfway the training-best
+    specialist starts answering like the poor one: only the online phase moves off it."""
+    rng = np.random.default_rng(2)
+    n = 600
+    domain = rng.integers(0, 2, n)
+    p_right = np.where(domain[:, None] == 0, [0.92, 0.75, 0.3], [0.75, 0.9, 0.3])
+    correct = (rng.random((n, 3)) < p_right).astype(np.float64)
+    features = rng.normal(0, 0.3, (n, 16)).astype(np.float32)
+    features[:, 0] += np.where(domain == 0, 1.0, -1.0)
+    matrix = _matrix(correct, ["x" if d == 0 else "y" for d in domain])
+    config = ReplayConfig(
+        folds=2,
+        seeds=2,
+        policies=("bayesian", "bayesian-no-online"),
+        stream_order="drift",
+        policy_params={"bayesian": {"forgetting": 0.98}},
+    )
+    result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 60}))
+    gain = result.gain_over_no_online("bayesian")
+    assert gain is not None and gain["last_quarter"] > 0.05, gain
+
+
+def test_dpo_proxy_reward_reaches_every_online_policy() -> None:
+    matrix, features = _specialists(n_pairs=240, seed=3)
+    policies = ("bayesian", "bayesian-paper", "bayesian-no-online", "laser")
+    config = ReplayConfig(folds=2, seeds=1, policies=policies, reward="dpo-proxy")
+    result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 40}))
+    out = result.to_json()
+    assert out["reward"] == "dpo-proxy"
+    acc = {n: r["accuracy"] for n, r in out["policies"].items()}
+    # The link keeps the weak, centred −DPO signal from undoing a good prior.
+    assert acc["bayesian"] >= acc["bayesian-no-online"] - 0.05, acc
+    with pytest.raises(ConfigError, match="reward_noise"):
+        ReplayConfig(reward="noisy")
+    with pytest.raises(ConfigError, match="stream_order"):
+        ReplayConfig(stream_order="sorted")
+
+
+def test_gold_audits_cost_their_calls_and_feed_calibrated_agreement() -> None:
+    """Audited pairs are labelled by the auditor too; only ``bayesian`` audits."""
+    matrix, features = _specialists(n_pairs=240, seed=6)
+    policies = ("bayesian", "bayesian-no-online")
+    config = ReplayConfig(
+        folds=2, seeds=1, policies=policies, reward="dpo-proxy", audit_rate=0.2, audit_rm="rm0"
+    )
+    result = run_replay(matrix, features, config, torch_router_fitter({"epochs": 30}))
+    assert 1.05 < result.calls_per_pair("bayesian") < 1.25  # rm0's own pairs need no audit
+    assert result.calls_per_pair("bayesian-no-online") == 1.0
+    with pytest.raises(ConfigError, match="audit_rm"):
+        bad = ReplayConfig(folds=2, seeds=1, policies=policies, audit_rate=0.1, audit_rm="nope")
+        run_replay(matrix, features, bad, torch_router_fitter({"epochs": 5}))

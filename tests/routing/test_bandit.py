@@ -27,7 +27,9 @@ def accuracies_model(seed: int, spread: float = 0.35) -> np.ndarray:
     return np.concatenate([spread * u, np.full((N_RMS, 1), 0.55)], axis=1)
 
 
-def run(name: str, theta: np.ndarray, seed: int, prior_noise: float = 0.15) -> np.ndarray:
+def run(
+    name: str, theta: np.ndarray, seed: int, prior_noise: float = 0.15, **params: float
+) -> np.ndarray:
     """Per-pair regret over the stream for the policy ``name``."""
     data = np.random.default_rng(seed + 1000)
     # the offline router's prior: the truth seen through noise
@@ -39,6 +41,7 @@ def run(name: str, theta: np.ndarray, seed: int, prior_noise: float = 0.15) -> n
         rng=np.random.default_rng(seed + 2000),
         prior_means=prior,
         best_rm=0,
+        **params,
     )
     regret = []
     for _ in range(STREAM // BATCH):
@@ -57,7 +60,9 @@ def test_bayesian_regret_grows_sublinearly_and_beats_laser() -> None:
     for seed in SEEDS:
         theta = accuracies_model(seed)
         for name in halves:
-            regret = run(name, theta, seed)
+            # Thompson sampling's own learning, at full spread from the first pair.
+            params = {"explore_ramp": 0.0} if name == "bayesian" else {}
+            regret = run(name, theta, seed, **params)
             halves[name].append((regret[: STREAM // 2].sum(), regret[STREAM // 2 :].sum()))
     bayes = np.array(halves["bayesian"])
     laser = np.array(halves["laser"])
@@ -67,6 +72,21 @@ def test_bayesian_regret_grows_sublinearly_and_beats_laser() -> None:
     # per-pair routing beats one RM per batch, in every run, and by a wide margin overall
     assert (bayes.sum(axis=1) < laser.sum(axis=1)).all(), (bayes, laser)
     assert bayes.sum() < 0.7 * laser.sum()
+
+
+def test_the_exploration_ramp_costs_less_early_and_still_learns() -> None:
+    """explore_ramp: little exploration while the stream is short, full Thompson later."""
+    early_ramp, early_plain, late_ramp = 0.0, 0.0, []
+    for seed in SEEDS:
+        theta = accuracies_model(seed)
+        ramp = run("bayesian", theta, seed, explore_ramp=500.0)
+        plain = run("bayesian", theta, seed, explore_ramp=0.0)
+        early_ramp += ramp[:200].sum()
+        early_plain += plain[:200].sum()
+        late_ramp.append((ramp[:600].sum(), ramp[600:].sum()))
+    assert early_ramp < early_plain
+    first, second = np.array(late_ramp).sum(axis=0)
+    assert second < 0.8 * first
 
 
 def test_bayesian_learns_without_the_offline_prior_too() -> None:

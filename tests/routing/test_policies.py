@@ -11,6 +11,7 @@ from gateway.routing import (
     DEFAULT_LAMBDA0,
     DEFAULT_SIGMA2,
     POLICY_NAMES,
+    BayesianConfig,
     BayesianPolicy,
     GaussianPosteriors,
     LaserPolicy,
@@ -21,9 +22,16 @@ from gateway.routing import (
 from reward_router.errors import ConfigError
 
 N, D = 4, 6
-SINGLE = {"bayesian", "bayesian-no-offline", "bayesian-no-online", "weighted-score", "laser"}
+SINGLE = {
+    "bayesian",
+    "bayesian-paper",
+    "bayesian-no-offline",
+    "bayesian-no-online",
+    "weighted-score",
+    "laser",
+}
 SINGLE |= {"random", "best-single"}
-LEARNING = {"bayesian", "bayesian-no-offline", "weighted-score", "laser"}
+LEARNING = {"bayesian", "bayesian-paper", "bayesian-no-offline", "weighted-score", "laser"}
 
 
 def prior() -> np.ndarray:
@@ -373,3 +381,59 @@ def test_combine_checks_the_margins_shape(name: str) -> None:
         with pytest.raises(ConfigError) as info:
             policy.combine(bad)
         assert info.value.field == "margins"
+
+
+def test_a_clearly_worse_rm_is_not_explored_but_a_close_one_is() -> None:
+    """explore_z: an RM whose draw can hardly beat the leader is left out of the draw."""
+    means = np.array([[0.0, 0.9], [0.0, 0.6], [0.0, 0.88]])  # intercepts: 0.9, 0.6, 0.88
+    ctx = np.tile([[1.0, 1.0]], (400, 1))
+    full = BayesianConfig(lambda0=400.0, explore_ramp=0.0)  # full spread from the first pair
+    gated = BayesianPolicy(3, 2, np.random.default_rng(0), means, full)
+    picks = np.bincount(gated.select(ctx).chosen, minlength=3)
+    assert picks[1] == 0 and picks[0] > picks[2] > 0  # RM 2 is close: still explored
+    plain = BayesianPolicy(
+        3,
+        2,
+        np.random.default_rng(0),
+        means,
+        BayesianConfig(lambda0=4.0, explore_z=None, explore_ramp=0.0),
+    )
+    assert np.bincount(plain.select(ctx).chosen, minlength=3)[1] > 0  # plain TS draws it
+    # The ranking still lists every RM (the fallback order): the left-out one last.
+    assert (gated.select(ctx[:5]).ranking[:, -1] == 1).all()
+    # With the ramp and no observation yet, the draw is the posterior mean: no exploring.
+    ramped = BayesianPolicy(3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0))
+    assert ramped.exploration() == 0.0
+    assert (ramped.select(ctx).chosen == 0).all()
+
+
+def test_per_rm_noise_makes_a_near_certain_rm_learn_faster() -> None:
+    means = np.array([[0.0, 0.5], [0.0, 0.5]])
+    policy = BayesianPolicy(
+        2,
+        2,
+        np.random.default_rng(0),
+        means,
+        prior_precision=np.full((2, 2), 10.0),
+        prior_sigma2=np.array([0.05, 0.25]),
+    )
+    ctx = np.tile([[0.0, 1.0]], (10, 1))
+    policy.update(ctx, np.zeros(10, dtype=int), np.ones(10))
+    policy.update(ctx, np.ones(10, dtype=int), np.ones(10))
+    mean0, mean1 = (ctx[:1] @ policy.posteriors.means().T)[0]
+    assert mean0 > mean1 > 0.5  # the same evidence counts for more from the quieter RM
+
+
+def test_paper_preset_injects_the_raw_head_with_plain_thompson() -> None:
+    raw = np.array([[0.0, 3.0], [0.0, -3.0]])
+    calibrated = np.array([[0.0, 0.6], [0.0, 0.5]])
+    policy = make_policy(
+        "bayesian-paper",
+        n_rms=2,
+        dim=2,
+        rng=np.random.default_rng(0),
+        prior_means=calibrated,
+        raw_prior_means=raw,
+    )
+    assert policy.config.explore_z is None and policy.config.lambda0 == 10.0  # type: ignore[attr-defined]
+    np.testing.assert_allclose(policy.posteriors.means(), raw)  # type: ignore[attr-defined]

@@ -179,7 +179,7 @@ def test_arrays_round_trip() -> None:
     post = GaussianPosteriors.from_prior(prior, lambda0=1.5)
     post.observe(arms, contexts, rewards, sigma2=0.25)
     arrays = post.to_arrays()
-    assert set(arrays) == {"precision", "eta", "prior_eta", "lambda0", "counts"}
+    assert set(arrays) == {"precision", "eta", "prior_eta", "lambda0", "counts", "prior_diag"}
     back = GaussianPosteriors.from_arrays(arrays)
     assert back == post
     assert back.lambda0 == 1.5
@@ -188,6 +188,9 @@ def test_arrays_round_trip() -> None:
         back.sample_scores(contexts, np.random.default_rng(3)),
         post.sample_scores(contexts, np.random.default_rng(3)),
     )
+    # A snapshot written before the diagonal prior existed loads as lambda0 everywhere.
+    del arrays["prior_diag"]
+    assert GaussianPosteriors.from_arrays(arrays) == post
     arrays["eta"][0, 0] += 1.0  # to_arrays hands out copies
     assert GaussianPosteriors.from_arrays(post.to_arrays()) == post
     back.observe(arms[:3], contexts[:3], rewards[:3], sigma2=0.25)

@@ -1,4 +1,4 @@
-"""Calibrating the offline prior onto the reward scale and fitting its strength by evidence."""
+"""The offline prior on the correctness scale: per-RM calibration, stated strength, the link."""
 
 from __future__ import annotations
 
@@ -7,70 +7,119 @@ import pytest
 
 from gateway.routing.posterior import with_intercept
 from gateway.routing.prior import (
-    calibrate_prior,
-    calibrated_means,
+    INTERCEPT_OBS_CAP,
+    PAIR_SD,
+    PriorFit,
+    RewardLink,
+    calibrate_slopes,
     fit_prior,
-    fit_prior_strength,
-    log_evidence,
 )
 from reward_router.errors import ConfigError
 
 
-def test_calibration_recovers_scale_and_offset() -> None:
+def _rows(n: int, slopes: list[float], base: list[float], seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(n, len(slopes)))
+    p = np.clip(np.array(base) + np.array(slopes) * s, 0.02, 0.98)
+    return s, (rng.random(p.shape) < p).astype(float)
+
+
+def test_slopes_recover_the_signal_despite_a_shared_difficulty() -> None:
+    """Every RM's chance of being right moves with a pair's difficulty (shared) and with its
+    own score (slope 0.12): relative calibration recovers 0.12, where shared difficulty would
+    flatten an absolute one."""
     rng = np.random.default_rng(0)
-    scores = rng.normal(size=(500, 3))
-    correct = 0.1 * scores + 0.6 + rng.normal(0, 0.01, scores.shape)
-    scale, offset = calibrate_prior(scores, correct)
-    assert scale == pytest.approx(0.1, abs=0.005)
-    assert offset == pytest.approx(0.6, abs=0.005)
+    s = rng.normal(size=(6000, 3))
+    difficulty = rng.normal(0, 0.25, size=(6000, 1))
+    p = np.clip(0.65 + 0.12 * s + difficulty, 0.0, 1.0)
+    c = (rng.random(p.shape) < p).astype(float)
+    k = calibrate_slopes(s, c)
+    np.testing.assert_allclose(k, 0.12, atol=0.02)
+    assert k.min() >= 0
 
 
-def test_anti_correlated_scores_give_a_flat_prior() -> None:
-    scores = np.array([[1.0, -1.0], [2.0, -2.0]])
-    correct = np.array([[0.0, 1.0], [0.0, 1.0]])
-    scale, offset = calibrate_prior(scores, correct)
-    assert scale == 0.0 and offset == pytest.approx(0.5)
-
-
-def test_calibrated_means_shift_only_the_intercept() -> None:
-    raw = np.array([[1.0, 2.0, 3.0]])
-    assert calibrated_means(raw, 0.5, 0.25).tolist() == [[0.5, 1.0, 1.75]]
-
-
-def test_log_evidence_matches_the_gaussian_density() -> None:
+def test_noise_scores_get_no_trust() -> None:
     rng = np.random.default_rng(1)
-    h = with_intercept(rng.normal(size=(6, 2)))
-    y = rng.random((6, 2))
-    mu0 = rng.normal(size=(2, 3))
-    lam, s2 = 3.0, 0.2
-    cov = s2 * np.eye(6) + h @ h.T / lam
-    expected = 0.0
-    for n in range(2):
-        r = y[:, n] - h @ mu0[n]
-        _, logdet = np.linalg.slogdet(cov)
-        expected += -0.5 * (r @ np.linalg.solve(cov, r) + logdet + 6 * np.log(2 * np.pi))
-    assert log_evidence(h, y, mu0, lam, s2) == pytest.approx(expected, rel=1e-10)
+    s = rng.normal(size=(300, 3))
+    c = (rng.random((300, 3)) < 0.6).astype(float)
+    assert calibrate_slopes(s, c).max() < 0.03
+    anti = calibrate_slopes(s, (s < 0).astype(float))  # anti-correlated: clipped, monotone
+    assert anti.tolist() == [0.0, 0.0, 0.0]
 
 
-def test_a_right_prior_is_trusted_more_than_a_wrong_one() -> None:
+def test_untrusted_prior_is_each_rm_at_its_accuracy() -> None:
+    """A BT head with no held-out signal gives the prior 'each RM at its overall accuracy'."""
     rng = np.random.default_rng(2)
-    h = with_intercept(rng.normal(size=(300, 4)) / 2)
-    w = rng.normal(0, 0.3, size=(3, 5))
-    y = h @ w.T + rng.normal(0, 0.2, (300, 3))
-    lam_right, s2 = fit_prior_strength(h, y, w)
-    lam_wrong, _ = fit_prior_strength(h, y, -w)
-    assert lam_right > 10 * lam_wrong
-    assert s2 == pytest.approx(0.05, abs=0.03)  # noise variance 0.04, nearest grid point 0.05
+    train_s = rng.normal(size=(500, 2))
+    train_c = np.c_[rng.random(500) < 0.8, rng.random(500) < 0.6].astype(float)
+    calib_s = rng.normal(size=(200, 2))
+    calib_c = np.c_[rng.random(200) < 0.8, rng.random(200) < 0.6].astype(float)
+    fit = fit_prior(train_s, train_c, calib_s, calib_c)
+    raw = np.c_[rng.normal(size=(2, 4)), [0.3, -0.2]]
+    means = fit.apply(raw)
+    h = with_intercept(rng.normal(size=(50, 4)) / 2)
+    pred = h @ means.T
+    acc = np.r_[train_c, calib_c].mean(axis=0)
+    np.testing.assert_allclose(pred.mean(axis=0), acc, atol=0.03)
+    assert (pred[:, 0] > pred[:, 1]).all()  # the better RM everywhere: best-single, honestly
+    assert fit.weight_obs == pytest.approx(fit.sigma2 / PAIR_SD**2)
 
 
-def test_fit_prior_end_to_end_and_bad_input() -> None:
+def test_prior_mean_reproduces_the_calibrated_score() -> None:
     rng = np.random.default_rng(3)
-    h = with_intercept(rng.normal(size=(100, 2)))
-    raw = np.array([[1.0, 0.0, 0.5], [-1.0, 0.0, 0.0]])
+    raw = np.c_[rng.normal(size=(3, 5)), rng.normal(size=3)]
+    h = with_intercept(rng.normal(size=(800, 5)) / 3)
     scores = h @ raw.T
-    correct = (rng.random((100, 2)) < 1 / (1 + np.exp(-scores))).astype(float)
-    fit = fit_prior(h, scores, correct, raw)
-    assert fit.scale > 0 and fit.lambda0 > 0 and fit.sigma2 > 0
-    assert np.allclose(fit.apply(raw), calibrated_means(raw, fit.scale, fit.offset))
-    with pytest.raises(ConfigError, match="contexts"):
-        fit_prior_strength(h[:1], correct[:1], raw)
+    p = np.clip(0.6 + 0.1 * (scores - scores.mean(axis=0)), 0, 1)
+    correct = (rng.random(p.shape) < p).astype(float)
+    fit = fit_prior(scores[:400], correct[:400], scores[400:], correct[400:])
+    rel = scores - scores.mean(axis=1, keepdims=True)
+    expected = np.array(fit.intercepts) + np.array(fit.slopes) * (rel - np.array(fit.centers))
+    np.testing.assert_allclose(h @ fit.apply(raw).T, expected, atol=1e-9)
+    # Ranks as the BT head does when the slopes agree (they are clearly positive here).
+    assert min(fit.slopes) > 0
+
+
+def test_strength_is_stated_in_pseudo_observations() -> None:
+    s, c = _rows(2000, [0.1, 0.1], [0.7, 0.6], seed=4)
+    fit = fit_prior(s[:1500], c[:1500], s[1500:], c[1500:])
+    prec = fit.precision(dim=6)
+    assert prec.shape == (2, 6)
+    assert fit.intercept_obs == (INTERCEPT_OBS_CAP, INTERCEPT_OBS_CAP)  # 2000 rows, capped
+    np.testing.assert_allclose(prec[:, -1], INTERCEPT_OBS_CAP / np.array(fit.noise))
+    assert fit.noise[0] < fit.noise[1]  # the 70% RM is a quieter coin than the 60% one
+    np.testing.assert_allclose(prec[:, :-1], fit.weight_obs / fit.sigma2)
+    small = fit_prior(s[:40], c[:40], s[40:60], c[40:60])
+    assert small.intercept_obs == (60.0, 60.0)  # what 60 rows really measured
+
+
+def test_round_trip_and_version_one_artifacts() -> None:
+    s, c = _rows(300, [0.1], [0.6], seed=5)
+    fit = fit_prior(s[:200], c[:200], s[200:], c[200:])
+    assert PriorFit.from_dict(fit.to_dict(), 1) == fit
+    old = PriorFit.from_dict({"scale": 0.5, "offset": 0.25, "lambda0": 10.0, "sigma2": 0.2}, 2)
+    raw = np.array([[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]])
+    np.testing.assert_allclose(old.apply(raw), [[0.5, 1.0, 1.75], [0.0, 0.5, -0.25]])
+    np.testing.assert_allclose(old.precision(3), 10.0)
+    with pytest.raises(ConfigError, match="intercepts"):
+        PriorFit((1.0,), (0.5, 0.5), (0.0,), (1.0,), 1.0, 0.2, 0.5)
+    with pytest.raises(ConfigError, match="scores"):
+        calibrate_slopes(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_dpo_link_is_unbiased_and_weighs_less() -> None:
+    """With E[u | c] = 0.5 + beta (c - c_bar), the link's estimate has mean c."""
+    rng = np.random.default_rng(6)
+    beta, c_bar = 0.2, 0.7
+    c = (rng.random(200_000) < c_bar).astype(float)
+    u = np.clip(0.5 + beta * (c - c_bar) + rng.uniform(-0.4, 0.4, c.size), 0, 1)
+    link = RewardLink("dpo", informativeness=beta, center=c_bar, sigma2=0.25)
+    values, weight = link.map(u)
+    assert values[c == 1].mean() == pytest.approx(1.0, abs=0.02)
+    assert values[c == 0].mean() == pytest.approx(0.0, abs=0.03)
+    assert weight == pytest.approx(0.25 * beta**2 * 12)
+    assert RewardLink("correct").map([0.0, 1.0])[1] == 1.0
+    with pytest.raises(ConfigError, match="reward"):
+        RewardLink("loss")
+    with pytest.raises(ConfigError, match="dpo_informativeness"):
+        RewardLink("dpo", informativeness=0.0)
