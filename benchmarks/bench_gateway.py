@@ -206,6 +206,7 @@ def main() -> None:
                 redis_url = f"redis://127.0.0.1:{redis.port}/0"
             gw = start_gateway(root, rm.url, router, redis_url)
             procs.append(gw)
+            httpx.post(f"{gw.url}/v1/namespaces/bench-{store}", timeout=60).raise_for_status()
             gw_bodies = [{"namespace": f"bench-{store}", "pairs": [p]} for p in bench_pairs]
             warm = min(200, len(bench_pairs))
             asyncio.run(load(rm.url, "/v1/compare", direct_bodies[:warm], args.concurrency))

@@ -237,6 +237,11 @@ async def drive(
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=5.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # A route never creates its namespace; this is idempotent (200 again, or 409 when it
+        # exists with another config, used as it is).
+        made = await client.post(f"{urls[0]}/v1/namespaces/{cfg.namespace}")
+        if made.status_code not in (200, 409):
+            raise RuntimeError(f"creating namespace {cfg.namespace}: {made.text}")
 
         async def one(i: int, scheduled: float) -> None:
             url = urls[i % len(urls)]

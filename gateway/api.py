@@ -9,8 +9,10 @@ Errors are mapped to HTTP here, in one place, all with the one body
     missing / wrong API key                                        401
     a trainer key on an admin endpoint                             403
     UnknownNamespace                                               404
-    NamespaceConflict                                              409
+    NamespaceConflict, NamespaceLimit (max_namespaces)             409
     AllRMsFailed, StoreUnavailable                                 503
+    max_in_flight requests being served already                    503 + Retry-After
+    body not received within body_timeout_s                        408
 
 Auth: trainer endpoints need ``Authorization: Bearer <one of api_keys>`` when ``api_keys`` is
 configured; admin endpoints need the ``admin_key`` when it is configured (and otherwise fall back
@@ -48,7 +50,7 @@ from gateway.service import (
     NamespaceConflict,
     UnknownNamespace,
 )
-from gateway.store import StoreUnavailable
+from gateway.store import NamespaceLimit, StoreUnavailable
 from reward_router.errors import ConfigError
 from reward_router.http import BodyTooLarge, unparsable_body
 
@@ -162,6 +164,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unknown_ns(request: Request, exc: UnknownNamespace) -> JSONResponse:
         return _error(404, "unknown_namespace", str(exc), "namespace")
 
+    @app.exception_handler(NamespaceLimit)
+    async def _limit(request: Request, exc: NamespaceLimit) -> JSONResponse:
+        message = f"{exc}: delete a namespace (admin) or raise max_namespaces"
+        return _error(409, "namespace_limit", message, "namespace")
+
     @app.exception_handler(NamespaceConflict)
     async def _conflict(request: Request, exc: NamespaceConflict) -> JSONResponse:
         return _error(409, "namespace_conflict", str(exc), "namespace")
@@ -182,14 +189,21 @@ def install_error_handlers(app: FastAPI) -> None:
         unparsable = unparsable_body(exc)
         if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
             return _error(422, "invalid_json", unparsable, "body")
-        resp = _error(exc.status_code, "http_error", str(exc.detail))
-        resp.headers.update(exc.headers or {})  # e.g. a 405's Allow
-        return resp
+        return http_error(exc)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def http_error(exc: StarletteHTTPException) -> JSONResponse:
+    """Any other HTTP error in the one body, its headers kept (a 405's Allow, a 503's
+    Retry-After, a 408's Connection: close)."""
+    kind = {408: "body_timeout", 503: "overloaded"}.get(exc.status_code, "http_error")
+    resp = _error(exc.status_code, kind, str(exc.detail))
+    resp.headers.update(exc.headers or {})
+    return resp
 
 
 def body_too_large(exc: BodyTooLarge) -> JSONResponse:

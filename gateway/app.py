@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
-from gateway.api import body_too_large, install_error_handlers, router
+from gateway.api import body_too_large, http_error, install_error_handlers, router
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
-from reward_router.http import BodyLimit
+from reward_router.http import BodyLimit, RequestGuard
 from trainer_client.openrlhf import build_openrlhf_router
 
 log = logging.getLogger("reward_router.gateway")
@@ -50,4 +52,26 @@ def build_app(settings: GatewaySettings, service: GatewayService | None = None) 
     app.include_router(router)
     app.include_router(build_openrlhf_router())  # OpenRLHF's POST /get_reward (docs/trainer.md)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, refuse=body_too_large)
+
+    def metrics() -> GatewayService | None:
+        return getattr(app.state, "service", None)
+
+    def refused(exc: HTTPException) -> JSONResponse:  # 503 overloaded, 408 body timeout
+        if exc.status_code == 503 and (svc := metrics()) is not None:
+            svc.metrics.overloaded.inc()
+        return http_error(exc)
+
+    def cancelled() -> None:
+        if (svc := metrics()) is not None:
+            svc.metrics.cancelled.inc()
+
+    # Added last, so it is the outermost layer: an overloaded gateway refuses before reading.
+    app.add_middleware(
+        RequestGuard,
+        max_in_flight=settings.max_in_flight,
+        retry_after_s=settings.retry_after_s,
+        body_timeout_s=settings.body_timeout_s,
+        refuse=refused,
+        on_cancel=cancelled,
+    )
     return app

@@ -31,8 +31,10 @@ def serve(
     import uvicorn
 
     from gateway.app import build_app
+    from gateway.service import GatewayService
     from gateway.settings import load_settings
-    from reward_router.errors import ConfigError
+    from reward_router.errors import RewardRouterError
+    from reward_router.http import header_timeout_protocol
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -41,14 +43,18 @@ def serve(
         overrides["port"] = port
     try:
         settings = load_settings(config, **overrides)
-    except ConfigError as exc:
+        # Built here, not in the app's lifespan, so a missing router artifact or an unusable
+        # store file is one line and exit 2, not a traceback from inside uvicorn.
+        service = GatewayService.build(settings)
+    except RewardRouterError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     uvicorn.run(
-        build_app(settings),
+        build_app(settings, service),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
         timeout_keep_alive=int(settings.keep_alive_s),
+        http=header_timeout_protocol(settings.header_timeout_s),
     )

@@ -9,7 +9,8 @@ needs no scan over the keyspace.
 
     {p}:namespaces                      SET   names of the existing namespaces
     {p}:ns:{ns}:meta                    HASH  gen, config (JSON), created (unix s)
-    {p}:ns:{ns}:g:{gen}:log             LIST  observations, append-only; index + 1 = sequence no.
+    {p}:ns:{ns}:g:{gen}:log             LIST  observations, append-only; base + index + 1 = seq no.
+    {p}:ns:{ns}:g:{gen}:base            STR   entries trimmed off the log's head (compaction)
     {p}:ns:{ns}:g:{gen}:routes          HASH  rm index -> routes taken
     {p}:ns:{ns}:g:{gen}:r:{uuid}        STR   route record, TTL route_ttl_s; "A" once applied
     {p}:ns:{ns}:g:{gen}:snap            HASH  seq, blob: a replica's folded state at seq
@@ -41,6 +42,9 @@ class Keys:
 
     def log(self, ns: str, gen: str) -> str:
         return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:log"
+
+    def base(self, ns: str, gen: str) -> str:
+        return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:base"
 
     def routes(self, ns: str, gen: str) -> str:
         return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:routes"

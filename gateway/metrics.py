@@ -100,6 +100,28 @@ class GatewayMetrics:
         self.store_errors = Counter(
             p + "store_errors", "Requests failed because the store was unreachable.", registry=r
         )
+        self.store_durable = Gauge(
+            p + "store_durable",
+            "1 if every acknowledged write is on disk; 0 if state is memory-only or Redis runs "
+            "without AOF (see /readyz's warning).",
+            registry=r,
+        )
+        self.overloaded = Counter(
+            p + "overloaded",
+            "Requests answered 503 + Retry-After because max_in_flight were being served.",
+            registry=r,
+        )
+        self.cancelled = Counter(
+            p + "cancelled",
+            "Requests whose client went away before the answer; their work was cancelled.",
+            registry=r,
+        )
+        self.rebuilds = Counter(
+            p + "rebuilds",
+            "Namespace states rebuilt from the store's log because it did not hold what this "
+            "replica had folded (the log went backwards, or a snapshot was ahead of it).",
+            registry=r,
+        )
         for rm in rm_names:
             self.rm_available.labels(rm).set(1)
 

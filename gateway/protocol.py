@@ -121,8 +121,12 @@ class FeedbackItem(BaseModel):
         str, StringConstraints(min_length=1, max_length=256), AfterValidator(valid_unicode)
     ]
     # The trainer's raw signal (−DPO loss); NaN, ±inf and |reward| > MAX_ABS_REWARD are refused
-    # (a 422 naming the field) before anything is logged.
-    reward: Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_REWARD, le=MAX_ABS_REWARD)]
+    # (a 422 naming the field) before anything is logged. Strict: a JSON number only; "0.5",
+    # " 7 ", "1e3" and true are refused, not coerced (a trainer sending strings has a bug).
+    reward: Annotated[
+        float,
+        Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_REWARD, le=MAX_ABS_REWARD),
+    ]
 
 
 class FeedbackRequest(BaseModel):

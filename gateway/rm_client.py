@@ -194,11 +194,33 @@ class RMClient:
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if not job[1].done()]  # callers gone already: not asked
+        if not jobs:
+            return
         allpairs = [p for pairs, _ in jobs for p in pairs]
-        try:
-            results: list[Comparison] = []
+
+        async def call() -> list[Comparison]:
+            out: list[Comparison] = []
             for start in range(0, len(allpairs), self.max_batch):
-                results += await self._compare_chunk(allpairs[start : start + self.max_batch])
+                out += await self._compare_chunk(allpairs[start : start + self.max_batch])
+            return out
+
+        # When every caller of this call went away (their requests were cancelled: the client
+        # disconnected), the HTTP call is cancelled too, so the RM drops the pairs from its queue.
+        work = asyncio.ensure_future(call())
+
+        def abandon(_: object) -> None:
+            if all(fut.cancelled() for _, fut in jobs) and not work.done():
+                work.cancel()
+
+        for _, fut in jobs:
+            fut.add_done_callback(abandon)
+        try:
+            results = await work
+        except asyncio.CancelledError:
+            if all(fut.cancelled() for _, fut in jobs):
+                return
+            raise
         except RMRejected as exc:
             if len(jobs) == 1:
                 _fail(jobs[0][1], exc)

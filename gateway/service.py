@@ -1,10 +1,11 @@
 """The serving class: built once at start-up, kept on ``app.state``; the HTTP layer only calls it.
 
-Per request it does, for ``/v1/route``: namespace state (created on first use) -> refresh from the
-store's log -> pair features (router artifact, in a worker thread) -> the policy's draw -> one
-``/v1/compare`` call per RM asked (concurrently), falling back along the draw's ranking when an
-RM fails -> route records in the store -> labels. For ``/v1/feedback``: the store's atomic
-exactly-once step, then a refresh of the touched namespaces.
+Per request it does, for ``/v1/route``: namespace state (it must exist: a route never creates
+one) -> refresh from the store's log -> pair features (router artifact, in a worker thread) ->
+the policy's draw -> one ``/v1/compare`` call per RM asked (concurrently), falling back along
+the draw's ranking when an RM fails -> route records in the store -> labels. For
+``/v1/feedback``: the store's atomic exactly-once step, then a refresh of the touched
+namespaces.
 
 A replica's posterior for a namespace is always ``fold(prior, log[1..seq])``: the log holds raw
 rewards, folded in sequence order, one observation at a time through the namespace's normaliser,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -53,8 +55,16 @@ from gateway.protocol import (
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
 from gateway.routing.prior import RewardLink
 from gateway.settings import NAMESPACE_RE, GatewaySettings
-from gateway.store import EmbeddedStore, NamespaceMeta, Observation, Outcome, Store, new_uid
-from reward_router.errors import ConfigError, RewardRouterError
+from gateway.store import (
+    EmbeddedStore,
+    NamespaceMeta,
+    Observation,
+    Outcome,
+    Store,
+    StoreUnavailable,
+    new_uid,
+)
+from reward_router.errors import ConfigError, DataFormatError, RewardRouterError
 
 if TYPE_CHECKING:
     from gateway.routing import Policy
@@ -74,11 +84,15 @@ class InputError(RewardRouterError):
 
 
 class UnknownNamespace(RewardRouterError):
-    """An admin or read call named a namespace that does not exist (HTTP 404)."""
+    """A call named a namespace that does not exist (HTTP 404). Routes never create one: a
+    namespace lost with its store must not come back silently with the default policy."""
 
     def __init__(self, ns: str) -> None:
         self.namespace = ns
-        super().__init__(f"namespace {ns!r} does not exist")
+        super().__init__(
+            f"namespace {ns!r} does not exist: create it with POST /v1/namespaces/{ns} "
+            "(a route never creates one)"
+        )
 
 
 class NamespaceConflict(RewardRouterError):
@@ -187,9 +201,21 @@ class Contexts:
 # ---- namespaces ----------------------------------------------------------------------------------
 
 
+#: Largest quantile window a namespace may ask for: each observation sorts the window, so at
+#: 300k values one feedback cost 6.7 ms on the event loop and a rebuild was quadratic.
+MAX_WINDOW = 16_384
+
+#: A log tail longer than this is folded in a worker thread (on a copy, swapped in after), so a
+#: rebuild of a long log never blocks /healthz or other namespaces' routes.
+FOLD_INLINE = 256
+
+
 def make_normalizer(kind: str, params: dict[str, Any]) -> Any:
     from gateway.routing import QuantileNormalizer, ZScoreNormalizer
 
+    window = params.get("window")
+    if kind == "quantile" and isinstance(window, int) and window > MAX_WINDOW:
+        raise ConfigError("normalizer_params", f"window must be at most {MAX_WINDOW}, got {window}")
     if kind == "none":
         if params:
             raise ConfigError("normalizer_params", "must be empty for normalizer 'none'")
@@ -250,6 +276,9 @@ class NsState:
     second_opinions: int = 0
     obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     snapshot_seq: int = 0
+    # The route id of the observation at ``seq``: each read overlaps it, so a log that went
+    # backwards (a store restored from an older copy) is noticed even once it has grown again.
+    last_route_id: str | None = None
     last_refresh: float = -math.inf
     inflight: asyncio.Future[NsState] | None = None
     inflight_started: float = -math.inf
@@ -290,6 +319,8 @@ class GatewayService:
         self.n_rms = len(pool.clients)
         self._ns: dict[str, NsState] = {}
         self._ns_locks: dict[str, asyncio.Lock] = {}
+        self.durability_warning: str | None = None
+        self._startup_pending = set(settings.startup_namespaces)
         by_name = {r.name: r for r in settings.rms}
         self.needs_reference = np.array(
             [bool(by_name[n].needs_reference) if n in by_name else False for n in pool.names]
@@ -318,7 +349,14 @@ class GatewayService:
             from gateway.offline.router import OfflineRouter
 
             torch.set_num_threads(settings.torch_threads)
-            loaded = OfflineRouter.load(settings.router_path)
+            try:
+                loaded = OfflineRouter.load(settings.router_path)
+            except DataFormatError as exc:
+                raise ConfigError(
+                    "router_path",
+                    f"{settings.router_path} is not a router artifact ({exc}); train one with "
+                    "`reward-router router train ... --out DIR` (docs/offline-router.md)",
+                ) from None
             missing = sorted(set(loaded.rms) - set(rm_order))
             extra = sorted(set(rm_order) - set(loaded.rms))
             if missing or extra:
@@ -358,6 +396,10 @@ class GatewayService:
                 retries=settings.store_retries,
                 timeout_s=settings.store_timeout_s,
             )
+        elif settings.store_path is not None:
+            from gateway.store_sqlite import SqliteStore
+
+            store = SqliteStore(settings.store_path, synchronous=settings.store_synchronous)
         else:
             store = EmbeddedStore()
         metrics = GatewayMetrics(rm_order, settings.max_metric_namespaces)
@@ -367,6 +409,36 @@ class GatewayService:
     async def start(self) -> None:
         await self.pool.start()
         self._update_rm_gauges()
+        await self._check_durability()
+        await self._create_startup_namespaces()
+
+    async def _create_startup_namespaces(self) -> None:
+        """Create ``startup_namespaces`` that are missing, once per process (retried from
+        /readyz while the store is down). Never later: a namespace lost while this process runs
+        stays 404 until someone creates it again, it does not come back from the defaults."""
+        for ns in list(self._startup_pending):
+            try:
+                info = await self.create_namespace(ns, None)
+            except NamespaceConflict:
+                info = None  # exists with its own config: used as it is
+            except RewardRouterError as exc:
+                log.warning("could not create start-up namespace %s yet: %s", ns, exc)
+                return
+            if info is not None and info.created:
+                log.warning("namespace %s created from the policy defaults (start-up)", ns)
+            self._startup_pending.discard(ns)
+
+    async def _check_durability(self) -> str | None:
+        """The store's durability warning: logged (at start-up), a gauge, and /readyz's body."""
+        try:
+            warning = await self.store.durability_warning()
+        except RewardRouterError:
+            return self.durability_warning  # unreachable now: keep the last answer
+        self.metrics.store_durable.set(0 if warning else 1)
+        if warning and warning != self.durability_warning:
+            log.warning("NOT DURABLE: %s", warning)
+        self.durability_warning = warning
+        return warning
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -386,6 +458,13 @@ class GatewayService:
         except RewardRouterError as exc:
             checks["store"] = str(exc)
         checks["rms"] = {c.name: c.available() for c in self.pool.clients}
+        if checks["store"] is True:
+            await self._check_durability()
+            await self._create_startup_namespaces()
+        # Ready either way (a memory-only gateway works), but never silently: the body says so.
+        checks["durable"] = self.durability_warning is None
+        if self.durability_warning:
+            checks["warning"] = self.durability_warning
         self._update_rm_gauges()
         checks["ready"] = checks["store"] is True and any(checks["rms"].values())
         return checks
@@ -469,24 +548,26 @@ class GatewayService:
             lock = self._ns_locks[ns] = asyncio.Lock()
         return lock
 
-    async def _state(self, ns: str, *, create: bool, force_refresh: bool = False) -> NsState:
+    async def _state(self, ns: str, *, force_refresh: bool = False) -> NsState:
+        """This replica's state of an existing namespace, refreshed from the store's log."""
         st = self._ns.get(ns)
         if st is None:
-            async with self._lock_for(ns):
-                st = self._ns.get(ns)
-                if st is None:
-                    meta = await self.store.get_namespace(ns)
-                    if meta is None:
-                        if not create:
+            try:
+                async with self._lock_for(ns):
+                    st = self._ns.get(ns)
+                    if st is None:
+                        meta = await self.store.get_namespace(ns)
+                        if meta is None:
                             raise UnknownNamespace(ns)
-                        config = self._full_config(None)
-                        meta, _ = await self.store.create_namespace(ns, config)
-                    st = self._new_state(meta)
-                    await self._load_snapshot(st)
-                    self._ns[ns] = st
-        return await self._refresh(st, force=force_refresh, create=create)
+                        st = self._new_state(meta)
+                        await self._load_snapshot(st)
+                        self._ns[ns] = st
+            finally:
+                if ns not in self._ns:  # no lock left behind for every unknown name probed
+                    self._ns_locks.pop(ns, None)
+        return await self._refresh(st, force=force_refresh)
 
-    async def _refresh(self, st: NsState, *, force: bool, create: bool) -> NsState:
+    async def _refresh(self, st: NsState, *, force: bool) -> NsState:
         """Bring ``st`` up to the store's log (single-flight: concurrent callers share one read).
 
         A route joins a refresh already in flight (so 200 concurrent routes cost one store round
@@ -506,33 +587,91 @@ class GatewayService:
                     await asyncio.shield(task)  # an older read: wait for it, then read anew
                 continue
             st.inflight_started = time.monotonic()
-            st.inflight = asyncio.ensure_future(self._read_log(st, create))
+            st.inflight = asyncio.ensure_future(self._read_log(st))
             return await asyncio.shield(st.inflight)
 
-    async def _read_log(self, st: NsState, create: bool) -> NsState:
+    async def _read_log(self, st: NsState) -> NsState:
         ns = st.meta.name
         started = time.monotonic()
-        meta, tail = await self.store.read_tail(ns, st.meta.gen, st.seq)
-        if meta is None:  # deleted (by an admin, maybe on another replica)
-            if self._ns.get(ns) is st:
-                del self._ns[ns]
-            if not create:
+        chunk = self.settings.log_read_chunk
+        rebuilt = 0
+        while True:  # chunked: at most log_read_chunk observations per store read
+            overlap = 1 if st.seq else 0  # re-read the last folded entry, to check it
+            meta, tail, length = await self.store.read_tail(
+                ns, st.meta.gen, st.seq - overlap, chunk + overlap
+            )
+            if meta is None:  # deleted (by an admin, maybe on another replica), or lost
+                if self._ns.get(ns) is st:
+                    del self._ns[ns]
+                log.warning("namespace %s is gone from the store (deleted or lost): 404", ns)
                 raise UnknownNamespace(ns)
-            return await self._state(ns, create=True)
-        if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
-            fresh = self._new_state(meta)
-            self._ns[ns] = fresh
-            meta, tail = await self.store.read_tail(ns, fresh.meta.gen, 0)
-            st = fresh
-        self._fold(st, tail)
+            if meta.gen != st.meta.gen:  # reset elsewhere: start over from the new generation
+                st = self._ns[ns] = self._new_state(meta)
+                continue
+            fits = self._matches(st, tail) if overlap else not tail or tail[0].seq == 1
+            if not fits:
+                # Behind a trimmed head (compaction), or the log is not what was folded (it
+                # went backwards, a snapshot ahead of it): rebuild from the store's snapshot,
+                # and if that does not fit the log either, from the prior.
+                if rebuilt > 1:  # the log changed under the rebuild itself: next refresh
+                    raise StoreUnavailable(f"namespace {ns}: the log changed while rebuilding")
+                trimmed = bool(tail) and tail[0].seq > st.seq and rebuilt == 0
+                if not trimmed:
+                    self._log_backwards(st, tail, length)
+                st = self._ns[ns] = self._new_state(meta)
+                if rebuilt == 0:
+                    await self._load_snapshot(st, always=True)
+                rebuilt += 1
+                continue
+            await self._fold_async(st, tail[overlap:])
+            if len(tail) - overlap < chunk:
+                break
         st.last_refresh = started
         if tail:
             self._posterior_gauges(st)
         every = self.settings.snapshot_every
-        if every and st.seq - st.snapshot_seq >= every:
+        if every and st.seq - st.snapshot_seq >= every and st.seq <= length:
             with contextlib.suppress(RewardRouterError):  # a snapshot is an optimisation
                 await self._save_snapshot(st)
         return st
+
+    @staticmethod
+    def _matches(st: NsState, tail: list[Observation]) -> bool:
+        """Whether the store's entry at ``st.seq`` (the first of ``tail``) is the one folded."""
+        if not tail or tail[0].seq != st.seq:
+            return False
+        return st.last_route_id is None or tail[0].route_id == st.last_route_id
+
+    def _log_backwards(self, st: NsState, tail: list[Observation], length: int) -> None:
+        self.metrics.rebuilds.inc()
+        got = tail[0].route_id if tail and tail[0].seq == st.seq else None
+        log.error(
+            "namespace %s: the store's log does not hold what this replica folded (folded up "
+            "to seq %d%s, entry %s; the log now has %d entries, entry there %s): the log went "
+            "backwards (a store restored from an older copy, a failover to a lagging replica) "
+            "or a snapshot is ahead of it; rebuilding from the store's log, no snapshot written "
+            "from the old state",
+            st.meta.name,
+            st.seq,
+            f" (snapshot at {st.snapshot_seq})" if st.snapshot_seq else "",
+            st.last_route_id,
+            length,
+            got,
+        )
+
+    async def _fold_async(self, st: NsState, tail: list[Observation]) -> None:
+        """:meth:`_fold`, in a worker thread on a copy for a long tail (swapped in after), so
+        the event loop keeps serving while a long log is rebuilt."""
+        if len(tail) <= FOLD_INLINE:
+            self._fold(st, tail)
+            return
+        work = copy.copy(st)
+        work.policy = copy.deepcopy(st.policy)
+        work.normalizer = copy.deepcopy(st.normalizer)
+        work.obs_counts = st.obs_counts.copy()
+        await asyncio.to_thread(self._fold, work, tail)
+        st.policy, st.normalizer, st.obs_counts = work.policy, work.normalizer, work.obs_counts
+        st.seq, st.last_route_id = work.seq, work.last_route_id
 
     def _posterior_gauges(self, st: NsState) -> tuple[list[float], list[float]] | None:
         """Per RM: norm of the posterior mean and sqrt(mean diagonal of the covariance); also
@@ -566,15 +705,27 @@ class GatewayService:
         arrays = dict(st.policy.posteriors.to_arrays())  # type: ignore[attr-defined]
         arrays["obs_counts"] = st.obs_counts.copy()
         norm = st.normalizer.state() if st.normalizer is not None else None
-        head = json.dumps({"seq": st.seq, "normalizer": norm}).encode()
+        head = json.dumps(
+            {"seq": st.seq, "normalizer": norm, "last_route_id": st.last_route_id}
+        ).encode()
         arrays["head"] = np.frombuffer(head, dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        await self.store.put_snapshot(st.meta.name, st.meta.gen, st.seq, buf.getvalue())
+        # The store writes it only if its log still holds this entry at seq: a snapshot is
+        # never ahead of the log it came from (the log may have gone backwards since the read).
+        last_uid = st.last_route_id.rsplit(":", 1)[-1] if st.last_route_id else None
+        stored = await self.store.put_snapshot(
+            st.meta.name, st.meta.gen, st.seq, buf.getvalue(), last_uid=last_uid
+        )
         st.snapshot_seq = st.seq
+        keep = self.settings.log_keep
+        if stored and keep is not None and st.seq > keep:
+            await self.store.trim_log(st.meta.name, st.meta.gen, st.seq - keep)
 
-    async def _load_snapshot(self, st: NsState) -> None:
-        if not self.settings.snapshot_every or not self._snapshottable(st):
+    async def _load_snapshot(self, st: NsState, *, always: bool = False) -> None:
+        """The store's snapshot into ``st``; ``always``: even with ``snapshot_every: 0`` (a
+        rebuild behind a trimmed log head needs it)."""
+        if not (self.settings.snapshot_every or always) or not self._snapshottable(st):
             return
         got = await self.store.get_snapshot(st.meta.name, st.meta.gen)
         if got is None:
@@ -599,6 +750,7 @@ class GatewayService:
             return
         st.obs_counts = counts.astype(np.int64)
         st.seq = st.snapshot_seq = int(head["seq"])
+        st.last_route_id = head.get("last_route_id")
 
     def _fold(self, st: NsState, tail: list[Observation]) -> None:
         """Fold observations (in sequence order) into the normaliser and the policy."""
@@ -620,13 +772,16 @@ class GatewayService:
         values, weight = st.link.map(rewards)
         arms = np.array([o.arm for o in tail], dtype=np.int64)
         h = np.stack([o.h for o in tail])
-        if st.forgetting:
-            for i in range(len(tail)):  # forgetting discounts per update call: keep it per item
+        if st.forgetting or not self._snapshottable(st):
+            # Forgetting discounts per update call, and laser's update depends on how a batch
+            # is split: per item, so the state never depends on how the log was read.
+            for i in range(len(tail)):
                 st.policy.update(h[i : i + 1], arms[i : i + 1], values[i : i + 1], weight)
         else:
             st.policy.update(h, arms, values, weight)
         st.obs_counts += np.bincount(arms, minlength=self.n_rms)
         st.seq = tail[-1].seq
+        st.last_route_id = tail[-1].route_id
 
     # ---- namespaces (HTTP: /v1/namespaces) ----------------------------------------------------
 
@@ -634,7 +789,9 @@ class GatewayService:
         self._check_ns(ns)
         config = self._full_config(req)
         self._policy_from(ns, config)  # validate before anything is stored
-        meta, created = await self.store.create_namespace(ns, config)
+        meta, created = await self.store.create_namespace(
+            ns, config, limit=self.settings.max_namespaces
+        )
         if not created and meta.config != config:
             raise NamespaceConflict(
                 f"namespace {ns!r} exists with another config {meta.config}; reset or delete it"
@@ -788,7 +945,7 @@ class GatewayService:
         timing = Timing()
         self._check_sizes(req.pairs)
         # The log refresh (a store read) runs while the pairs are encoded.
-        state_task = asyncio.ensure_future(self._state(req.namespace, create=True))
+        state_task = asyncio.ensure_future(self._state(req.namespace))
         t0 = time.perf_counter()
         try:
             h = await self.contexts(req.pairs)
@@ -941,7 +1098,7 @@ class GatewayService:
             if st is not None:
                 # Applied and durable already; a failed refresh only delays this replica's view.
                 with contextlib.suppress(RewardRouterError):
-                    await self._refresh(st, force=True, create=False)
+                    await self._refresh(st, force=True)
         return FeedbackResponse(
             applied=counts[Outcome.APPLIED],
             duplicate=counts[Outcome.DUPLICATE],
@@ -952,7 +1109,7 @@ class GatewayService:
 
     async def posteriors(self, ns: str, *, full: bool = False) -> PosteriorsResponse:
         self._check_ns(ns)
-        st = await self._state(ns, create=False, force_refresh=True)
+        st = await self._state(ns, force_refresh=True)
         routes = await self.store.route_counts(ns, st.meta.gen)
         summary = self._posterior_gauges(st)
         norms: list[float | None] = [None] * self.n_rms

@@ -124,12 +124,27 @@ class GatewaySettings(BaseSettings):
     # Redis reconnect: a restart of redis-server takes ~1 s; 8 exponential tries cap ~6 s total.
     store_retries: int = Field(default=8, ge=0, le=100)
     store_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    # Without redis_url: the SQLite file of the persistent embedded store (one replica). None =
+    # memory only, lost on every restart (warned about at start-up, in /readyz and a metric).
+    store_path: Path | None = None
+    # "full": each commit fsyncs (an acknowledged feedback survives power loss); "normal":
+    # survives a killed process, the last commits may be lost on power loss (docs/reliability.md).
+    store_synchronous: Literal["full", "normal"] = "full"
 
     route_ttl_s: float = Field(default=86400.0, gt=0, le=30 * 86400)
     refresh_interval_ms: float = Field(default=0.0, ge=0, le=600_000)
     # Every this many observations a replica stores its folded state, so a restart reads the
     # snapshot plus the log after it, not the whole log (0 = never).
     snapshot_every: int = Field(default=1000, ge=0)
+    # Most log entries one store read returns: a long log is read (and folded) in chunks.
+    log_read_chunk: int = Field(default=4096, ge=1, le=1_000_000)
+    # Log compaction: after writing a snapshot at seq s, the replica trims the log's entries
+    # seq <= s - log_keep (kept: replicas up to log_keep behind catch up from the log, others
+    # reload the snapshot). None = never trim (the whole log stays, for audits and rebuilds).
+    log_keep: int | None = Field(default=None, ge=0)
+    # Namespaces the store may hold (POST /v1/namespaces past it: 409); each costs memory in
+    # every replica (142-413 KiB at dim 64) and keys in Redis.
+    max_namespaces: int = Field(default=1000, ge=1, le=1_000_000)
 
     api_keys: list[SecretStr] = Field(default_factory=list)
     admin_key: SecretStr | None = None
@@ -141,12 +156,24 @@ class GatewaySettings(BaseSettings):
     allow_unauthenticated: bool = False
 
     policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
+    # Created with the policy defaults at start-up when missing, for clients that cannot create
+    # one (OpenRLHF's /get_reward, quick tries). /v1/route never creates a namespace.
+    startup_namespaces: list[str] = Field(default_factory=lambda: ["default", "openrlhf"])
     seed: int | None = None
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_pairs: int = Field(default=1024, ge=1, le=100_000)
     max_text_chars: int = Field(default=200_000, ge=1)
     max_feedback: int = Field(default=10_000, ge=1)
+    # Overload (docs/reliability.md#overload): requests served at once; one more is answered
+    # 503 + Retry-After at once instead of queueing (health probes and /metrics not counted).
+    max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    # Slow clients: the request line + headers, then the body, must arrive within these, else
+    # the connection is closed (headers) or answered 408 (body). Abandoned requests (client
+    # disconnected) are cancelled, their RM calls with them.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     health_interval_s: float = Field(default=2.0, gt=0, le=3600)
     failure_threshold: int = Field(default=3, ge=1, le=1000)
@@ -163,6 +190,14 @@ class GatewaySettings(BaseSettings):
                 "router_path, or use 'bayesian-no-offline' to route on the intercept alone"
             )
         return self
+
+    @field_validator("startup_namespaces")
+    @classmethod
+    def _namespace_names(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if not NAMESPACE_RE.match(n):
+                raise ValueError(f"{n!r} must match {NAMESPACE_RE.pattern}")
+        return names
 
     @model_validator(mode="after")
     def _safe_by_default(self) -> GatewaySettings:

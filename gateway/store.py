@@ -1,8 +1,10 @@
 """The gateway's state store: namespaces, route records and the observation log.
 
-Two backends with one contract (one test suite runs against both):
+Three backends with one contract (one test suite runs against all three):
 
-* :class:`EmbeddedStore` — in process, for a single replica (no ``REDIS_URL``);
+* :class:`EmbeddedStore` — in process and memory only, for tests and throw-away runs;
+* :class:`gateway.store_sqlite.SqliteStore` — one SQLite file, for a single replica that must
+  survive a restart (``store_path``);
 * :class:`gateway.store_redis.RedisStore` — shared by any number of replicas.
 
 The contract:
@@ -15,7 +17,14 @@ The contract:
   feedback is applied exactly once; a repeat is ``DUPLICATE``; a missing, expired, malformed or
   old-generation id is ``UNKNOWN``;
 * the log is append-only; an observation's sequence number is its 1-based position, so a replica
-  that folded ``seq <= k`` reads only the tail ``seq > k``.
+  that folded ``seq <= k`` reads only the tail ``seq > k`` (at most ``limit`` of it per call:
+  chunked reads), and learns the log's length with it: a length below ``k`` means the log went
+  backwards (a store restored from an older copy);
+* :meth:`Store.trim_log` drops the entries ``seq <= upto`` from the log's head (compaction,
+  after a snapshot at or past ``upto``); sequence numbers do not change, a read from before the
+  trimmed head starts at its first entry left;
+* at most ``limit`` namespaces exist when ``create_namespace`` is given one
+  (:class:`NamespaceLimit` past it), checked in the same atomic step as the creation.
 
 Raw rewards go into the log, not normalised ones: every replica folds the log in sequence order
 through the same deterministic normaliser, so all replicas (and a restarted one) reach the same
@@ -28,7 +37,7 @@ the store and a per-item script round trip for it, for no gain.
 ...     meta, _ = await st.create_namespace("run", {"policy": "bayesian"})
 ...     rid = (await st.put_routes("run", meta.gen, [(0, np.ones(2))], ttl_s=60))[0]
 ...     first = await st.apply_feedback([(rid, 0.5), (rid, 0.5), ("nope", 1.0)])
-...     _, log = await st.read_tail("run", meta.gen, 0)
+...     _, log, _ = await st.read_tail("run", meta.gen, 0)
 ...     return [o.outcome.value for o in first], [(o.seq, o.arm, o.reward) for o in log]
 >>> asyncio.run(demo())
 (['applied', 'duplicate', 'unknown'], [(1, 0, 0.5)])
@@ -55,8 +64,18 @@ _REC_HEAD = struct.Struct("<HH")  # arm, D
 _REWARD = struct.Struct("<d")
 
 
+MEMORY_ONLY = (
+    "state is memory-only (embedded store without store_path): every namespace, posterior and "
+    "route id is lost when this gateway stops; set store_path (SQLite file) or REDIS_URL"
+)
+
+
 class StoreUnavailable(RewardRouterError):
     """The store could not be reached (after the configured retries); maps to HTTP 503."""
+
+
+class NamespaceLimit(RewardRouterError):
+    """The store holds ``max_namespaces`` namespaces already (HTTP 409)."""
 
 
 class Outcome(enum.Enum):
@@ -129,6 +148,18 @@ def encode_record(arm: int, h: np.ndarray, uid: str) -> bytes:
     return _REC_HEAD.pack(arm, h64.size) + h64.tobytes() + uid.encode()
 
 
+def count_deltas(
+    records: Sequence[tuple[int, np.ndarray]], uncount: Sequence[int]
+) -> dict[int, int]:
+    """Per RM: routes written minus the rewritten records' old RMs (``put_routes``' counters)."""
+    counts: dict[int, int] = {}
+    for arm, _ in records:
+        counts[arm] = counts.get(arm, 0) + 1
+    for arm in uncount:
+        counts[arm] = counts.get(arm, 0) - 1
+    return {arm: c for arm, c in counts.items() if c}
+
+
 def encode_reward(reward: float) -> bytes:
     return _REWARD.pack(float(reward))
 
@@ -148,11 +179,19 @@ class Store(Protocol):
 
     async def ping(self) -> None: ...
 
+    async def durability_warning(self) -> str | None:
+        """Why acknowledged state could be lost on a restart (memory only, Redis without AOF),
+        or None when every acknowledged write is on disk."""
+        ...
+
     async def get_namespace(self, ns: str) -> NamespaceMeta | None: ...
 
     async def create_namespace(
-        self, ns: str, config: dict[str, Any]
-    ) -> tuple[NamespaceMeta, bool]: ...
+        self, ns: str, config: dict[str, Any], *, limit: int | None = None
+    ) -> tuple[NamespaceMeta, bool]:
+        """Create ``ns`` unless it exists (then its meta and False); raises
+        :class:`NamespaceLimit` when ``limit`` namespaces exist already."""
+        ...
 
     async def reset_namespace(self, ns: str) -> NamespaceMeta | None: ...
 
@@ -177,17 +216,28 @@ class Store(Protocol):
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]: ...
 
     async def read_tail(
-        self, ns: str, gen: str, after_seq: int
-    ) -> tuple[NamespaceMeta | None, list[Observation]]: ...
+        self, ns: str, gen: str, after_seq: int, limit: int | None = None
+    ) -> tuple[NamespaceMeta | None, list[Observation], int]:
+        """The namespace's meta, the observations ``after_seq < seq <= after_seq + limit`` of
+        generation ``gen`` and the log's length, read at one instant (no log: ``[]``, 0)."""
+        ...
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]: ...
+
+    async def trim_log(self, ns: str, gen: str, upto: int) -> int:
+        """Drop the log's entries ``seq <= upto`` (never past its end); the new head's base."""
+        ...
 
     async def get_snapshot(self, ns: str, gen: str) -> tuple[int, bytes] | None:
         """The newest snapshot ``(seq, blob)`` of a namespace generation, if any."""
         ...
 
-    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
-        """Store a snapshot unless one at ``seq`` or later is there already."""
+    async def put_snapshot(
+        self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
+    ) -> bool:
+        """Store a snapshot unless one at ``seq`` or later is there already, or (with
+        ``last_uid``) the log's entry at ``seq`` is missing or is not that route's: a snapshot
+        is never written ahead of the log (one that went backwards since it was read)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -197,12 +247,14 @@ class Store(Protocol):
 class _EmbeddedNs:
     meta: NamespaceMeta
     log: list[bytes] = field(default_factory=list)
+    base: int = 0  # entries trimmed off the head: log[i] has seq base + i + 1
     routes: dict[int, int] = field(default_factory=dict)
     snapshot: tuple[int, bytes] | None = None
 
 
 class EmbeddedStore:
-    """The in-process store: same contract as Redis, one replica, state lost with the process.
+    """The in-memory store: same contract as Redis, one replica, state lost with the process
+    (the gateway says so loudly: a log line at start-up, ``/readyz``'s body, a metric).
 
     Every method runs to completion without awaiting, so on one event loop each is atomic,
     just as the Redis scripts are.
@@ -218,14 +270,21 @@ class EmbeddedStore:
     async def ping(self) -> None:
         return None
 
+    async def durability_warning(self) -> str | None:
+        return MEMORY_ONLY
+
     async def get_namespace(self, ns: str) -> NamespaceMeta | None:
         st = self._ns.get(ns)
         return st.meta if st else None
 
-    async def create_namespace(self, ns: str, config: dict[str, Any]) -> tuple[NamespaceMeta, bool]:
+    async def create_namespace(
+        self, ns: str, config: dict[str, Any], *, limit: int | None = None
+    ) -> tuple[NamespaceMeta, bool]:
         st = self._ns.get(ns)
         if st is not None:
             return st.meta, False
+        if limit is not None and len(self._ns) >= limit:
+            raise NamespaceLimit(f"{len(self._ns)} namespaces exist (max_namespaces {limit})")
         meta = NamespaceMeta(ns, new_gen(), dict(config), self._clock())
         self._ns[ns] = _EmbeddedNs(meta)
         return meta, True
@@ -298,19 +357,32 @@ class EmbeddedStore:
             st.log.append(encode_reward(reward) + got[1])
             self._routes[key] = (got[0], APPLIED)
             (arm, _) = _REC_HEAD.unpack_from(got[1], 0)
-            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, len(st.log), arm))
+            out.append(FeedbackResult(Outcome.APPLIED, rid.ns, st.base + len(st.log), arm))
         return out
 
     async def read_tail(
-        self, ns: str, gen: str, after_seq: int
-    ) -> tuple[NamespaceMeta | None, list[Observation]]:
+        self, ns: str, gen: str, after_seq: int, limit: int | None = None
+    ) -> tuple[NamespaceMeta | None, list[Observation], int]:
         st = self._ns.get(ns)
         if st is None:
-            return None, []
+            return None, [], 0
         if st.meta.gen != gen:
-            return st.meta, []
-        tail = st.log[after_seq:]
-        return st.meta, [decode_entry(after_seq + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+            return st.meta, [], 0
+        start = max(after_seq, st.base)
+        end = None if limit is None else start + limit
+        tail = st.log[start - st.base : None if end is None else end - st.base]
+        obs = [decode_entry(start + i + 1, e, ns, gen) for i, e in enumerate(tail)]
+        return st.meta, obs, st.base + len(st.log)
+
+    async def trim_log(self, ns: str, gen: str, upto: int) -> int:
+        st = self._ns.get(ns)
+        if st is None or st.meta.gen != gen:
+            return 0
+        upto = min(upto, st.base + len(st.log))
+        if upto > st.base:
+            del st.log[: upto - st.base]
+            st.base = upto
+        return st.base
 
     async def route_counts(self, ns: str, gen: str) -> dict[int, int]:
         st = self._ns.get(ns)
@@ -324,9 +396,16 @@ class EmbeddedStore:
             return None
         return st.snapshot
 
-    async def put_snapshot(self, ns: str, gen: str, seq: int, blob: bytes) -> bool:
+    async def put_snapshot(
+        self, ns: str, gen: str, seq: int, blob: bytes, *, last_uid: str | None = None
+    ) -> bool:
         st = self._ns.get(ns)
         if st is None or st.meta.gen != gen or (st.snapshot and st.snapshot[0] >= seq):
+            return False
+        if last_uid is not None and not (
+            st.base < seq <= st.base + len(st.log)
+            and st.log[seq - 1 - st.base].endswith(last_uid.encode())
+        ):
             return False
         st.snapshot = (seq, blob)
         return True

@@ -181,6 +181,10 @@ def load_cluster(path: str | Path) -> Cluster:
         )
 
     log_dir = Path(str(data.get("log_dir", "logs/cluster")))
+    if not settings.redis_url and settings.store_path is None:
+        # One replica without Redis: a SQLite file next to the logs, so a restart of `up`
+        # keeps every namespace and posterior (docs/reliability.md, durability).
+        merged["store_path"] = str((log_dir / "gateway-state.db").resolve())
     py = sys.executable
     children = []
     for cfg, name, url, _ in members:

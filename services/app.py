@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from reward_router import http as shared_http
 from reward_router.data import Message
 from services.backends import Backend, Compared, PairInput, Scored, ScoreInput, make_backend
-from services.batching import MicroBatcher
+from services.batching import MicroBatcher, QueueFull
 from services.errors import (
     BatchTooLarge,
     BodyTooLarge,
@@ -39,6 +39,7 @@ from services.errors import (
     InvalidInput,
     ModelError,
     NotReady,
+    Overloaded,
     RequestTimeout,
     ServiceError,
     Unauthorized,
@@ -98,6 +99,7 @@ class ServiceState:
             enabled=s.microbatch,
             on_batch=on_batch,
             on_queue=lambda n: m.queue.labels(s.name).set(n),
+            max_queued=s.max_queued_items,
         )
 
     async def load(self) -> None:
@@ -228,6 +230,8 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
         if st is not None:
             st.metrics.errors.labels(settings.name, exc.type).inc()
         headers = {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        if isinstance(exc, Overloaded):
+            headers = {"retry-after": str(settings.retry_after_s), "connection": "close"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     def too_large(exc: shared_http.BodyTooLarge) -> JSONResponse:  # max_body_bytes
@@ -286,6 +290,9 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
             response = await call_next(request)
             status = response.status_code
             return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's "client closed request"), not a 500
+            raise
         finally:
             route = request.scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
@@ -304,6 +311,11 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 return await batcher.submit(items)
+        except QueueFull as exc:
+            raise Overloaded(
+                f"rm {settings.name!r} is overloaded: {exc} (max_queued_items "
+                f"{settings.max_queued_items}); retry after {settings.retry_after_s} s"
+            ) from None
         except TimeoutError as exc:
             raise RequestTimeout(
                 f"rm {settings.name!r} did not answer within {settings.request_timeout_s}s"
@@ -415,4 +427,29 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
             generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
 
+    def refused(exc: StarletteHTTPException) -> JSONResponse:  # 503 overloaded, 408 body timeout
+        if isinstance(exc, shared_http.Overloaded):
+            return error_response(Overloaded(str(exc.detail)))
+        body = {"type": "body_timeout", "message": str(exc.detail), "field": "body"}
+        return JSONResponse(
+            {"error": {**body, "rm": settings.name}},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    def cancelled() -> None:
+        st = getattr(app.state, "rm", None)
+        if st is not None:
+            st.metrics.cancelled.labels(settings.name).inc()
+
+    # Added last, so it is the outermost layer: an overloaded service refuses before reading.
+    app.add_middleware(
+        shared_http.RequestGuard,
+        max_in_flight=settings.max_in_flight,
+        retry_after_s=settings.retry_after_s,
+        body_timeout_s=settings.body_timeout_s,
+        refuse=refused,
+        exempt=UNMETERED,
+        on_cancel=cancelled,
+    )
     return app

@@ -35,6 +35,10 @@ class _Job(Generic[T, R]):
     results: list[R] = field(default_factory=list)
 
 
+class QueueFull(Exception):
+    """``max_queued`` items are waiting already (the service answers 503 + Retry-After)."""
+
+
 class MicroBatcher(Generic[T, R]):
     """Gather concurrent submissions into forward passes of at most ``max_batch`` items."""
 
@@ -48,6 +52,7 @@ class MicroBatcher(Generic[T, R]):
         enabled: bool = True,
         on_batch: Callable[[int, float], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
+        max_queued: int | None = None,
     ) -> None:
         self._fn = fn
         self.max_batch = max_batch
@@ -56,8 +61,12 @@ class MicroBatcher(Generic[T, R]):
         self._executor = executor
         self._on_batch = on_batch
         self._on_queue = on_queue
+        self.max_queued = max_queued
         self._queue: asyncio.Queue[_Job[T, R]] = asyncio.Queue()
         self._queued_items = 0
+        # Items submitted and not yet in a forward pass (queued, or held while the worker
+        # gathers a batch); max_queued bounds this.
+        self._waiting = 0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -79,9 +88,15 @@ class MicroBatcher(Generic[T, R]):
         """Queue ``items`` for the next forward pass; their results, in order."""
         if self._task is None or self._task.done():
             raise RuntimeError("micro-batcher is not running")
+        # Bounded: past max_queued waiting items a request is refused, never queued (an empty
+        # queue takes any one request, so a single large one is never refused forever).
+        limit, waiting = self.max_queued, self._waiting
+        if limit is not None and waiting and waiting + len(items) > limit:
+            raise QueueFull(f"{waiting} items wait for a forward pass already")
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(items, future))
         self._queued(len(items))
+        self._waiting += len(items)
         return await future
 
     def _queued(self, delta: int) -> None:
@@ -104,6 +119,8 @@ class MicroBatcher(Generic[T, R]):
             if not job.future.done():
                 jobs.append(job)
                 held += len(job.items)
+            else:
+                self._waiting -= len(job.items)
         if not self.enabled:
             return jobs
         loop = asyncio.get_running_loop()
@@ -126,12 +143,19 @@ class MicroBatcher(Generic[T, R]):
             if not job.future.done():
                 jobs.append(job)
                 held += len(job.items)
+            else:
+                self._waiting -= len(job.items)
         return jobs
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._gather()
+            gathered = await self._gather()
+            # Gone while the batch was being gathered (the client disconnected): not run.
+            jobs = [job for job in gathered if not job.future.done()]
+            self._waiting -= sum(len(job.items) for job in gathered)
+            if not jobs:
+                continue
             flat = [item for job in jobs for item in job.items]
             try:
                 results: list[R] = []

@@ -33,6 +33,7 @@ def serve(
     """Serve one reward model over HTTP (/v1/score, /v1/compare, /v1/info, /metrics)."""
     import uvicorn
 
+    from reward_router.http import header_timeout_protocol
     from services.app import create_app
     from services.settings import load_settings
 
@@ -47,6 +48,7 @@ def serve(
         log_level=log_level,
         # Keep-alive longer than a client's pool idle time avoids resets on reused sockets.
         timeout_keep_alive=30,
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
 
 

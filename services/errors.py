@@ -72,6 +72,13 @@ class NotReady(ServiceError):
     type = "not_ready"
 
 
+class Overloaded(ServiceError):
+    """503 + Retry-After: ``max_in_flight`` requests or ``max_queued_items`` queued already."""
+
+    status = 503
+    type = "overloaded"
+
+
 class RequestTimeout(ServiceError):
     status = 504
     type = "timeout"

@@ -81,6 +81,12 @@ class ServiceMetrics:
         self.queue = Gauge(
             "reward_router_rm_queue_items", "Items waiting for a forward pass", ["rm"], registry=r
         )
+        self.cancelled = Counter(
+            "reward_router_rm_cancelled",
+            "Requests whose client went away before the answer; their queued items were dropped",
+            ["rm"],
+            registry=r,
+        )
         self.ready = Gauge(
             "reward_router_rm_ready", "1 once the model is loaded", ["rm"], registry=r
         )

@@ -61,6 +61,16 @@ class ServiceSettings(BaseSettings):
     microbatch: bool = True
     # A request still unanswered after this is failed with a 504, never left hanging.
     request_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    # Overload (docs/reliability.md#overload): requests served at once, and items (score) or
+    # pairs (compare) waiting for a forward pass; past either a request is answered 503 +
+    # Retry-After at once, so memory stays bounded (an unbounded queue of 400 x 1,024-pair
+    # compares took this process to 844 MiB RSS).
+    max_in_flight: int = Field(default=64, ge=1, le=100_000)
+    max_queued_items: int = Field(default=4096, ge=1, le=10_000_000)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    # Slow clients: headers, then the body, must arrive within these (closed / 408).
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     # Two scores at most this far apart are a tie.
     tie_epsilon: float = Field(default=0.0, ge=0.0)
     torch_threads: int | None = Field(default=None, ge=1, le=1024)

@@ -124,6 +124,12 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return h
 
 
+def _ns_body(config: NamespaceConfig | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    return NamespaceConfig.model_validate(config).model_dump(exclude_none=True)
+
+
 def _route_body(pairs: Sequence[PairLike], namespace: str) -> dict[str, Any]:
     try:
         # Validated as one request so a bad field is named as the gateway names it.
@@ -294,14 +300,14 @@ class GatewayClient(_Base):
     def create_namespace(
         self, namespace: str, config: NamespaceConfig | Mapping[str, Any] | None = None
     ) -> NamespaceInfo:
-        """Create a namespace with its own policy; idempotent for the same config (409 else)."""
-        body = (
-            None
-            if config is None
-            else NamespaceConfig.model_validate(config).model_dump(exclude_none=True)
-        )
+        """Create a namespace with its own policy; idempotent for the same config (409 else).
+        ``route`` never creates one: call this once at the start of a run."""
         return self._send(
-            "POST", f"/v1/namespaces/{namespace}", NamespaceInfo, "idempotent", json=body
+            "POST",
+            f"/v1/namespaces/{namespace}",
+            NamespaceInfo,
+            "idempotent",
+            json=_ns_body(config),
         )
 
     def info(self) -> dict[str, Any]:
@@ -379,6 +385,18 @@ class AsyncGatewayClient(_Base):
         params = {"namespace": namespace, "detail": detail}
         return await self._send(
             "GET", "/v1/posteriors", PosteriorsResponse, "idempotent", params=params
+        )
+
+    async def create_namespace(
+        self, namespace: str, config: NamespaceConfig | Mapping[str, Any] | None = None
+    ) -> NamespaceInfo:
+        """See :meth:`GatewayClient.create_namespace`."""
+        return await self._send(
+            "POST",
+            f"/v1/namespaces/{namespace}",
+            NamespaceInfo,
+            "idempotent",
+            json=_ns_body(config),
         )
 
     async def info(self) -> dict[str, Any]:

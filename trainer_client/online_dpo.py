@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from reward_router.errors import ConfigError, RewardRouterError
 from trainer_client.client import GatewayClient, RetryPolicy, Timeouts
-from trainer_client.errors import GatewayError
+from trainer_client.errors import GatewayError, NamespaceConflict, NamespaceNotFound
 from trainer_client.prompts import PromptItem, resolve_prompts
 
 T = TypeVar("T")
@@ -163,6 +163,9 @@ class RunTotals:
     # Answered "duplicate": resent items (pending from a stalled run, or a retry whose first
     # answer was lost) that an earlier try had applied. applied + duplicate = delivered.
     feedback_duplicate: int = 0
+    # Answered "unknown": the gateway no longer knows the route id (its store lost it, the
+    # record expired, or the namespace was reset). Counted, warned about, in the summary.
+    feedback_unknown: int = 0
     rm_counts: dict[str, int] = field(default_factory=dict)
 
     def shares(self) -> dict[str, float]:
@@ -309,7 +312,44 @@ class OnlineDPOTrainer:
             self.say(f"resumed {self.out} at step {self.step} (namespace {self.namespace})")
         if not self.namespace:
             self.namespace = f"dpo-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.seed}"
+        try:
+            # A resumed run that never routed (it stalled here) creates its namespace anew.
+            self._ensure_namespace(resumed=state is not None and self.totals.routed > 0)
+        except GatewayStalled:
+            self.save()  # so --resume continues from here
+            raise
         self._flush_pending()
+
+    def _ensure_namespace(self, *, resumed: bool) -> None:
+        """A new run creates its namespace (the gateway's policy defaults; an existing one of
+        that name is joined as it is); a resumed run needs the one it learned in, and stops if
+        the gateway lost it rather than carry on with a namespace re-created from defaults."""
+        cfg = self.cfg
+
+        def call(fn: Callable[[], T], what: str) -> T:
+            out, _ = with_patience(
+                fn, what, url=cfg.gateway, patience_s=cfg.gateway_patience_s, say=self.say
+            )
+            return out
+
+        if resumed:
+            try:
+                call(lambda: self.client.posteriors(self.namespace), "namespace")
+            except NamespaceNotFound:
+                raise ConfigError(
+                    "namespace",
+                    f"{self.namespace!r}, the namespace this run learned in, is gone from the "
+                    f"gateway {cfg.gateway} (deleted, or its store lost it): resuming would "
+                    "route with a fresh prior; start a new run (new --out) or re-create it",
+                ) from None
+            return
+        try:
+            info = call(lambda: self.client.create_namespace(self.namespace), "namespace")
+        except NamespaceConflict:
+            self.say(f"namespace {self.namespace} exists with its own policy: joining it")
+            return
+        if not info.created:
+            self.say(f"namespace {self.namespace} exists already: joining it")
 
     def _load_optimizer(self, path: Path) -> None:
         import torch
@@ -391,6 +431,13 @@ class OnlineDPOTrainer:
         pending.unlink(missing_ok=True)
         self.totals.feedback_applied += res.applied
         self.totals.feedback_duplicate += res.duplicate
+        self.totals.feedback_unknown += res.unknown
+        if res.unknown:
+            self.say(
+                f"[yellow]feedback: the gateway did not know {res.unknown} of {len(items)} "
+                f"route ids (expired, reset, or its store lost them); "
+                f"{self.totals.feedback_unknown} so far, in the summary[/yellow]"
+            )
         return res.model_dump(), waited
 
     def _flush_pending(self) -> None:
@@ -651,6 +698,7 @@ class OnlineDPOTrainer:
             "ties": self.totals.ties,
             "feedback_applied": self.totals.feedback_applied,
             "feedback_duplicate": self.totals.feedback_duplicate,
+            "feedback_unknown": self.totals.feedback_unknown,
             "routing_share": self.totals.shares(),
             "checkpoint": str(self.out / CHECKPOINT),
         }

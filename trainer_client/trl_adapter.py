@@ -29,13 +29,14 @@ module costs nothing when TRL is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from trainer_client.client import GatewayClient
-from trainer_client.errors import GatewayError
+from trainer_client.errors import GatewayError, NamespaceConflict
 
 log = logging.getLogger("reward_router.trainer")
 
@@ -78,6 +79,17 @@ class _GatewayReward:
         self.reference_column = reference_column
         self.last_routes: list[str | None] = []
         self.last_rms: list[str | None] = []
+        self._has_namespace = False
+
+    def _route(self, payload: list[dict[str, Any]]) -> Any:
+        """Route ``payload``; the first call creates the namespace (the gateway's policy
+        defaults; one that exists is joined as it is). A route never creates one, so a
+        namespace the gateway lost later is an error (404), not a fresh prior."""
+        if not self._has_namespace:
+            with contextlib.suppress(NamespaceConflict):  # exists with its own policy: use it
+                self.client.create_namespace(self.namespace)
+            self._has_namespace = True
+        return self.client.route(payload, namespace=self.namespace)
 
 
 class GatewayPairReward(_GatewayReward):
@@ -117,7 +129,7 @@ class GatewayPairReward(_GatewayReward):
         self.last_routes = [None] * b
         self.last_rms = [None] * b
         if payload:
-            res = self.client.route(payload, namespace=self.namespace)
+            res = self._route(payload)
             for i, r in zip(rows, res.results, strict=True):
                 self.last_routes[i] = r.route_id
                 self.last_rms[i] = r.rm
@@ -160,7 +172,7 @@ class GatewayScalarReward(_GatewayReward):
         scores = [0.5] * len(completions)
         self.last_routes = [None] * len(completions)
         if payload:
-            res = self.client.route(payload, namespace=self.namespace)
+            res = self._route(payload)
             for j, r in zip(rows, res.results, strict=True):
                 scores[j] = 1.0 / (1.0 + math.exp(-(r.score_a - r.score_b)))
                 self.last_routes[j] = r.route_id

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -108,6 +109,9 @@ def test_up_serves_routes_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 
         got = route(gw, pairs(2))["results"]
         assert len(got) == 2 and {r["rm"] for r in got} <= {"length", "verifier"}
+        # One replica without Redis: `up` gives it a SQLite file, so its state is durable.
+        assert httpx.get(gw + "/readyz").json()["durable"] is True
+        assert (tmp_path / "logs" / "gateway-state.db").is_file()
 
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

@@ -110,10 +110,30 @@ def start_gateway(config: Path, env: Mapping[str, str] | None = None) -> Proc:
     )
 
 
-def route(
-    url: str, items: list[dict[str, Any]], ns: str = "default", key: str | None = None
-) -> dict[str, Any]:
+def create_namespace(
+    url: str, ns: str, config: Mapping[str, Any] | None = None, key: str | None = None
+) -> httpx.Response:
+    """POST /v1/namespaces/{ns} (a route never creates one); 200, or 409 for another config."""
     headers = {"authorization": f"Bearer {key}"} if key else {}
+    body = dict(config) if config is not None else None
+    r = httpx.post(f"{url}/v1/namespaces/{ns}", json=body, headers=headers, timeout=60)
+    assert r.status_code in (200, 409), r.text
+    return r
+
+
+def route(
+    url: str,
+    items: list[dict[str, Any]],
+    ns: str = "default",
+    key: str | None = None,
+    *,
+    create: bool = True,
+) -> dict[str, Any]:
+    """Route ``items`` in ``ns``; with ``create`` the namespace is created first (idempotent;
+    one that exists with its own config is used as it is)."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if create:
+        create_namespace(url, ns, key=key)
     r = httpx.post(
         f"{url}/v1/route", json={"namespace": ns, "pairs": items}, headers=headers, timeout=60
     )

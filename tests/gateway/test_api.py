@@ -55,6 +55,7 @@ def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
 
 def test_route_labels_each_pair_by_one_rm(gw: Proc) -> None:
     items = pairs(12)
+    assert _post(gw, "/v1/namespaces/basic").status_code == 200
     r = _post(gw, "/v1/route", {"namespace": "basic", "pairs": items})
     assert r.status_code == 200, r.text
     assert float(r.headers["x-reward-router-overhead-ms"]) >= 0
@@ -133,6 +134,31 @@ def test_reset_and_delete_need_the_admin_key(gw: Proc) -> None:
     assert _error(r, 404)["field"] == "namespace"
 
 
+def test_a_route_never_creates_a_namespace(gw: Proc) -> None:
+    err = _error(_post(gw, "/v1/route", {"namespace": "made-by-hand", "pairs": pairs(1)}), 404)
+    assert err["field"] == "namespace" and "POST /v1/namespaces/made-by-hand" in err["message"]
+    assert "made-by-hand" not in _get_names(gw)
+    # Created with its own policy, routed in, then gone (deleted here; lost with a store in
+    # life): the next route is 404, not the namespace back again with the default policy...
+    assert _post(gw, "/v1/namespaces/made-by-hand", {"policy": "random"}).status_code == 200
+    route(gw.url, pairs(2), ns="made-by-hand", key=KEY, create=False)
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    assert httpx.delete(f"{gw.url}/v1/namespaces/made-by-hand", headers=headers).status_code == 200
+    _error(_post(gw, "/v1/route", {"namespace": "made-by-hand", "pairs": pairs(1)}), 404)
+    assert "made-by-hand" not in _get_names(gw)
+    # ...so creating it again with its own policy works (no 409 against a default-policy twin).
+    again = _post(gw, "/v1/namespaces/made-by-hand", {"policy": "random"})
+    assert again.status_code == 200 and again.json()["created"] is True
+    # The namespaces of startup_namespaces exist without a call (OpenRLHF cannot create one).
+    assert {"default", "openrlhf"} <= set(_get_names(gw))
+
+
+def _get_names(gw: Proc) -> list[str]:
+    r = httpx.get(f"{gw.url}/v1/namespaces", headers={"authorization": f"Bearer {KEY}"})
+    names: list[str] = r.json()["namespaces"]
+    return names
+
+
 @pytest.mark.parametrize("path", ["/v1/namespaces/nope/reset", "/v1/namespaces/nope"])
 def test_admin_calls_on_unknown_namespace_are_404(gw: Proc, path: str) -> None:
     headers = {"authorization": f"Bearer {ADMIN}"}
@@ -151,6 +177,16 @@ def test_auth_on_trainer_endpoints(gw: Proc) -> None:
     assert _post(gw, "/v1/route", body, key=ADMIN).status_code == 200  # admin key works too
     assert httpx.get(f"{gw.url}/healthz").status_code == 200  # probes need no key
     assert httpx.get(f"{gw.url}/readyz").json()["ready"] is True
+
+
+def test_memory_only_state_is_announced(gw: Proc) -> None:
+    # This gateway has neither store_path nor Redis: it works, but says so wherever one looks.
+    ready = httpx.get(f"{gw.url}/readyz").json()
+    assert ready["ready"] is True and ready["durable"] is False
+    assert "memory-only" in ready["warning"] and "store_path" in ready["warning"]
+    assert "NOT DURABLE: state is memory-only" in gw.logs()
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert re.search(r"^reward_router_gateway_store_durable 0\.0$", text, re.M)
 
 
 def _fb(**item: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,33 @@ def test_safe_dict_hides_the_redis_password() -> None:
     )
     assert "s3cret" not in str(s.safe_dict())
     assert s.safe_dict()["redis_url"] == "redis://***@127.0.0.1:6390/0"
+
+
+@pytest.mark.parametrize("which", ["shipped", "no-router"])
+def test_serve_without_its_router_folder_is_one_line_and_exit_2(which: str, tmp_path: Path) -> None:
+    """README's first gateway command, run where its router folder does not exist (the shipped
+    file points at the container's /app/artifacts/router): one line naming the cause, exit 2."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    config = root / "deploy" / "gateway.yaml"
+    if which == "no-router":
+        config = tmp_path / "gw.yaml"
+        config.write_text(
+            f"rms: [{{name: a, url: 'http://127.0.0.1:9'}}]\nrouter_path: {tmp_path / 'missing'}\n"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "REWARD_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    if which == "no-router":
+        assert lines[0].startswith("error: router_path: ") and "not a router artifact" in lines[0]

@@ -1,21 +1,26 @@
-"""One contract, two backends: the embedded store and Redis pass the same tests."""
+"""One contract, three backends: the in-memory store, the SQLite file and Redis pass the same
+tests; the SQLite file also keeps everything across a close and reopen."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gateway.store import EmbeddedStore, Outcome, RouteId, Store
 from gateway.store_redis import RedisStore
+from gateway.store_sqlite import SqliteStore
 
 
-@pytest.fixture(params=["embedded", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+@pytest.fixture(params=["embedded", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "embedded":
         st: Store = EmbeddedStore()
+    elif request.param == "sqlite":
+        st = SqliteStore(tmp_path / "state.db")
     else:
         url = request.getfixturevalue("redis_url")
         st = RedisStore.from_url(url, prefix="t")
@@ -64,17 +69,69 @@ async def test_feedback_applied_once_then_duplicate_and_unknown(store: Store) ->
     assert [r.arm for r in res] == [1, None, None, None, 0]
     again = await store.apply_feedback([(ids[1], 3.0)])
     assert again[0].outcome is Outcome.DUPLICATE
-    meta2, log = await store.read_tail("ns", meta.gen, 0)
-    assert meta2 == meta
+    meta2, log, length = await store.read_tail("ns", meta.gen, 0)
+    assert meta2 == meta and length == 2
     assert [(o.seq, o.arm, o.reward, o.route_id) for o in log] == [
         (1, 1, -0.25, ids[0]),
         (2, 0, 2.5, ids[1]),
     ]
     np.testing.assert_array_equal(log[0].h, _h(0))
     np.testing.assert_array_equal(log[1].h, _h(1))
-    _, tail = await store.read_tail("ns", meta.gen, 1)
+    _, tail, _ = await store.read_tail("ns", meta.gen, 1)
     assert [o.seq for o in tail] == [2]
     assert await store.route_counts("ns", meta.gen) == {1: 1, 0: 1}
+
+
+async def test_chunked_reads_and_the_log_length(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(i % 2, _h(i)) for i in range(5)], ttl_s=60)
+    await store.apply_feedback([(rid, float(i)) for i, rid in enumerate(ids)])
+    chunks = []
+    seq = 0
+    while True:
+        _, part, length = await store.read_tail("ns", meta.gen, seq, limit=2)
+        assert length == 5
+        if not part:
+            break
+        chunks.append([o.seq for o in part])
+        seq = part[-1].seq
+    assert chunks == [[1, 2], [3, 4], [5]]
+    # A reader ahead of the log (it folded more than the store holds now) sees the length.
+    assert (await store.read_tail("ns", meta.gen, 9))[1:] == ([], 5)
+    assert (await store.read_tail("absent", meta.gen, 0)) == (None, [], 0)
+
+
+async def test_trimmed_log_keeps_its_sequence_numbers(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(0, _h(i)) for i in range(6)], ttl_s=60)
+    await store.apply_feedback([(rid, float(i)) for i, rid in enumerate(ids[:4])])
+    assert await store.trim_log("ns", meta.gen, 3) == 3
+    assert await store.trim_log("ns", meta.gen, 2) == 3  # never backwards
+    _, log, length = await store.read_tail("ns", meta.gen, 0)
+    assert [o.seq for o in log] == [4] and log[0].reward == 3.0 and length == 4
+    res = await store.apply_feedback([(ids[4], 4.0), (ids[0], 9.0)])
+    assert [(r.outcome, r.seq) for r in res] == [(Outcome.APPLIED, 5), (Outcome.DUPLICATE, None)]
+    _, log, length = await store.read_tail("ns", meta.gen, 4, limit=5)
+    assert [o.seq for o in log] == [5] and length == 5
+    uid3 = ids[3].split(":")[2]
+    assert not await store.put_snapshot("ns", meta.gen, 2, b"gone", last_uid=ids[1].split(":")[2])
+    assert await store.put_snapshot("ns", meta.gen, 4, b"s4", last_uid=uid3)
+    assert await store.trim_log("ns", meta.gen, 99) == 5  # at most to the end
+    assert (await store.read_tail("ns", meta.gen, 0))[1:] == ([], 5)
+
+
+async def test_namespace_limit_is_checked_with_the_creation(store: Store) -> None:
+    from gateway.store import NamespaceLimit
+
+    await store.create_namespace("a", {}, limit=2)
+    await store.create_namespace("b", {}, limit=2)
+    _, created = await store.create_namespace("a", {}, limit=2)  # existing: no new one
+    assert not created
+    with pytest.raises(NamespaceLimit, match="2 namespaces"):
+        await store.create_namespace("c", {}, limit=2)
+    assert await store.list_namespaces() == ["a", "b"]
+    await store.delete_namespace("b")
+    assert (await store.create_namespace("c", {}, limit=2))[1]
 
 
 async def test_expired_route_is_unknown(store: Store) -> None:
@@ -92,7 +149,7 @@ async def test_reset_orphans_old_routes_and_log(store: Store) -> None:
     new = await store.reset_namespace("ns")
     assert new is not None and new.gen != meta.gen and new.config == {"p": 1}
     assert (await store.apply_feedback([(old[1], 1.0)]))[0].outcome is Outcome.UNKNOWN
-    got, log = await store.read_tail("ns", meta.gen, 0)
+    got, log, _ = await store.read_tail("ns", meta.gen, 0)
     assert got == new and log == []  # the caller sees the new gen and rebuilds
     assert (await store.read_tail("ns", new.gen, 0))[1] == []
     assert await store.reset_namespace("absent") is None
@@ -118,7 +175,7 @@ async def test_concurrent_feedback_for_one_route_applies_once(store: Store) -> N
     applied = [r for res in results for r in res if r.outcome is Outcome.APPLIED]
     dups = [r for res in results for r in res if r.outcome is Outcome.DUPLICATE]
     assert len(applied) == 20 and len(dups) == 80
-    _, log = await store.read_tail("ns", meta.gen, 0)
+    _, log, _ = await store.read_tail("ns", meta.gen, 0)
     assert sorted(o.route_id for o in log) == sorted(ids)
     assert [o.seq for o in log] == list(range(1, 21))
 
@@ -131,8 +188,20 @@ async def test_rewrite_keeps_the_id_and_moves_the_count(store: Store) -> None:
     assert again == [ids[1]]
     assert await store.route_counts("ns", meta.gen) == {0: 1, 2: 1}
     await store.apply_feedback([(ids[1], 1.0)])
-    _, log = await store.read_tail("ns", meta.gen, 0)
+    _, log, _ = await store.read_tail("ns", meta.gen, 0)
     assert [o.arm for o in log] == [2]  # the rewritten record is the one applied
+
+
+async def test_a_snapshot_is_never_written_ahead_of_the_log(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    ids = await store.put_routes("ns", meta.gen, [(0, _h(0)), (0, _h(1))], ttl_s=60)
+    await store.apply_feedback([(ids[0], 1.0)])
+    uid0, uid1 = (i.split(":")[2] for i in ids)
+    assert not await store.put_snapshot("ns", meta.gen, 2, b"ahead", last_uid=uid1)  # no seq 2
+    assert not await store.put_snapshot("ns", meta.gen, 1, b"other", last_uid=uid1)  # not seq 1's
+    assert await store.get_snapshot("ns", meta.gen) is None
+    assert await store.put_snapshot("ns", meta.gen, 1, b"ok", last_uid=uid0)
+    assert await store.get_snapshot("ns", meta.gen) == (1, b"ok")
 
 
 async def test_snapshots_only_move_forward(store: Store) -> None:
@@ -143,3 +212,38 @@ async def test_snapshots_only_move_forward(store: Store) -> None:
     assert await store.get_snapshot("ns", meta.gen) == (10, b"\x00ten")
     new = await store.reset_namespace("ns")
     assert new is not None and await store.get_snapshot("ns", new.gen) is None
+
+
+async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    st = SqliteStore(path)
+    meta, _ = await st.create_namespace("ns", {"policy": "random"})
+    ids = await st.put_routes("ns", meta.gen, [(1, _h(0)), (0, _h(1)), (0, _h(2))], ttl_s=60)
+    await st.apply_feedback([(ids[0], 0.5), (ids[1], -1.0)])
+    await st.put_snapshot("ns", meta.gen, 2, b"snap")
+    await st.aclose()
+
+    again = SqliteStore(path)
+    try:
+        assert await again.get_namespace("ns") == meta
+        res = await again.apply_feedback([(ids[0], 9.0), (ids[2], 2.0)])
+        assert [(r.outcome, r.seq) for r in res] == [
+            (Outcome.DUPLICATE, None),
+            (Outcome.APPLIED, 3),
+        ]
+        _, log, _ = await again.read_tail("ns", meta.gen, 0)
+        assert [(o.seq, o.arm, o.reward) for o in log] == [(1, 1, 0.5), (2, 0, -1.0), (3, 0, 2.0)]
+        assert await again.route_counts("ns", meta.gen) == {1: 1, 0: 2}
+        assert await again.get_snapshot("ns", meta.gen) == (2, b"snap")
+        assert await again.durability_warning() is None
+    finally:
+        await again.aclose()
+
+
+async def test_memory_only_stores_say_so(redis_url: str) -> None:
+    assert "memory-only" in (await EmbeddedStore().durability_warning() or "")
+    st = RedisStore.from_url(redis_url, prefix="t")  # the tests' redis runs with AOF on
+    try:
+        assert await st.durability_warning() is None
+    finally:
+        await st.aclose()

@@ -409,6 +409,8 @@ def test_rm_service_scores_huge_strings(stand: Stand) -> None:
 
 BAD_REWARDS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", '"nan"', '"inf"', "1e308"]
 BAD_REWARDS += ["-1e7", str(10**400), "null", '"0.5x"', "[1]", '{"v": 1}']
+# Strings that parse as numbers and booleans: refused too (strict), not coerced.
+BAD_REWARDS += ['"0.5"', '" 7 "', '"1e3"', "true", "false"]
 
 
 def test_nan_and_inf_rewards_are_422_and_change_nothing(stand: Stand) -> None:

@@ -250,6 +250,8 @@ def test_gateway_right_keys_succeed_and_admin_endpoints_refuse_the_trainer_key(
     stack: Stack,
 ) -> None:
     url = stack.gateway.url
+    for ns in ("sec", "sec-rlhf"):  # a route never creates its namespace
+        assert _call(url, "POST", f"/v1/namespaces/{ns}", TRAINER_KEY, {}).status_code == 200
     first = _call(url, "POST", "/v1/route", TRAINER_KEY, {"namespace": "sec", "pairs": [PAIR]})
     assert first.status_code == 200, first.text
     known = _gateway_requests(first.json()["results"][0]["route_id"])
@@ -369,6 +371,7 @@ def test_gateway_sends_the_rm_key_and_treats_a_refusal_as_an_rm_failure(stack: S
     from gateway.rm_client import RMClient, RMUnavailable
 
     # Through the running gateway (configured with the RM's key): answered by that RM.
+    _call(stack.gateway.url, "POST", "/v1/namespaces/k", TRAINER_KEY, {}).raise_for_status()
     resp = _call(
         stack.gateway.url, "POST", "/v1/route", TRAINER_KEY, {"namespace": "k", "pairs": [PAIR]}
     )
@@ -445,6 +448,7 @@ def test_gateway_on_redis_acl_user_keeps_its_state_there(stack: Stack) -> None:
     import redis
 
     url = stack.gateway.url
+    _call(url, "POST", "/v1/namespaces/acl", TRAINER_KEY, {}).raise_for_status()
     resp = _call(url, "POST", "/v1/route", TRAINER_KEY, {"namespace": "acl", "pairs": [PAIR]})
     assert resp.status_code == 200, resp.text
     rid = resp.json()["results"][0]["route_id"]
@@ -454,6 +458,10 @@ def test_gateway_on_redis_acl_user_keeps_its_state_there(stack: Stack) -> None:
     assert fb.json() == {"applied": 1, "duplicate": 0, "unknown": 0}
     post = _call(url, "GET", "/v1/posteriors?namespace=acl", TRAINER_KEY).json()
     assert post["seq"] == 1
+    # This ACL (-@dangerous) refuses INFO, so the gateway cannot check Redis persists: it says so.
+    ready = httpx.get(url + "/readyz", timeout=30).json()
+    assert ready["ready"] is True and ready["durable"] is False
+    assert "cannot tell whether redis persists" in ready["warning"]
     admin = stack.redis_admin
     try:
         assert admin.sismember("rr:namespaces", "acl")

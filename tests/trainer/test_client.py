@@ -44,6 +44,7 @@ def _pairs(n: int, tag: str) -> list[dict[str, str]]:
 def test_route_feedback_posteriors_roundtrip(trainer_gateway: str) -> None:
     ns = "client-sync"
     with GatewayClient(trainer_gateway) as gw:
+        assert gw.create_namespace(ns).namespace == ns  # a route never creates one
         res = gw.route(_pairs(5, "s"), namespace=ns)
         assert [r.id for r in res.results] == [f"s{i}" for i in range(5)]
         assert {r.rm for r in res.results} <= {"length", "verifier"}
@@ -64,6 +65,7 @@ def test_route_feedback_posteriors_roundtrip(trainer_gateway: str) -> None:
 def test_async_client_roundtrip(trainer_gateway: str) -> None:
     async def go() -> tuple[int, int]:
         async with AsyncGatewayClient(trainer_gateway) as gw:
+            await gw.create_namespace("client-async")
             a, b = await asyncio.gather(
                 gw.route(_pairs(3, "x"), namespace="client-async"),
                 gw.route(_pairs(2, "y"), namespace="client-async"),

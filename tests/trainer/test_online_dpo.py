@@ -66,7 +66,9 @@ def test_three_steps_route_train_feedback_and_resume(
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["namespace"] == ns
     assert state["totals"]["routed"] == routed
-    shares = json.loads((out / "summary.json").read_text())["routing_share"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["feedback_unknown"] == 0 and summary["feedback_applied"] == routed
+    shares = summary["routing_share"]
     assert set(shares) <= {"length", "verifier"} and abs(sum(shares.values()) - 1) < 1e-9
 
     # the policy's weights changed from the initial ones
@@ -134,6 +136,7 @@ def test_undelivered_feedback_is_kept_and_sent_on_resume(
 
     ns = "pending-fb"
     with GatewayClient(trainer_gateway) as gw:
+        gw.create_namespace(ns)
         routed = gw.route(
             [{"prompt": "hi", "response_a": "a", "response_b": "bb"}] * 3, namespace=ns
         )
@@ -171,3 +174,26 @@ def test_lora_run_saves_an_adapter_and_resumes(
     second = load_file(str(ckpt / "adapter_model.safetensors"))
     # the adapter kept training after the resume (LoRA B starts at zero, so step 1 moved it)
     assert any(not (second[k] == first[k]).all() for k in first)
+
+
+def test_unknown_feedback_is_counted_and_a_lost_namespace_stops_a_resume(
+    trainer_gateway: str, tmp_path: Path
+) -> None:
+    """Route ids the gateway no longer knows are counted and said; a resumed run whose
+    namespace is gone stops, naming it, instead of learning anew from a fresh prior."""
+    from reward_router.errors import ConfigError
+    from trainer_client.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    said: list[str] = []
+    cfg = OnlineDPOConfig(gateway=trainer_gateway, out_dir=tmp_path, namespace="never-made")
+    tr = OnlineDPOTrainer(cfg, say=said.append)
+    try:
+        out, _ = tr._post_feedback([("never-made:0a0a0a0a:ff", -0.5), ("x:y:z", -0.5)])
+        assert out["unknown"] == 2 and tr.totals.feedback_unknown == 2
+        assert any("did not know 2 of 2 route ids" in m for m in said)
+        with pytest.raises(ConfigError, match=r"never-made.*gone from the gateway"):
+            tr._ensure_namespace(resumed=True)
+        tr._ensure_namespace(resumed=False)  # a new run creates it
+        assert _observations(trainer_gateway, "never-made") == {"length": 0, "verifier": 0}
+    finally:
+        tr.close()

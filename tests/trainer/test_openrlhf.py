@@ -29,6 +29,8 @@ def rlhf_gateway(
 
 
 def _reward(url: str, body: dict[str, Any], ns: str) -> dict[str, Any]:
+    # OpenRLHF cannot create a namespace; its operator does (or lists it in startup_namespaces).
+    httpx.post(f"{url}/v1/namespaces/{ns}", timeout=60).raise_for_status()
     r = httpx.post(f"{url}/get_reward", params={"namespace": ns}, json=body, timeout=60)
     assert r.status_code == 200, r.text
     out: dict[str, Any] = r.json()
