@@ -162,7 +162,7 @@ def test_prior_is_on_the_correctness_scale_with_a_stated_strength() -> None:
     # strength: the intercept counts the rows the accuracy was measured on (capped)
     prec = router.prior_precision
     assert prec is not None and prec.shape == (3, router.dim)
-    np.testing.assert_allclose(prec[:, -1] * fit.sigma2, fit.intercept_obs)
+    np.testing.assert_allclose(prec[:, -1] * np.array(fit.noise), fit.intercept_obs)
     # without held-out rows there is nothing to calibrate on: the raw BT head is the prior
     bare, _ = train_router(x, c, RMS, FAST, valid_fraction=0.0)
     assert bare.prior_fit is None and bare.prior_precision is None

@@ -751,12 +751,13 @@ class Result:
 
 # ---- the scenarios ----------------------------------------------------------------------------
 
-#: Every scenario's namespace config: a wide prior (lambda0 0.1) so the first draws spread over
+#: Every scenario's namespace config: a wide prior (lambda0 0.1) and plain Thompson draws from
+#: the first pair (no plausibility gate, no exploration ramp) so the first draws spread over
 #: the three RMs, and a short normaliser warm-up so short runs already normalise by rank (which
 #: makes the posterior depend on the order of the log: the property the audit checks).
 NS_CONFIG: dict[str, Any] = {
     "policy": "bayesian",
-    "params": {"lambda0": 0.1},
+    "params": {"lambda0": 0.1, "explore_z": None, "explore_ramp": 0.0},
     "normalizer": "quantile",
     "normalizer_params": {"window": 64, "warmup": 8},
 }
