@@ -557,12 +557,6 @@ def _make_stream(
     return _Stream(rows, correct, margins, scales, best, unsure, train_acc, auditor)
 
 
-def _policy_params(name: str, user: Mapping[str, Any]) -> dict[str, Any]:
-    """The user's parameters for ``name``; the fitted prior strength reaches ``bayesian``
-    through ``make_policy``'s prior arguments, so explicit settings always win."""
-    return dict(user)
-
-
 def run_replay(
     matrix: BehaviorMatrix,
     features: np.ndarray,
@@ -616,7 +610,7 @@ def run_replay(
             for name, prng in zip(config.policies, policy_seeds, strict=True):
                 q, calls, picks = _stream_policy(
                     name,
-                    _policy_params(name, config.policy_params.get(name, {})),
+                    dict(config.policy_params.get(name, {})),
                     contexts,
                     stream,
                     fitted,
