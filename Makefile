@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-SRC := reward_router gateway services trainer_client tests benchmarks
+SRC := reward_router reward_router_cli gateway services trainer_client tests benchmarks
 
-.PHONY: setup lint format format-check types test test-slow check demo replay bench bench-load bench-faults clean
+.PHONY: setup lint format format-check types imports test test-slow check demo replay bench bench-load bench-faults clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,11 @@ format-check: setup
 	$(VENV)/bin/ruff format --check $(SRC)
 
 types: setup
-	$(VENV)/bin/mypy reward_router gateway services trainer_client
+	$(VENV)/bin/mypy reward_router reward_router_cli gateway services trainer_client
+
+# Who may import whom: the contracts in pyproject.toml ([tool.importlinter], docs/architecture.md).
+imports: setup
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q
@@ -36,7 +40,7 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow -q
 
-check: lint format-check types test
+check: lint format-check types imports test
 
 # The main job: the whole cluster on this machine and a short Online DPO run through it; a report
 # folder under reports/ (docs/demo.md). Cached models, RMs and router make later runs faster.

@@ -62,7 +62,8 @@ def build_router(root: Path, encoder: str) -> tuple[Path, Any]:
     """A router artifact over the chosen encoder (trained briefly on random data: the bench
     measures cost, not routing quality) and the encoder, for the separate encode timing."""
     from gateway.features import load_encoder
-    from gateway.offline.router import RouterConfig, train_router
+    from gateway.offline.model import RouterConfig
+    from gateway.offline.train import train_router
 
     if encoder == "tiny":
         from tests.tiny_models import tiny_bert

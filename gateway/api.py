@@ -21,7 +21,6 @@ to the trainer rule). The admin key is accepted on trainer endpoints too.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Annotated, Any, Literal
@@ -32,16 +31,6 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.protocol import (
-    ErrorBody,
-    FeedbackRequest,
-    FeedbackResponse,
-    NamespaceConfig,
-    NamespaceInfo,
-    PosteriorsResponse,
-    RouteRequest,
-    RouteResponse,
-)
 from gateway.rm_client import RMRejected
 from gateway.service import (
     AllRMsFailed,
@@ -52,7 +41,17 @@ from gateway.service import (
 )
 from gateway.store import NamespaceLimit, StoreUnavailable
 from reward_router.errors import ConfigError
-from reward_router.http import BodyTooLarge, unparsable_body
+from reward_router.http import BodyTooLarge, key_matches, unparsable_body
+from reward_router.protocol import (
+    ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
+    NamespaceConfig,
+    NamespaceInfo,
+    PosteriorsResponse,
+    RouteRequest,
+    RouteResponse,
+)
 
 log = logging.getLogger("reward_router.gateway")
 
@@ -77,14 +76,6 @@ def _service(request: Request) -> GatewayService:
     return svc
 
 
-def _matches(given: str, keys: list[str]) -> bool:
-    # compare_digest against every key (no early exit) so timing says nothing about which matched
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(given.encode(), k.encode())
-    return ok
-
-
 def require_trainer(request: Request, creds: Credentials) -> None:
     s = _service(request).settings
     keys = [k.get_secret_value() for k in s.api_keys]
@@ -94,7 +85,7 @@ def require_trainer(request: Request, creds: Credentials) -> None:
         return
     if creds is None:
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-    if not _matches(creds.credentials, keys):
+    if not key_matches(creds.credentials, keys):
         raise AuthError("invalid API key")
 
 
@@ -105,8 +96,8 @@ def require_admin(request: Request, creds: Credentials) -> None:
         return
     if creds is None:
         raise AuthError("missing admin key: send 'Authorization: Bearer <admin key>'")
-    if not _matches(creds.credentials, [s.admin_key.get_secret_value()]):
-        if _matches(creds.credentials, [k.get_secret_value() for k in s.api_keys]):
+    if not key_matches(creds.credentials, [s.admin_key.get_secret_value()]):
+        if key_matches(creds.credentials, [k.get_secret_value() for k in s.api_keys]):
             raise AuthError("a trainer key may not call admin endpoints: send the admin key", 403)
         raise AuthError("invalid admin key")
 
@@ -124,77 +115,85 @@ def _loc(loc: Any) -> str:
     return ".".join(p for p in parts if not p.startswith(("str", "list[", "function-"))) or "body"
 
 
+#: Domain errors with one status, type and field whatever their message: exception class ->
+#: (status, type, field); ``_OWN_FIELD``: the error names its own field (``exc.field``).
+_OWN_FIELD = "<own>"
+_DOMAIN: dict[type[Exception], tuple[int, str, str | None]] = {
+    InputError: (422, "invalid_input", _OWN_FIELD),
+    ConfigError: (422, "invalid_config", _OWN_FIELD),
+    RMRejected: (422, "rejected_by_rm", "pairs"),
+    UnknownNamespace: (404, "unknown_namespace", "namespace"),
+    NamespaceConflict: (409, "namespace_conflict", "namespace"),
+    AllRMsFailed: (503, "rms_unavailable", None),
+}
+
+
+async def _domain(request: Request, exc: Exception) -> JSONResponse:
+    cls = next(c for c in type(exc).__mro__ if c in _DOMAIN)
+    status, kind, field = _DOMAIN[cls]
+    if field == _OWN_FIELD:
+        field = getattr(exc, "field", None)
+    return _error(status, kind, str(exc), field)
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errs = exc.errors()
+    # Of a union's alternatives, the deepest error is the most specific one.
+    first = max(errs, key=lambda e: len(e.get("loc", ()))) if errs else {"loc": (), "msg": ""}
+    field = _loc(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        ctx = first.get("ctx")
+        why = (ctx.get("error") if isinstance(ctx, dict) else None) or first["msg"]
+        return _error(422, "invalid_json", f"body is not valid JSON: {why}", "body")
+    msg = str(first.get("msg", "")).removeprefix("Value error, ")
+    return _error(422, "validation_error", f"{field}: {msg}", field)
+
+
+async def _auth(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AuthError)
+    if exc.status == 403:
+        return _error(403, "forbidden", exc.message, "authorization")
+    resp = _error(401, "unauthorized", exc.message, "authorization")
+    resp.headers["www-authenticate"] = "Bearer"
+    return resp
+
+
+async def _limit(request: Request, exc: Exception) -> JSONResponse:
+    message = f"{exc}: delete a namespace (admin) or raise max_namespaces"
+    return _error(409, "namespace_limit", message, "namespace")
+
+
+async def _store(request: Request, exc: Exception) -> JSONResponse:
+    _service(request).metrics.store_errors.inc()
+    return _error(503, "store_unavailable", str(exc))
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc, BodyTooLarge):
+        return body_too_large(exc)
+    unparsable = unparsable_body(exc)
+    if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
+        return _error(422, "invalid_json", unparsable, "body")
+    return http_error(exc)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every domain error -> one HTTP status and the one error body."""
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        # Of a union's alternatives, the deepest error is the most specific one.
-        first = max(errs, key=lambda e: len(e.get("loc", ()))) if errs else {"loc": (), "msg": ""}
-        field = _loc(first.get("loc", ()))
-        if first.get("type") == "json_invalid":
-            ctx = first.get("ctx")
-            why = (ctx.get("error") if isinstance(ctx, dict) else None) or first["msg"]
-            return _error(422, "invalid_json", f"body is not valid JSON: {why}", "body")
-        msg = str(first.get("msg", "")).removeprefix("Value error, ")
-        return _error(422, "validation_error", f"{field}: {msg}", field)
-
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return _error(422, "invalid_input", str(exc), exc.field)
-
-    @app.exception_handler(ConfigError)
-    async def _config(request: Request, exc: ConfigError) -> JSONResponse:
-        return _error(422, "invalid_config", str(exc), exc.field)
-
-    @app.exception_handler(RMRejected)
-    async def _rejected(request: Request, exc: RMRejected) -> JSONResponse:
-        return _error(422, "rejected_by_rm", str(exc), "pairs")
-
-    @app.exception_handler(AuthError)
-    async def _auth(request: Request, exc: AuthError) -> JSONResponse:
-        if exc.status == 403:
-            return _error(403, "forbidden", exc.message, "authorization")
-        resp = _error(401, "unauthorized", exc.message, "authorization")
-        resp.headers["www-authenticate"] = "Bearer"
-        return resp
-
-    @app.exception_handler(UnknownNamespace)
-    async def _unknown_ns(request: Request, exc: UnknownNamespace) -> JSONResponse:
-        return _error(404, "unknown_namespace", str(exc), "namespace")
-
-    @app.exception_handler(NamespaceLimit)
-    async def _limit(request: Request, exc: NamespaceLimit) -> JSONResponse:
-        message = f"{exc}: delete a namespace (admin) or raise max_namespaces"
-        return _error(409, "namespace_limit", message, "namespace")
-
-    @app.exception_handler(NamespaceConflict)
-    async def _conflict(request: Request, exc: NamespaceConflict) -> JSONResponse:
-        return _error(409, "namespace_conflict", str(exc), "namespace")
-
-    @app.exception_handler(AllRMsFailed)
-    async def _all_failed(request: Request, exc: AllRMsFailed) -> JSONResponse:
-        return _error(503, "rms_unavailable", str(exc))
-
-    @app.exception_handler(StoreUnavailable)
-    async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        _service(request).metrics.store_errors.inc()
-        return _error(503, "store_unavailable", str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc, BodyTooLarge):
-            return body_too_large(exc)
-        unparsable = unparsable_body(exc)
-        if unparsable is not None:  # as invalid JSON: RFC 8259 JSON text is UTF-8
-            return _error(422, "invalid_json", unparsable, "body")
-        return http_error(exc)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    for cls in _DOMAIN:
+        app.add_exception_handler(cls, _domain)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(AuthError, _auth)
+    app.add_exception_handler(NamespaceLimit, _limit)
+    app.add_exception_handler(StoreUnavailable, _store)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _internal)
 
 
 def http_error(exc: StarletteHTTPException) -> JSONResponse:
@@ -313,7 +312,7 @@ async def info(request: Request) -> dict[str, Any]:
         "rms": svc.rm_names,
         "dim": svc.contexts.dim,
         "router": svc.contexts.router is not None,
-        "default_config": svc.default_config,
+        "default_config": svc.namespaces.default_config,
         "settings": svc.settings.safe_dict(),
     }
 

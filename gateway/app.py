@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from gateway.api import body_too_large, http_error, install_error_handlers, router
+from gateway.openrlhf import build_openrlhf_router
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
 from reward_router.http import BodyLimit, RequestGuard
-from trainer_client.openrlhf import build_openrlhf_router
 
 log = logging.getLogger("reward_router.gateway")
 

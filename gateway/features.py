@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 
 from reward_router.data import PromptLike, prompt_text
 from reward_router.errors import ConfigError
+from reward_router.files import atomic_path, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -199,7 +198,7 @@ class HFEncoder:
             "max_length": self.max_length,
             "fingerprint": weights_fingerprint(self.model),
         }
-        _atomic_write(out / ENCODER_INFO_FILE, json.dumps(info, indent=2).encode())
+        atomic_write(out / ENCODER_INFO_FILE, json.dumps(info, indent=2).encode())
         return out
 
 
@@ -378,17 +377,10 @@ class EmbeddingCache:
         meta = self.folder / "meta.json"
         if not meta.exists():
             info = {"encoder_ref": self.encoder_ref, "max_length": self.max_length}
-            _atomic_write(meta, json.dumps(info, indent=2).encode())
+            atomic_write(meta, json.dumps(info, indent=2).encode())
         name = f"shard-{uuid.uuid4().hex}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, keys=np.asarray(keys, dtype="S64"), rows=rows)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared by the user's tools
-            os.replace(tmp, self.folder / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(self.folder / name) as tmp, tmp.open("wb") as fh:
+            np.savez(fh, keys=np.asarray(keys, dtype="S64"), rows=rows)
         self._loaded.add(name)
         for k, row in zip(keys, rows, strict=True):
             self._rows[k] = row
@@ -414,14 +406,6 @@ class EmbeddingCache:
     def __len__(self) -> int:
         self._refresh()
         return len(self._rows)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 class PairFeaturizer:

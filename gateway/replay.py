@@ -657,7 +657,8 @@ def torch_router_fitter(
     stated strength (``OfflineRouter.prior_fit``, :mod:`gateway.routing.prior`); without it
     ``E_bt`` is injected raw, as in the paper, with the policies' default strength.
     """
-    from gateway.offline.router import RouterConfig, train_router
+    from gateway.offline.model import RouterConfig
+    from gateway.offline.train import train_router
 
     params = dict(router_params or {})
 

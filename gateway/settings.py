@@ -36,8 +36,9 @@ from pydantic_settings import (
 from gateway.routing.registry import NEEDS_PRIOR
 from reward_router.errors import ConfigError
 from reward_router.exposure import is_loopback, placeholder_secret, redis_password
+from reward_router.protocol import NAMESPACE_PATTERN
 
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
 """Namespace names: no ':' (route ids are ``ns:gen:uuid``) and no braces (Redis hash tags)."""
 
 

@@ -1,10 +1,10 @@
 """HTTP pieces that the gateway and the RM scoring services share (only their HTTP layers
 import this module; it needs starlette, the core does not).
 
+* :func:`key_matches`: a bearer key against the configured keys, in constant time.
 * :class:`BodyLimit`: ASGI middleware refusing request bodies over ``max_bytes`` with a 413,
   before they are parsed, streamed (chunked) bodies included.
 * :func:`unparsable_body`: why FastAPI could not read a JSON body, for a 422 naming ``body``.
-* :func:`valid_unicode`: the validator of every text field of a request (no lone surrogates).
 * :class:`RequestGuard`: ASGI middleware bounding the work in flight (``max_in_flight``
   requests, then a 503 with ``Retry-After``), timing out slow bodies (408) and cancelling a
   request's work when its client goes away.
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import hmac
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -29,19 +30,17 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-def valid_unicode(value: str) -> str:
-    """Refuse lone surrogates (``"\\ud800"`` in a JSON string): no UTF-8 encoding exists, so
-    the text could reach neither an encoder nor a tokenizer (which raises mid-batch, failing
-    every request in the batch). Use as a pydantic ``AfterValidator``: a 422 naming the field.
+def key_matches(given: str, keys: Iterable[str]) -> bool:
+    """Whether ``given`` is one of ``keys`` (a bearer key check). Compared against every key in
+    constant time, with no early exit, so timing says nothing about which key matched.
 
-    >>> valid_unicode("é 😀")
-    'é 😀'
+    >>> key_matches("k2", ["k1", "k2"]), key_matches("k3", ["k1", "k2"])
+    (True, False)
     """
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
-    return value
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given.encode(), k.encode())
+    return ok
 
 
 class BodyTooLarge(HTTPException):
@@ -207,74 +206,88 @@ class RequestGuard:
             self.in_flight -= 1
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.body_timeout_s
-        body_read = False
-        responded = False
-        gone: asyncio.Future[Message] = loop.create_future()
-        watcher: asyncio.Task[None] | None = None
-        cancelled_here = False
-        timed_out = False
-
-        async def watch() -> None:
-            nonlocal cancelled_here
-            msg = await receive()  # after the body: returns when the client goes away
-            if not gone.done():
-                gone.set_result(msg)
-            if msg["type"] == "http.disconnect" and not responded and not task.done():
-                cancelled_here = True
-                task.cancel()
-
-        async def guarded_receive() -> Message:
-            nonlocal body_read, watcher
-            if body_read:  # the app listens for the disconnect: share the watcher's answer
-                return await asyncio.shield(gone)
-            # asyncio.wait, not asyncio.timeout: a timeout cancels the current task, which an
-            # anyio cancel scope around it (Starlette's BaseHTTPMiddleware) may swallow.
-            # Raising from here would not do either: Starlette's BaseHTTPMiddleware wraps it in
-            # an ExceptionGroup, which FastAPI reports as an unparsable body. So the request's
-            # task is cancelled and the 408 is answered here.
-            pending = asyncio.ensure_future(receive())
-            await asyncio.wait({pending}, timeout=max(0.0, deadline - loop.time()))
-            if not pending.done():
-                nonlocal timed_out
-                pending.cancel()
-                timed_out = True
-                task.cancel()
-                await loop.create_future()  # never set: the cancellation unwinds the app here
-            msg = pending.result()
-            if msg["type"] != "http.request" or not msg.get("more_body", False):
-                body_read = True
-                if msg["type"] == "http.disconnect":
-                    gone.set_result(msg)
-                else:
-                    watcher = asyncio.create_task(watch())
-            return msg
-
-        async def tracked_send(msg: Message) -> None:
-            nonlocal responded
-            if timed_out:
-                return  # the 408 is answered below, once the app is unwound
-            if msg["type"] == "http.response.body" and not msg.get("more_body", False):
-                responded = True
-            await send(msg)
-
-        task = asyncio.ensure_future(self.app(scope, guarded_receive, tracked_send))
+        req = _GuardedRequest(self.body_timeout_s, receive, send)
+        task = req.start(self.app(scope, req.receive, req.send))
         try:
             await task
         except asyncio.CancelledError:
-            if timed_out:  # nothing was answered yet: the body never came
+            if req.timed_out:  # nothing was answered yet: the body never came
                 await self.refuse(BodyTimeout(self.body_timeout_s))(scope, receive, send)
                 return
-            if not cancelled_here:
+            if not req.cancelled_here:
                 raise  # the server is shutting down: not ours to swallow
             if self.on_cancel is not None:
                 self.on_cancel()
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            await req.stop_watching()
+
+
+class _GuardedRequest:
+    """One request under :class:`RequestGuard`: its ``receive`` (body deadline, then a watcher
+    for the client's disconnect) and ``send`` (notes when the response is complete)."""
+
+    def __init__(self, body_timeout_s: float, receive: Receive, send: Send) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + body_timeout_s
+        self._receive = receive
+        self._send = send
+        self.body_read = False
+        self.responded = False
+        self.gone: asyncio.Future[Message] = self.loop.create_future()
+        self.watcher: asyncio.Task[None] | None = None
+        self.cancelled_here = False
+        self.timed_out = False
+        self.task: asyncio.Future[None] = self.loop.create_future()
+
+    def start(self, app_call: Any) -> asyncio.Future[None]:
+        """Run the app's call for this request as a task (what a disconnect or timeout cancels)."""
+        self.task = asyncio.ensure_future(app_call)
+        return self.task
+
+    async def _watch(self) -> None:
+        msg = await self._receive()  # after the body: returns when the client goes away
+        if not self.gone.done():
+            self.gone.set_result(msg)
+        if msg["type"] == "http.disconnect" and not self.responded and not self.task.done():
+            self.cancelled_here = True
+            self.task.cancel()
+
+    async def receive(self) -> Message:
+        if self.body_read:  # the app listens for the disconnect: share the watcher's answer
+            return await asyncio.shield(self.gone)
+        # asyncio.wait, not asyncio.timeout: a timeout cancels the current task, which an
+        # anyio cancel scope around it (Starlette's BaseHTTPMiddleware) may swallow.
+        # Raising from here would not do either: Starlette's BaseHTTPMiddleware wraps it in
+        # an ExceptionGroup, which FastAPI reports as an unparsable body. So the request's
+        # task is cancelled and the 408 is answered by the guard.
+        pending = asyncio.ensure_future(self._receive())
+        await asyncio.wait({pending}, timeout=max(0.0, self.deadline - self.loop.time()))
+        if not pending.done():
+            pending.cancel()
+            self.timed_out = True
+            self.task.cancel()
+            await self.loop.create_future()  # never set: the cancellation unwinds the app here
+        msg = pending.result()
+        if msg["type"] != "http.request" or not msg.get("more_body", False):
+            self.body_read = True
+            if msg["type"] == "http.disconnect":
+                self.gone.set_result(msg)
+            else:
+                self.watcher = asyncio.create_task(self._watch())
+        return msg
+
+    async def send(self, msg: Message) -> None:
+        if self.timed_out:
+            return  # the 408 is answered by the guard, once the app is unwound
+        if msg["type"] == "http.response.body" and not msg.get("more_body", False):
+            self.responded = True
+        await self._send(msg)
+
+    async def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
 
 
 def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:

@@ -1,4 +1,4 @@
-"""Errors of the scoring service, mapped to HTTP in one place (:func:`services.app.create_app`).
+"""Errors of the scoring service, mapped to HTTP in one place (:mod:`services.api`).
 
     ServiceError                 (every one carries the RM's name)
     ├── InvalidInput        422  a request field is wrong (names the field, e.g. items[3].prompt)

@@ -43,6 +43,7 @@ from pydantic import SecretStr
 
 from reward_router.data import Pair, load_behavior
 from reward_router.errors import ConfigError
+from reward_router.readiness import is_ready
 from services.settings import ServiceSettings, load_settings, read_yaml
 
 #: Where a pair's reference answer may sit in its ``meta`` (first found wins).
@@ -109,13 +110,6 @@ def reference_of(pair: Pair) -> str | None:
     return None
 
 
-def _is_ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @contextmanager
 def started(members: Sequence[PoolMember], timeout_s: float = 600.0) -> Iterator[None]:
     """Start (as child processes) the members not already answering; stop them after."""
@@ -125,7 +119,7 @@ def started(members: Sequence[PoolMember], timeout_s: float = 600.0) -> Iterator
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for m in members:
-            if _is_ready(m.url):
+            if is_ready(m.url):
                 continue
             procs.append(
                 subprocess.Popen(
@@ -136,7 +130,7 @@ def started(members: Sequence[PoolMember], timeout_s: float = 600.0) -> Iterator
             )
         deadline = time.monotonic() + timeout_s
         for m in members:
-            while not _is_ready(m.url):
+            while not is_ready(m.url):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"rm {m.name} at {m.url} not ready within {timeout_s}s")
                 if any(p.poll() is not None for p in procs):

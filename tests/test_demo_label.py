@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reward_router.data import BehaviorMatrix, Pair
-from reward_router.demo_label import label_summary, split_matrix, stream_labels
+from reward_router_cli.demo_label import label_summary, split_matrix, stream_labels
 
 
 def _pairs(n: int, domain: str = "chat") -> list[Pair]:

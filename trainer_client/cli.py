@@ -1,5 +1,4 @@
-"""``reward-router train-dpo`` (also ``python -m trainer_client.online_dpo`` and
-``python -m trainer_client``): the Online DPO trainer process.
+"""``reward-router train-dpo`` (also ``python -m trainer_client``): the Online DPO trainer process.
 
 Torch and transformers are imported inside the command, so ``--help`` stays fast.
 Exit codes: 0 done, 2 bad configuration or input, 3 gateway stalled past its patience (the run

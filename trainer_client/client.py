@@ -1,7 +1,7 @@
 """HTTP clients of the gateway: :class:`GatewayClient` (sync) and :class:`AsyncGatewayClient`.
 
 Light on purpose (httpx + pydantic, no torch): any trainer imports it. The request and
-response models are the gateway's own (``gateway.protocol``), so the two cannot drift.
+response models are the gateway's own (``reward_router.protocol``), so the two cannot drift.
 
 Resilience is explicit:
 
@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import BaseModel, RootModel, ValidationError
 
-from gateway.protocol import (
+from reward_router.protocol import (
     FeedbackItem,
     FeedbackRequest,
     FeedbackResponse,

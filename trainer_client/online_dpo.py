@@ -26,7 +26,7 @@ Hugging Face folder in safetensors, or the LoRA adapter; ``optimizer.safetensors
 
     reward-router train-dpo --gateway http://127.0.0.1:8080 --policy smollm2 \\
         --prompts shipped --steps 20 --out runs/dpo1
-    python -m trainer_client.online_dpo --gateway ... (the same command)
+    python -m trainer_client --gateway ... (the same command)
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from reward_router.errors import ConfigError, RewardRouterError
+from reward_router.files import atomic_write
+from reward_router.protocol import NAMESPACE_PATTERN
 from trainer_client.client import GatewayClient, RetryPolicy, Timeouts
 from trainer_client.errors import GatewayError, NamespaceConflict, NamespaceNotFound
 from trainer_client.prompts import PromptItem, resolve_prompts
@@ -75,7 +77,7 @@ class OnlineDPOConfig(BaseModel):
 
     gateway: str = Field(pattern=r"^https?://")
     api_key: SecretStr | None = None
-    namespace: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    namespace: str | None = Field(default=None, pattern=NAMESPACE_PATTERN)
     policy: str = "smollm2"
     prompts: str = "shipped"
     out_dir: Path
@@ -175,9 +177,7 @@ class RunTotals:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def prompt_batch(n_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -514,7 +514,7 @@ class OnlineDPOTrainer:
         """One step of the loop; returns its log record."""
         import torch
 
-        from services.backends.verifier import answers_match, final_answer
+        from reward_router.answers import answers_match, final_answer
         from trainer_client.dpo import dpo_losses, tie_losses
 
         cfg, step = self.cfg, self.step + 1
@@ -743,9 +743,3 @@ def _console_say(msg: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(msg)
-
-
-if __name__ == "__main__":
-    from trainer_client.cli import app
-
-    app(prog_name="python -m trainer_client.online_dpo")

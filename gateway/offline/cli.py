@@ -106,7 +106,7 @@ def _train(**opt: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gateway.offline.router import RouterConfig
+    from gateway.offline.model import RouterConfig
     from reward_router.data import load_behavior, load_pairs
     from reward_router.models import resolve_model_ref
 
@@ -142,7 +142,7 @@ def _train(**opt: Any) -> None:
     import numpy as np
 
     from gateway.features import PairFeaturizer, load_encoder
-    from gateway.offline.router import train_router
+    from gateway.offline.train import train_router
     from reward_router.models import cache_root
 
     cache = None if opt["no_cache"] else (opt["cache_dir"] or cache_root() / "embeddings")
@@ -239,7 +239,7 @@ def _train(**opt: Any) -> None:
 @app.command()
 def info(directory: Annotated[Path, typer.Argument(help="A router artifact folder.")]) -> None:
     """Print a router artifact's config.json (encoder, RMs, settings, training summary)."""
-    from gateway.offline.router import read_artifact_config
+    from gateway.offline.model import read_artifact_config
 
     try:
         cfg = read_artifact_config(directory)

@@ -1,6 +1,6 @@
 """Offline router training with the encoder fine-tuned too (for users with a GPU).
 
-Same model, losses, split and checkpoint selection as :func:`gateway.offline.router.train_router`;
+Same model, losses, split and checkpoint selection as :func:`gateway.offline.train.train_router`;
 the difference is that pair features are recomputed from text on every step, so gradients reach
 the encoder (at its own, small learning rate). The input standardiser is fitted on the frozen
 encoder's features and kept fixed. The fine-tuned encoder is saved inside the router artifact
@@ -25,12 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gateway.offline.router import (
-    LOCAL_PREFIX,
-    OfflineRouter,
-    RouterConfig,
+from gateway.offline.model import LOCAL_PREFIX, OfflineRouter, RouterConfig, check_float
+from gateway.offline.train import (
     TrainReport,
-    _check_float,
     _finish,
     _fit,
     _standardiser,
@@ -75,7 +72,7 @@ def finetune_router(
     from gateway.features import PairFeaturizer, load_encoder, pair_features
 
     cfg = config if config is not None else RouterConfig()
-    _check_float("encoder_lr", encoder_lr, 1e-9, 1.0)
+    check_float("encoder_lr", encoder_lr, 1e-9, 1.0)
     enc = load_encoder(
         encoder_ref,
         max_length=max_length,

@@ -1,4 +1,4 @@
-"""``make_policy``: policy name -> class table, with every argument validated up front.
+"""``make_policy``: one table of every policy (:data:`REGISTRY`), every argument validated up front.
 
 >>> import numpy as np
 >>> policy = make_policy("uwo", n_rms=3, dim=4, rng=np.random.default_rng(0), lam=1.0)
@@ -14,6 +14,8 @@ random, best-single, oracle
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,43 +50,100 @@ from gateway.routing.policies import (
 )
 from reward_router.errors import ConfigError
 
-POLICY_NAMES: tuple[str, ...] = (
-    "bayesian",
-    "bayesian-paper",
-    "bayesian-no-offline",
-    "bayesian-no-online",
-    "weighted-score",
-    "laser",
-    "majority",
-    "uwo",
-    "random",
-    "best-single",
-    "oracle",
-)
 
-#: Policies whose prior means come from the offline router (``prior_means`` is required).
-NEEDS_PRIOR: frozenset[str] = frozenset(
-    {"bayesian", "bayesian-paper", "bayesian-no-online", "weighted-score"}
-)
-#: Policies that take the prior's raw, uncalibrated BT head (``raw_prior_means``) instead.
-RAW_PRIOR: frozenset[str] = frozenset({"bayesian-paper"})
-#: name -> the policy that is the same without its online phase (for "gain over no-online").
-NO_ONLINE_VARIANT: dict[str, str] = {"bayesian": "bayesian-no-online"}
+@dataclass(frozen=True)
+class _Args:
+    """What a policy's builder gets: the validated arguments of :func:`make_policy`."""
 
-# name -> the config class holding that policy's tunable parameters
-CONFIGS: dict[str, type] = {
-    "bayesian": BayesianConfig,
-    "bayesian-paper": PaperConfig,
-    "bayesian-no-offline": NoOfflineConfig,
-    "bayesian-no-online": NoParams,
-    "weighted-score": WeightedScoreConfig,
-    "laser": LaserConfig,
-    "majority": NoParams,
-    "uwo": UwoConfig,
-    "random": NoParams,
-    "best-single": NoParams,
-    "oracle": NoParams,
+    n_rms: int
+    dim: int
+    rng: np.random.Generator
+    config: Any
+    prior_means: np.ndarray | None
+    best_rm: int | None
+    margin_scales: np.ndarray | None
+    prior_precision: np.ndarray | None
+    prior_sigma2: float | np.ndarray | None
+    raw_prior_means: np.ndarray | None
+
+
+def _best_single(a: _Args) -> Policy:
+    if a.best_rm is None:
+        raise ConfigError("best_rm", f"is required for 'best-single', in [0, {a.n_rms - 1}]")
+    return BestSinglePolicy(a.n_rms, a.dim, a.rng, a.best_rm)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One row of :data:`REGISTRY`: a policy's parameters, builder and what it needs."""
+
+    #: the config class holding the policy's tunable parameters
+    config: type
+    build: Callable[[_Args], Policy]
+    #: its prior means come from the offline router (``prior_means`` is required)
+    needs_prior: bool = False
+    #: it takes the prior's raw, uncalibrated BT head (``raw_prior_means``) instead
+    raw_prior: bool = False
+    #: the policy that is the same without its online phase (for "gain over no-online")
+    no_online: str | None = None
+
+
+#: Every policy, in the order tables show them.
+REGISTRY: dict[str, PolicySpec] = {
+    "bayesian": PolicySpec(
+        BayesianConfig,
+        lambda a: BayesianPolicy(
+            a.n_rms,
+            a.dim,
+            a.rng,
+            a.prior_means,
+            a.config,
+            prior_precision=a.prior_precision,
+            prior_sigma2=a.prior_sigma2,
+        ),
+        needs_prior=True,
+        no_online="bayesian-no-online",
+    ),
+    "bayesian-paper": PolicySpec(
+        PaperConfig,
+        lambda a: PaperPolicy(
+            a.n_rms,
+            a.dim,
+            a.rng,
+            a.prior_means if a.raw_prior_means is None else a.raw_prior_means,
+            a.config,
+        ),
+        needs_prior=True,
+        raw_prior=True,
+    ),
+    "bayesian-no-offline": PolicySpec(
+        NoOfflineConfig, lambda a: NoOfflinePolicy(a.n_rms, a.dim, a.rng, None, a.config)
+    ),
+    "bayesian-no-online": PolicySpec(
+        NoParams, lambda a: NoOnlinePolicy(a.n_rms, a.dim, a.rng, a.prior_means), needs_prior=True
+    ),
+    "weighted-score": PolicySpec(
+        WeightedScoreConfig,
+        lambda a: WeightedScorePolicy(a.n_rms, a.dim, a.rng, a.prior_means, a.config),
+        needs_prior=True,
+    ),
+    "laser": PolicySpec(LaserConfig, lambda a: LaserPolicy(a.n_rms, a.dim, a.rng, a.config)),
+    "majority": PolicySpec(NoParams, lambda a: MajorityPolicy(a.n_rms, a.dim, a.rng)),
+    "uwo": PolicySpec(
+        UwoConfig, lambda a: UwoPolicy(a.n_rms, a.dim, a.rng, a.margin_scales, a.config)
+    ),
+    "random": PolicySpec(NoParams, lambda a: RandomPolicy(a.n_rms, a.dim, a.rng)),
+    "best-single": PolicySpec(NoParams, _best_single),
+    "oracle": PolicySpec(NoParams, lambda a: OraclePolicy(a.n_rms, a.dim, a.rng)),
 }
+
+POLICY_NAMES: tuple[str, ...] = tuple(REGISTRY)
+#: Policies whose prior means come from the offline router (``prior_means`` is required).
+NEEDS_PRIOR: frozenset[str] = frozenset(n for n, s in REGISTRY.items() if s.needs_prior)
+#: Policies that take the prior's raw, uncalibrated BT head (``raw_prior_means``) instead.
+RAW_PRIOR: frozenset[str] = frozenset(n for n, s in REGISTRY.items() if s.raw_prior)
+#: name -> the policy that is the same without its online phase (for "gain over no-online").
+NO_ONLINE_VARIANT: dict[str, str] = {n: s.no_online for n, s in REGISTRY.items() if s.no_online}
 
 
 def make_policy(
@@ -111,54 +170,28 @@ def make_policy(
     ``best_rm`` is required by ``best-single``; ``margin_scales`` (n_rms,) is used by ``uwo``.
     Any bad value raises :class:`~reward_router.errors.ConfigError` naming the field.
     """
-    if name not in CONFIGS:
+    spec = REGISTRY.get(name)
+    if spec is None:
         raise ConfigError("policy", f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
     n_rms = check_int("n_rms", n_rms, low=1)
     dim = check_int("dim", dim, low=1)
     if not isinstance(rng, np.random.Generator):
         raise ConfigError("rng", f"must be a numpy.random.Generator, got {type(rng).__name__}")
-    config: object = build_config(CONFIGS[name], params, name)
+    config: object = build_config(spec.config, params, name)
     if prior_means is not None:
         prior_means = check_array("prior_means", prior_means, (n_rms, dim))
     if best_rm is not None:
         best_rm = check_int("best_rm", best_rm, low=0, high=n_rms - 1)
-
-    if name == "bayesian":
-        assert isinstance(config, BayesianConfig)
-        return BayesianPolicy(
-            n_rms,
-            dim,
-            rng,
-            prior_means,
-            config,
-            prior_precision=prior_precision,
-            prior_sigma2=prior_sigma2,
-        )
-    if name == "bayesian-paper":
-        assert isinstance(config, PaperConfig)
-        raw = prior_means if raw_prior_means is None else raw_prior_means
-        return PaperPolicy(n_rms, dim, rng, raw, config)
-    if name == "bayesian-no-offline":
-        assert isinstance(config, BayesianConfig)
-        return NoOfflinePolicy(n_rms, dim, rng, None, config)
-    if name == "bayesian-no-online":
-        return NoOnlinePolicy(n_rms, dim, rng, prior_means)
-    if name == "weighted-score":
-        assert isinstance(config, WeightedScoreConfig)
-        return WeightedScorePolicy(n_rms, dim, rng, prior_means, config)
-    if name == "laser":
-        assert isinstance(config, LaserConfig)
-        return LaserPolicy(n_rms, dim, rng, config)
-    if name == "uwo":
-        assert isinstance(config, UwoConfig)
-        return UwoPolicy(n_rms, dim, rng, margin_scales, config)
-    if name == "best-single":
-        if best_rm is None:
-            raise ConfigError("best_rm", f"is required for 'best-single', in [0, {n_rms - 1}]")
-        return BestSinglePolicy(n_rms, dim, rng, best_rm)
-    simple: dict[str, type[Policy]] = {
-        "majority": MajorityPolicy,
-        "random": RandomPolicy,
-        "oracle": OraclePolicy,
-    }
-    return simple[name](n_rms, dim, rng)
+    args = _Args(
+        n_rms,
+        dim,
+        rng,
+        config,
+        prior_means,
+        best_rm,
+        margin_scales,
+        prior_precision,
+        prior_sigma2,
+        raw_prior_means,
+    )
+    return spec.build(args)

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from reward_router.demo import DemoConfig, settings_key
-from reward_router.demo_report import routing_summary
 from reward_router.errors import ConfigError
+from reward_router_cli.demo import DemoConfig, settings_key
+from reward_router_cli.demo_report import routing_summary
 from tests.tiny_models import tiny_bert, tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def _demo(*args: str, cache: Path, timeout: float = 900) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["REWARD_ROUTER_CACHE"] = str(cache)
     return subprocess.run(
-        [sys.executable, "-m", "reward_router.cli", "demo", *args],
+        [sys.executable, "-m", "reward_router_cli", "demo", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

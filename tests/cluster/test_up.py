@@ -47,7 +47,7 @@ def _light_cluster(tmp: Path, **gateway: Any) -> tuple[Path, dict[str, int]]:
 def _up(config: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | (env or {})
     return subprocess.Popen(
-        [sys.executable, "-m", "reward_router.cli", "up", "--config", str(config)],
+        [sys.executable, "-m", "reward_router_cli", "up", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -184,7 +184,7 @@ def test_a_child_failing_at_start_stops_the_others(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-light.yaml"])
 def test_shipped_cluster_files_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from reward_router.cluster import load_cluster
+    from reward_router_cli.cluster import load_cluster
 
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # cluster.yaml runs 2 replicas
     cluster = load_cluster(Path(__file__).parents[2] / "deploy" / name)

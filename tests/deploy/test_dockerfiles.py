@@ -107,7 +107,7 @@ def test_base_image_and_torch_pin(path: Path) -> None:
 
 def check_command(argv: list[str]) -> None:
     """Fail unless ``reward-router argv...`` names a real sub-command with real options."""
-    from reward_router.cli import app
+    from reward_router_cli.main import app
 
     # Typer's command tree (a group has a ``commands`` dict; typer vendors its own click, so
     # duck typing rather than isinstance).
@@ -133,7 +133,7 @@ def test_entrypoint_is_the_console_script(path: Path) -> None:
     ins = dict(instructions(path))
     entry = exec_form(ins["ENTRYPOINT"])
     assert entry == ["reward-router"]
-    assert PYPROJECT["project"]["scripts"]["reward-router"] == "reward_router.cli:main"
+    assert PYPROJECT["project"]["scripts"]["reward-router"] == "reward_router_cli.main:main"
     check_command(exec_form(ins["CMD"]))
 
 

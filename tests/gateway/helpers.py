@@ -40,7 +40,8 @@ def pairs(n: int, offset: int = 0) -> list[dict[str, Any]]:
 
 def build_router(root: Path, rms: Sequence[str], *, seed: int = 0) -> Path:
     """A tiny real router artifact: tiny BERT encoder folder + a router trained on random data."""
-    from gateway.offline.router import RouterConfig, train_router
+    from gateway.offline.model import RouterConfig
+    from gateway.offline.train import train_router
 
     enc = tiny_bert(root / "encoder", hidden=16, seed=seed)
     rng = np.random.default_rng(seed)

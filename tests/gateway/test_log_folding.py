@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.protocol import NamespaceConfig
-from gateway.service import GatewayService, InputError, NsState
+from gateway.namespaces import NsState
+from gateway.service import GatewayService, InputError
 from gateway.settings import GatewaySettings
 from gateway.store import EmbeddedStore, NamespaceLimit
 from reward_router.errors import ConfigError
+from reward_router.protocol import NamespaceConfig
 
 RMS = [{"name": "a", "url": "http://127.0.0.1:9"}, {"name": "b", "url": "http://127.0.0.1:9"}]
 
@@ -31,7 +32,7 @@ def _service(store: EmbeddedStore | None = None, **settings: Any) -> GatewayServ
         GatewaySettings(rms=RMS, policy={"name": "bayesian-no-offline"}, seed=0, **settings)
     )
     if store is not None:
-        svc.store = store
+        svc.store = svc.namespaces.store = store
     return svc
 
 
@@ -69,12 +70,12 @@ async def test_state_does_not_depend_on_how_the_log_is_read(svc: GatewayService)
         for ns, policy in (("bay", "bayesian-no-offline"), ("las", "laser")):
             await svc.create_namespace(ns, NamespaceConfig(policy=policy))
             await _feed(svc, ns, 30, seed=1)
-            await svc._state(ns, force_refresh=True)  # 30 in chunks of 7
+            await svc.namespaces.state(ns, force_refresh=True)  # 30 in chunks of 7
             for k in range(25):  # then one at a time, refreshing after each
                 await _feed(svc, ns, 1, seed=100 + k)
-                await svc._state(ns, force_refresh=True)
-            a = await svc._state(ns, force_refresh=True)
-            b = await whole._state(ns, force_refresh=True)
+                await svc.namespaces.state(ns, force_refresh=True)
+            a = await svc.namespaces.state(ns, force_refresh=True)
+            b = await whole.namespaces.state(ns, force_refresh=True)
             assert a.seq == b.seq == 55
             if policy == "laser":
                 for x, y in zip(_laser_state(a), _laser_state(b), strict=True):
@@ -100,7 +101,7 @@ async def test_a_long_rebuild_is_folded_off_the_event_loop(svc: GatewayService) 
                 ticks += 1
 
         t = asyncio.create_task(ticker())
-        st = await fresh._state("long")  # one chunk of 3000: folded in a worker thread
+        st = await fresh.namespaces.state("long")  # one chunk of 3000: folded in a worker thread
         t.cancel()
         assert st.seq == 3000
         assert ticks > 0  # the loop ran while the fold did
@@ -134,19 +135,19 @@ async def test_a_log_that_went_backwards_is_rebuilt_and_logged(
     agrees with a replica that only ever saw the new log."""
     await svc.create_namespace("back", None)
     await _feed(svc, "back", 40, seed=2)
-    before = await svc._state("back", force_refresh=True)
+    before = await svc.namespaces.state("back", force_refresh=True)
     assert before.seq == 40
     store = svc.store
     assert isinstance(store, EmbeddedStore)
     del store._ns["back"].log[30:]  # the restore
     await _feed(svc, "back", 12, seed=3)  # re-applied and new feedback: 42 entries
     with caplog.at_level(logging.ERROR, logger="reward_router.gateway"):
-        after = await svc._state("back", force_refresh=True)
+        after = await svc.namespaces.state("back", force_refresh=True)
     assert "the store's log does not hold what this replica folded" in caplog.text
     assert svc.metrics.rebuilds._value.get() == 1
     fresh = _service(store=store, log_read_chunk=4096, snapshot_every=0)
     try:
-        truth = await fresh._state("back")
+        truth = await fresh.namespaces.state("back")
         assert after.seq == truth.seq == 42
         pa, pb = after.policy.posteriors, truth.policy.posteriors  # type: ignore[attr-defined]
         np.testing.assert_allclose(pa.means(), pb.means(), rtol=0, atol=1e-12)
@@ -164,7 +165,7 @@ async def test_a_snapshot_ahead_of_the_log_is_not_used(
     try:
         await svc.create_namespace("snap", None)
         await _feed(svc, "snap", 20, seed=4)
-        st = await svc._state("snap", force_refresh=True)
+        st = await svc.namespaces.state("snap", force_refresh=True)
         assert st.snapshot_seq == 20
         store = svc.store
         assert isinstance(store, EmbeddedStore)
@@ -172,7 +173,7 @@ async def test_a_snapshot_ahead_of_the_log_is_not_used(
         fresh = _service(store=store, log_read_chunk=4096, snapshot_every=20)
         try:
             with caplog.at_level(logging.ERROR, logger="reward_router.gateway"):
-                got = await fresh._state("snap")
+                got = await fresh.namespaces.state("snap")
             assert "snapshot at 20" in caplog.text
             assert got.seq == 15 and got.snapshot_seq == 0
             # ...and it does not write its state as a snapshot past the log either.
@@ -197,17 +198,18 @@ async def test_compaction_trims_the_log_and_replicas_rebuild_from_the_snapshot(
     try:
         await writer.create_namespace("cmp", None)
         await _feed(writer, "cmp", 5, seed=5)
-        assert (await lagging._state("cmp")).seq == 5
+        assert (await lagging.namespaces.state("cmp")).seq == 5
         for k in range(4):
             await _feed(writer, "cmp", 10, seed=10 + k)
-            await writer._state("cmp", force_refresh=True)
-        w = await writer._state("cmp", force_refresh=True)
+            await writer.namespaces.state("cmp", force_refresh=True)
+        w = await writer.namespaces.state("cmp", force_refresh=True)
         assert w.seq == 45 and w.snapshot_seq == 45  # snapshots at 15, 25, 35, 45
         assert store._ns["cmp"].base == 42 and len(store._ns["cmp"].log) == 3
         with caplog.at_level(logging.ERROR, logger="reward_router.gateway"):
-            lag = await lagging._state("cmp", force_refresh=True)  # was at 5, head is at 43
+            # was at 5, head is at 43
+            lag = await lagging.namespaces.state("cmp", force_refresh=True)
             fresh = _service(store=store, log_read_chunk=4096, snapshot_every=0)
-            new = await fresh._state("cmp")
+            new = await fresh.namespaces.state("cmp")
             await fresh.aclose()
         assert caplog.text == ""
         for st in (lag, new):

@@ -10,7 +10,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from gateway.offline.cli import app
-from gateway.offline.router import OfflineRouter
+from gateway.offline.model import OfflineRouter
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from gateway.features import HFEncoder, load_encoder, weights_fingerprint
 from gateway.offline.cli import app
 from gateway.offline.finetune import finetune_router
-from gateway.offline.router import OfflineRouter, RouterConfig
+from gateway.offline.model import OfflineRouter, RouterConfig
 from tests.offline.test_cli import train_args, write_data
 
 N = 40

@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.offline.router import (
-    OfflineRouter,
-    RouterConfig,
-    _losses,
-    holdout_split,
-    routing_accuracy,
-    train_router,
-)
+from gateway.offline.model import OfflineRouter, RouterConfig
+from gateway.offline.train import _losses, holdout_split, routing_accuracy, train_router
 from reward_router.errors import ConfigError, DataFormatError
 
 RMS = ["math-rm", "chat-rm", "generalist"]

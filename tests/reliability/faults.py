@@ -511,12 +511,12 @@ def train_dpo(
     watch: Callable[[int, str], None] | None = None,
     timeout_s: float = 600.0,
 ) -> int:
-    """Run ``python -m trainer_client.online_dpo`` (= ``reward-router train-dpo``) to the end;
+    """Run ``python -m trainer_client`` (= ``reward-router train-dpo``) to the end;
     ``watch(steps_logged, stderr_so_far)`` is called every 0.1 s while it runs."""
     policy = tiny_policy(cluster.root)
     prompts = prompts_file(cluster.root)
     args = [
-        sys.executable, "-m", "trainer_client.online_dpo",
+        sys.executable, "-m", "trainer_client",
         "--gateway", cluster.url(gateway), "--policy", str(policy), "--prompts", str(prompts),
         "--out", str(run.out), "--namespace", ns, "--steps", str(steps),
         "--prompts-per-step", "2", "-k", "3", "--max-new-tokens", "8", "--lr", "1e-2",
@@ -626,9 +626,10 @@ def read_log(cluster: FaultCluster, ns: str) -> tuple[dict[str, Any], list[Any]]
 def undisturbed_posterior(router: Path, config: dict[str, Any], obs: Sequence[Any]) -> Any:
     """The posterior of the namespace's policy after folding ``obs`` one at a time, in log
     order, from the prior, through a fresh normaliser: no batching, no restart, no snapshot."""
-    from gateway.offline.router import OfflineRouter
+    from gateway.offline.model import OfflineRouter
+    from gateway.policy_setup import make_normalizer, prior_kwargs, reward_link
     from gateway.routing import make_policy
-    from gateway.service import make_normalizer, prior_kwargs, reward_link
+    from gateway.routing.fold import fold
 
     loaded = OfflineRouter.load(router)
     params = dict(config.get("params") or {})
@@ -642,11 +643,10 @@ def undisturbed_posterior(router: Path, config: dict[str, Any], obs: Sequence[An
     )
     link = reward_link(config, loaded)
     norm = make_normalizer(config["normalizer"], dict(config.get("normalizer_params") or {}))
+    # The gateway's own fold rule, applied one observation per call: no batching to agree with.
     for o in obs:
-        r = np.array([o.reward])
-        r = norm.normalize(r) if norm is not None else r
-        values, weight = link.map(r)
-        policy.update(o.h[None, :], np.array([o.arm]), values, weight)
+        fold(policy, norm, link, np.array([o.reward]), np.array([o.arm]), o.h[None, :],
+             per_item=True)  # fmt: skip
     return policy.posteriors  # type: ignore[attr-defined]
 
 

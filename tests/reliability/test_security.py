@@ -289,8 +289,8 @@ def _state(url: str) -> tuple[Any, ...]:
 
 
 def test_gateway_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``_matches`` compares with ``hmac.compare_digest`` against every key, no early exit."""
-    from gateway import api
+    """``key_matches`` compares with ``hmac.compare_digest`` against every key, no early exit."""
+    from reward_router import http
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -300,12 +300,12 @@ def test_gateway_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", counting)
-    assert api._matches("k1", ["k1", "k2", "k3"]) is True
+    assert http.key_matches("k1", ["k1", "k2", "k3"]) is True
     assert len(calls) == 3  # the match on the first key did not stop the loop
     calls.clear()
-    assert api._matches("nope", ["k1", "k2"]) is False and len(calls) == 2
+    assert http.key_matches("nope", ["k1", "k2"]) is False and len(calls) == 2
     # No plain == on a key anywhere in the auth code of either app.
-    for mod in ("gateway/api.py", "services/app.py"):
+    for mod in ("gateway/api.py", "services/api.py", "reward_router/http.py"):
         tree = ast.parse((ROOT / mod).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and any(
@@ -675,7 +675,8 @@ def _score_input() -> Any:
 def _tiny_router(root: Path) -> tuple[Path, Path]:
     import numpy as np
 
-    from gateway.offline.router import RouterConfig, train_router
+    from gateway.offline.model import RouterConfig
+    from gateway.offline.train import train_router
 
     enc = tiny_bert(root / "encoder", hidden=16)
     rng = np.random.default_rng(0)
@@ -689,7 +690,7 @@ def _tiny_router(root: Path) -> tuple[Path, Path]:
 
 
 def test_router_artifact_loads_safetensors_and_never_the_planted_pickle(tmp_path: Path) -> None:
-    from gateway.offline.router import OfflineRouter
+    from gateway.offline.model import OfflineRouter
     from reward_router.errors import DataFormatError
 
     marker = tmp_path / "PWNED"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from reward_router.cli import app
+from reward_router_cli.main import app
 from tests.tiny_models import tiny_bert
 
 

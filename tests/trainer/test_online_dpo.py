@@ -17,7 +17,7 @@ from tests.procs import free_port
 
 def _train(gateway: str, policy: Path, prompts: Path, out: Path, *extra: str) -> str:
     args = [
-        sys.executable, "-m", "trainer_client.online_dpo",
+        sys.executable, "-m", "trainer_client",
         "--gateway", gateway, "--policy", str(policy), "--prompts", str(prompts),
         "--out", str(out), "--prompts-per-step", "2", "-k", "3", "--max-new-tokens", "12",
         "--lr", "1e-2", "--save-every", "1", "--torch-threads", "1", *extra,
@@ -103,7 +103,7 @@ def test_gateway_down_stalls_then_stops_with_a_checkpoint(
     url = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "run"
     args = [
-        sys.executable, "-m", "trainer_client.online_dpo", "--gateway", url,
+        sys.executable, "-m", "trainer_client", "--gateway", url,
         "--policy", str(tiny_policy), "--prompts", str(prompts_file), "--out", str(out),
         "--steps", "1", "--max-new-tokens", "4", "--gateway-patience-s", "3",
     ]  # fmt: skip

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.openrlhf import OpenRLHFRequest, StickyRoute, StickyRoutes, bt_probability
 from tests.gateway.helpers import gateway_config, start_gateway
-from trainer_client.openrlhf import OpenRLHFRequest, StickyRoute, StickyRoutes, bt_probability
 
 
 @pytest.fixture(scope="module")

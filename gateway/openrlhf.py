@@ -12,12 +12,14 @@ every later sample of the prompt is compared with the anchor by the SAME RM, and
 ``sigmoid(score_sample - score_anchor)`` (the Bradley-Terry probability that it beats the anchor,
 in [0, 1]); the anchor scores 0.5. If the sticky RM fails, the sample is routed afresh (counted
 in ``extra_logs["fallback"]``). Stickiness is kept per gateway replica in a bounded LRU map.
+Every RM call goes through the gateway's dispatcher (:mod:`gateway.dispatch`): the same
+latency and fallback metrics as ``/v1/route``.
 
 Feedback: the answer's ``route_ids`` (one per sample: its prompt's route) go back through
 ``POST /v1/feedback`` with the trainer's reward for that prompt (e.g. −loss), applied once per
 route id.
 
-The gateway mounts it with one line (``gateway/app.py``)::
+The gateway mounts it beside its own API (``gateway/app.py``)::
 
     app.include_router(build_openrlhf_router())
 
@@ -38,9 +40,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.protocol import Text
+from gateway.api import require_trainer
+from gateway.rm_client import RMUnavailable
+from gateway.service import GatewayService
 from gateway.settings import NAMESPACE_RE
-from reward_router.http import valid_unicode
+from reward_router.protocol import PairIn, RouteRequest, Text, valid_unicode
 
 __all__ = [
     "OpenRLHFRequest",
@@ -163,10 +167,6 @@ def build_openrlhf_router(
     ``?namespace=`` picks the namespace (default ``default_namespace``). Auth is the gateway's
     trainer rule (API key when configured).
     """
-    from gateway.api import require_trainer
-    from gateway.protocol import PairIn, RouteRequest
-    from gateway.rm_client import RMUnavailable
-
     sticky = StickyRoutes(max_sticky)
     router = APIRouter()
 
@@ -181,7 +181,7 @@ def build_openrlhf_router(
         request: Request,
         namespace: str = Query(default=default_namespace, pattern=NAMESPACE_RE.pattern),
     ) -> OpenRLHFResponse:
-        svc = request.app.state.service
+        svc: GatewayService = request.app.state.service
         n = len(body.query)
         prompts = body.prompts or [""] * n
         labels = [None if lb is None else str(lb) for lb in (body.labels or [None] * n)]
@@ -222,8 +222,8 @@ def build_openrlhf_router(
             routes = [sticky.get((namespace, prompts[i])) for i in idx]
             anchors = [r.anchor if r is not None else "" for r in routes]
             try:
-                res = await svc.pool.clients[svc.rm_names.index(rm)].compare(
-                    [pair(i, a) for i, a in zip(idx, anchors, strict=True)]
+                res = await svc.dispatcher.compare_on(
+                    rm, [pair(i, a) for i, a in zip(idx, anchors, strict=True)]
                 )
             except RMUnavailable:
                 # The sticky RM is down: let the policy route these (with its own fallback)
@@ -238,9 +238,9 @@ def build_openrlhf_router(
                     route_ids[i], rm_idx[i] = r.route_id, float(svc.rm_names.index(r.rm))
                     fallback[i] = 1.0
                 continue
-            for i, r, c in zip(idx, routes, res, strict=True):
+            for i, known, c in zip(idx, routes, res, strict=True):
                 scores[i] = bt_probability(c.score_a, c.score_b)
-                route_ids[i] = r.route_id if r is not None else ""
+                route_ids[i] = known.route_id if known is not None else ""
                 rm_idx[i], stuck[i] = float(svc.rm_names.index(rm)), 1.0
         return OpenRLHFResponse(
             rewards=scores,

@@ -12,8 +12,8 @@ from gateway.cli import app as gateway_app
 from gateway.offline.cli import app as router_app
 from gateway.replay_cli import replay
 from gateway.simulate_cli import simulate
-from reward_router.cluster import up
-from reward_router.demo import demo
+from reward_router_cli.cluster import up
+from reward_router_cli.demo import demo
 from services.cli import app as rm_app
 from trainer_client.cli import train_dpo
 

@@ -40,6 +40,7 @@ import typer
 import yaml
 
 from reward_router.errors import ConfigError, RewardRouterError
+from reward_router.readiness import is_ready
 
 #: Bytes of a failed child's log shown on the terminal.
 LOG_TAIL_BYTES = 4000
@@ -249,13 +250,11 @@ class Supervisor:
 
     def wait_ready(self) -> bool:
         """Poll every child's ``/readyz``; False when asked to stop first."""
-        from services.pool import _is_ready
-
         pending = list(self.cluster.children)
         deadline = time.monotonic() + self.cluster.ready_timeout_s
         while pending:
             self.check_alive()
-            pending = [c for c in pending if not _is_ready(c.url)]
+            pending = [c for c in pending if not is_ready(c.url)]
             if not pending:
                 return True
             if time.monotonic() > deadline:
@@ -299,10 +298,8 @@ def run_cluster(cluster: Cluster, out: IO[str] | None = None) -> int:
 
     0 after a requested stop, 1 when a child fails (its log tail goes to stderr).
     """
-    from services.pool import _is_ready
-
     out = out or sys.stdout
-    busy = [c for c in cluster.children if _is_ready(c.url)]
+    busy = [c for c in cluster.children if is_ready(c.url)]
     if busy:
         who = f"{busy[0].url} ({busy[0].name})"
         print(f"error: something already answers at {who}; is a cluster running?", file=sys.stderr)

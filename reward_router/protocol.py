@@ -1,8 +1,20 @@
-"""Request and response models of the gateway's HTTP API (what the OpenAPI page shows).
+"""The wire protocol: every body that crosses HTTP between a trainer, the gateway and the RM
+services, defined once (the gateway, the RM services and the client all import it).
+
+Pydantic only: no web framework, so ``import trainer_client`` stays light.
+
+* shared: :data:`Text`, :class:`Message`, the one error body (:class:`ErrorBody`);
+* the gateway's API: :class:`RouteRequest` / :class:`RouteResponse`, :class:`FeedbackRequest`,
+  :class:`NamespaceConfig`, :class:`PosteriorsResponse`, ...;
+* an RM service's API: :class:`ScoreRequest`, :class:`CompareRequest`, :class:`InfoResponse`.
 
 >>> RouteRequest.model_validate({"pairs": [{"prompt": "2+2?", "response_a": "4",
 ...                                         "response_b": "5"}]}).pairs[0].response_a
 '4'
+>>> CompareRequest.model_validate(
+...     {"pairs": [{"prompt": "2+2?", "response_a": "4", "response_b": "5"}]}
+... ).pairs[0].response_b
+'5'
 """
 
 from __future__ import annotations
@@ -10,21 +22,68 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, StringConstraints
 
-from reward_router.http import valid_unicode
+#: A namespace (one per training run): letters, digits, ``_ . -``; at most 64 characters.
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
-NamespaceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+
+def valid_unicode(value: str) -> str:
+    """Refuse lone surrogates (``"\\ud800"`` in a JSON string): no UTF-8 encoding exists, so
+    the text could reach neither an encoder nor a tokenizer (which raises mid-batch, failing
+    every request in the batch). Use as a pydantic ``AfterValidator``: a 422 naming the field.
+
+    >>> valid_unicode("é 😀")
+    'é 😀'
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"lone surrogate at character {exc.start}: not valid Unicode") from None
+    return value
+
+
+# -- shared -------------------------------------------------------------------------------------
+
+#: Every text field: a JSON string (no coercion) that has a UTF-8 encoding.
+Text = Annotated[StrictStr, AfterValidator(valid_unicode)]
+#: A caller's tag or a route id: valid Unicode, at most 256 characters.
+ShortText = Annotated[StrictStr, StringConstraints(max_length=256), AfterValidator(valid_unicode)]
+NamespaceName = Annotated[str, StringConstraints(pattern=NAMESPACE_PATTERN)]
+
+
+class Message(BaseModel):
+    """One turn of a conversation prompt (the roles every RM service accepts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+#: A prompt: plain text (one user turn) or a conversation.
+Prompt = Text | list[Message]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+    #: the RM at fault (an RM service's answers; the gateway leaves it out)
+    rm: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one error body of every 4xx/5xx answer, from the gateway and every RM service."""
+
+    error: ErrorDetail
+
+
+# -- the gateway's API --------------------------------------------------------------------------
 
 #: Largest |reward| accepted. A −DPO loss is O(1)..O(100); a value near the float limit is a
 #: caller bug and would overflow the z-score normaliser (and poison the namespace's log).
 MAX_ABS_REWARD = 1e6
-
-
-#: A string that has a UTF-8 encoding (every text field of a request).
-Text = Annotated[str, AfterValidator(valid_unicode)]
-#: A caller's tag or a route id: valid Unicode, at most 256 characters.
-ShortText = Annotated[str, StringConstraints(max_length=256), AfterValidator(valid_unicode)]
 
 
 def _json_safe(value: Any) -> None:
@@ -60,15 +119,6 @@ def _json_safe_dict(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 ConfigParams = Annotated[dict[str, Any] | None, AfterValidator(_json_safe_dict)]
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # The roles every RM service accepts (services/protocol.py): any other would pass here and
-    # be refused by the RM only after routing.
-    role: Literal["system", "user", "assistant"]
-    content: Text
 
 
 class PairIn(BaseModel):
@@ -193,13 +243,76 @@ class NamespaceInfo(BaseModel):
     config: dict[str, Any]
 
 
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    field: str | None = None
+# -- an RM service's API -----------------------------------------------------------------------
 
 
-class ErrorBody(BaseModel):
-    """The one error body of every 4xx/5xx answer."""
+class ScoreItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    error: ErrorDetail
+    prompt: Prompt
+    response: Text
+    reference: Text | None = None
+
+
+class ScoreRequest(BaseModel):
+    """``POST /v1/score``: responses to score, each with its prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem]
+
+
+class ScoreResponse(BaseModel):
+    """Scores in request order. ``truncated`` / ``abstained`` list item positions."""
+
+    model: str
+    scores: list[float]
+    truncated: list[int] = Field(default_factory=list)
+    abstained: list[int] = Field(default_factory=list)
+
+
+class ComparePair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt
+    response_a: Text
+    response_b: Text
+    reference: Text | None = None
+
+
+class CompareRequest(BaseModel):
+    """``POST /v1/compare``: pairs of responses to the same prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: list[ComparePair]
+
+
+class CompareResult(BaseModel):
+    score_a: float
+    score_b: float
+    preferred: Literal["a", "b", "tie"]
+
+
+class CompareResponse(BaseModel):
+    """One result per pair, in request order. ``truncated`` / ``abstained``: pair positions."""
+
+    model: str
+    results: list[CompareResult]
+    truncated: list[int] = Field(default_factory=list)
+    abstained: list[int] = Field(default_factory=list)
+
+
+class InfoResponse(BaseModel):
+    """``GET /v1/info``: what this service is."""
+
+    name: str
+    backend: str
+    model: str
+    pairwise: bool
+    max_batch_size: int
+    max_request_items: int
+    max_length: int
+    truncation: str
+    microbatch: bool
+    ready: bool

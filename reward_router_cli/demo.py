@@ -11,13 +11,14 @@ leaves half an artifact that a later run would trust:
                  into servable folders: ``reward-router rm build``;
 3. ``behaviour`` the pool's shipped behaviour matrix (``data/rm_outputs/pool-heldout.jsonl.gz``,
                  ~6,000 held-out pairs x 5 RMs) split by prompt group into the router's part and
-                 a stream the router never sees (:mod:`reward_router.demo_label`);
+                 a stream the router never sees (:mod:`reward_router_cli.demo_label`);
 4. ``router``    the offline router trained on its part: ``router train``;
 5. ``cluster``   five RM services and the gateway as child processes: ``reward-router up``;
 6. ``label``     the stream through the live gateway, one RM per pair, the feedback being whether
                  the label was right (namespace ``demo-label``, ``normalizer: none``);
 7. ``train``     a short Online DPO run of SmolLM2 through the gateway: ``train-dpo``;
-8. ``report``    ``report.json``, PNG plots and ``summary.md`` (:mod:`reward_router.demo_report`).
+8. ``report``    ``report.json``, PNG plots and ``summary.md``
+                 (:mod:`reward_router_cli.demo_report`).
 
 The report folder also keeps the cluster files the run used (``cluster/``), so
 ``reward-router up --config <report>/cluster/cluster.yaml`` brings the same cluster back.
@@ -134,7 +135,7 @@ def free_port() -> int:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "reward_router.cli", *args]
+    return [sys.executable, "-m", "reward_router_cli", *args]
 
 
 class Demo:
@@ -297,7 +298,7 @@ class Demo:
     def behaviour(self) -> Path:
         """The shipped matrix split into the router's part and the label stream (cached)."""
         from reward_router.data import load_pairs
-        from reward_router.demo_label import split_matrix
+        from reward_router_cli.demo_label import split_matrix
         from services.train import write_pairs
 
         cfg = self.cfg
@@ -407,7 +408,7 @@ class Demo:
         from rich.progress import Progress
 
         from reward_router.data import load_behavior, load_pairs
-        from reward_router.demo_label import label_summary, stream_labels
+        from reward_router_cli.demo_label import label_summary, stream_labels
         from services.pool import reference_of
         from trainer_client import GatewayClient
 
@@ -466,7 +467,7 @@ class Demo:
     # ---- the whole run -------------------------------------------------------------------------
 
     def execute(self) -> Path:
-        from reward_router.demo_report import write_report
+        from reward_router_cli.demo_report import write_report
 
         cfg = self.cfg
         if not (cfg.data_dir / "pairs").is_dir():
