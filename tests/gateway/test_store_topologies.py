@@ -11,6 +11,7 @@ import asyncio
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from gateway.settings import load_settings
 from gateway.store import Outcome, StoreUnavailable
@@ -132,6 +133,17 @@ async def test_a_burst_past_the_pool_queues_instead_of_failing(
     try:
         meta, _ = await st.create_namespace("ns", {})
         ids = await st.put_routes("ns", meta.gen, [(0, _h(i)) for i in range(400)], ttl_s=60)
+        if topology == "redis":
+            # What the store did before: redis-py's default pool, which fails past its size.
+            old = RedisStore(aioredis.Redis.from_url(url, max_connections=4), prefix="t")
+            try:
+                got = await asyncio.gather(
+                    *(old.get_namespace("ns") for _ in range(400)), return_exceptions=True
+                )
+            finally:
+                await old.aclose()
+            refused = [e for e in got if isinstance(e, StoreUnavailable)]
+            assert refused and "Too many connections" in str(refused[0])
         # 400 calls at once on 4 connections: redis-py's default pool raised "Too many
         # connections" for every call past its size; these wait their turn.
         res = await asyncio.gather(*(st.apply_feedback([(rid, 1.0)]) for rid in ids))
