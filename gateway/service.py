@@ -176,15 +176,10 @@ class GatewayService:
             for name in rm_order
         ]
         store: Store
-        if settings.redis_url:
+        if settings.uses_redis:
             from gateway.store_redis import RedisStore
 
-            store = RedisStore.from_url(
-                settings.redis_url,
-                prefix=settings.key_prefix,
-                retries=settings.store_retries,
-                timeout_s=settings.store_timeout_s,
-            )
+            store = RedisStore.from_settings(settings)
         elif settings.store_path is not None:
             from gateway.store_sqlite import SqliteStore
 

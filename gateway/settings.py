@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -121,6 +122,27 @@ class GatewaySettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "REWARD_ROUTER_GATEWAY_REDIS_URL", "redis_url"),
     )
+    # The Redis topology (docs/operations.md#redis-topologies): redis_url alone is one server;
+    # with redis_cluster it names one node of a Redis Cluster (the others are discovered);
+    # redis_sentinels (instead of redis_url) are the Sentinels to ask for the current master of
+    # redis_sentinel_master, found again after a failover.
+    redis_cluster: bool = False
+    # "host:port" each; in the environment one comma-separated string
+    # (REWARD_ROUTER_GATEWAY_REDIS_SENTINELS=s1:26379,s2:26379,s3:26379).
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str | None = Field(default=None, min_length=1, max_length=128)
+    # The Sentinels' own credentials (their requirepass / ACL user), None = open Sentinels.
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    # The master's credentials and database with Sentinel (with redis_url they are in the URL).
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_db: int = Field(default=0, ge=0, le=10_000)
+    # Connections per gateway replica (per node on a cluster). A call that finds them all in
+    # use waits up to redis_pool_timeout_s for one (then 503 store_unavailable), so a burst
+    # queues instead of failing; max_in_flight (256) requests hold at most one each at a time.
+    redis_pool_size: int = Field(default=128, ge=1, le=10_000)
+    redis_pool_timeout_s: float = Field(default=10.0, gt=0, le=600)
     key_prefix: str = Field(default="rr", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
     # Redis reconnect: a restart of redis-server takes ~1 s; 8 exponential tries cap ~6 s total.
     store_retries: int = Field(default=8, ge=0, le=100)
@@ -200,6 +222,85 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"{n!r} must match {NAMESPACE_RE.pattern}")
         return names
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, v: list[str]) -> list[str]:
+        for i, addr in enumerate(v):
+            host, sep, port = addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"item {i}: {addr!r} is not host:port (e.g. 10.0.0.5:26379)")
+        return v
+
+    @model_validator(mode="after")
+    def _redis_topology(self) -> GatewaySettings:
+        url = self.redis_url
+        scheme = url.partition("://")[0].lower() if url and "://" in url else None
+        if url is not None and scheme not in ("redis", "rediss", "unix"):
+            hint = ""
+            if scheme is not None and "sentinel" in scheme:
+                hint = (
+                    ": redis-py takes no Sentinel URL; leave redis_url (REDIS_URL) unset and set "
+                    "redis_sentinels (host:port,...) and redis_sentinel_master instead, the "
+                    "master's password in redis_password"
+                )
+            raise ValueError(
+                f"redis_url: must start with redis://, rediss:// or unix://, got "
+                f"{scheme + '://' if scheme else repr(url)}{hint}"
+            )
+        if self.redis_sentinels:
+            if url is not None:
+                raise ValueError(
+                    "redis_url: set either redis_url (one server or a cluster node) or "
+                    "redis_sentinels (the master found through Sentinel), not both"
+                )
+            if self.redis_cluster:
+                raise ValueError("redis_cluster: a Redis Cluster has no Sentinels; unset one")
+            if self.redis_sentinel_master is None:
+                raise ValueError(
+                    "redis_sentinel_master: the name the Sentinels monitor the master under "
+                    "(`sentinel monitor NAME ...`) is required with redis_sentinels"
+                )
+            return self
+        for name in ("redis_sentinel_master", "redis_sentinel_password", "redis_username"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: only used with redis_sentinels, which is empty")
+        if self.redis_password is not None or self.redis_db:
+            field = "redis_password" if self.redis_password is not None else "redis_db"
+            raise ValueError(
+                f"{field}: only used with redis_sentinels; put the password and database in "
+                "redis_url (redis://:PASSWORD@host:6379/0)"
+            )
+        if self.redis_cluster:
+            if url is None:
+                raise ValueError("redis_cluster: set redis_url to one node of the cluster")
+            path = url.partition("://")[2].partition("/")[2].partition("?")[0]
+            if scheme == "unix" or path not in ("", "0"):
+                raise ValueError(
+                    "redis_url: a Redis Cluster is reached over TCP and has database 0 only, "
+                    f"got {re.sub(r'//[^@/]*@', '//***@', url)!r}"
+                )
+        return self
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the store is Redis (shared by replicas): by URL or through Sentinel."""
+        return self.redis_url is not None or bool(self.redis_sentinels)
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``redis_sentinels`` as (host, port) pairs (IPv6 hosts may be in brackets)."""
+        out = []
+        for addr in self.redis_sentinels:
+            host, _, port = addr.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
+
     @model_validator(mode="after")
     def _safe_by_default(self) -> GatewaySettings:
         # Every secret: refuse a known placeholder (a default key is worse than no key).
@@ -209,6 +310,8 @@ class GatewaySettings(BaseSettings):
             ("rm_api_key", self.rm_api_key),
             *((f"rms.{i}.api_key", rm.api_key) for i, rm in enumerate(self.rms)),
             ("redis_url", redis_password(self.redis_url) if self.redis_url else None),
+            ("redis_password", self.redis_password),
+            ("redis_sentinel_password", self.redis_sentinel_password),
         ]
         for field, secret in named:
             raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
@@ -261,10 +364,21 @@ class GatewaySettings(BaseSettings):
 
     def safe_dict(self) -> dict[str, Any]:
         """The settings without secrets, for logs and ``/v1/info``."""
-        d = self.model_dump(mode="json", exclude={"api_keys", "admin_key", "rm_api_key"})
+        d = self.model_dump(
+            mode="json",
+            exclude={
+                "api_keys",
+                "admin_key",
+                "rm_api_key",
+                "redis_password",
+                "redis_sentinel_password",
+            },
+        )
         d["api_keys"] = f"{len(self.api_keys)} configured"
         d["admin_key"] = "configured" if self.admin_key else None
         d["rm_api_key"] = "configured" if self.rm_api_key else None
+        d["redis_password"] = "configured" if self.redis_password else None
+        d["redis_sentinel_password"] = "configured" if self.redis_sentinel_password else None
         if self.redis_url:
             d["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
         for rm, out in zip(self.rms, d["rms"], strict=True):

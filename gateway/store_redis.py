@@ -3,6 +3,16 @@
 Every read-modify-write is one Lua script (atomic on the server), registered once with its
 KEYS/ARGV header; reads of several keys go in one pipeline. Keys: :mod:`gateway.keys`.
 
+Topologies (:meth:`RedisStore.from_settings`): one server by URL, a master found through Redis
+Sentinel, or a Redis Cluster. Every script and transaction touches the keys of one namespace
+only, which share the namespace's hash tag, so on a cluster each runs in one slot; the set of
+namespace names is its own slot and is written by a separate step (see ``create_namespace``).
+
+Connections: one pool per store, at most ``pool_size`` connections; a burst past it waits up to
+``pool_timeout_s`` for a free one instead of failing (redis-py's default pool raises "Too many
+connections" at once). A cluster client keeps a pool per node without a wait, so there a
+semaphore of ``pool_size`` store calls gives the same queueing.
+
 Durability: the gateway answers 200 on ``/v1/feedback`` only after the script returned, so with
 ``appendonly yes`` + ``appendfsync always`` an acknowledged feedback is on disk before the trainer
 hears of it. Reconnects: redis-py retries connection errors with exponential back-off (a restart
@@ -15,14 +25,19 @@ the observation is in the log once either way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,20 +60,35 @@ from gateway.store import (
     new_uid,
 )
 
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
+
 T = TypeVar("T")
 
-# KEYS[1] meta, KEYS[2] namespaces set
-# ARGV[1] ns, ARGV[2] gen, ARGV[3] config JSON, ARGV[4] created, ARGV[5] limit (0: none)
-# -> {1 if created else 0, gen, config, created}, or {-1, count} past the limit
+# Creating a namespace is two scripts, because its meta and the set of names live in different
+# slots on a cluster: first the name is registered in the set (the limit is checked there, in
+# the same atomic step), then the meta is created if missing. A crash between the two leaves a
+# name without meta: not listed (list_namespaces shows names with meta), and the next create or
+# delete of that name completes or removes it.
+
+# KEYS[1] namespaces set; ARGV[1] ns, ARGV[2] limit (0: none) -> 1 registered (or already was),
+# or {-1, count} past the limit
+_REGISTER = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+local n = redis.call('SCARD', KEYS[1])
+if tonumber(ARGV[2]) > 0 and n >= tonumber(ARGV[2]) then
+  return {-1, n}
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1] meta; ARGV[1] gen, ARGV[2] config JSON, ARGV[3] created
+# -> {1 if created else 0, gen, config, created}
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  local n = redis.call('SCARD', KEYS[2])
-  if tonumber(ARGV[5]) > 0 and n >= tonumber(ARGV[5]) then
-    return {-1, n}
-  end
-  redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'config', ARGV[3], 'created', ARGV[4])
-  redis.call('SADD', KEYS[2], ARGV[1])
-  return {1, ARGV[2], ARGV[3], ARGV[4]}
+  redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'config', ARGV[2], 'created', ARGV[3])
+  return {1, ARGV[1], ARGV[2], ARGV[3]}
 end
 local m = redis.call('HMGET', KEYS[1], 'gen', 'config', 'created')
 return {0, m[1], m[2], m[3]}
@@ -72,10 +102,12 @@ redis.call('HSET', KEYS[1], 'gen', ARGV[1])
 return old
 """
 
-# Exactly-once feedback, for a batch; per item i: KEYS meta_i, route_i, log_i, base_i and ARGV
-# gen_i, reward_i (packed float64). Per item two numbers: 0 unknown, -1 duplicate or seq (> 0)
-# applied (entries trimmed off the log's head + its new length); then the RM index of an applied
-# item (the record's first two bytes, little-endian), else -1.
+# Exactly-once feedback, for a batch of one namespace (a batch naming several is split, one
+# script per namespace: its keys share one hash tag, so one slot on a cluster); per item i:
+# KEYS meta, route_i, log_i, base_i and ARGV gen_i, reward_i (packed float64). Per item two
+# numbers: 0 unknown, -1 duplicate or seq (> 0) applied (entries trimmed off the log's head +
+# its new length); then the RM index of an applied item (the record's first two bytes,
+# little-endian), else -1.
 _FEEDBACK = """
 local out = {}
 for i = 1, #KEYS / 4 do
@@ -177,12 +209,48 @@ class _Retry(Retry):
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-class RedisStore:
-    """Store on a Redis server; see :mod:`gateway.store` for the contract."""
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's master discovery with the blocking pool's wait for a free connection.
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "rr") -> None:
-        self._r = client
+    redis-py's ``SentinelConnectionPool`` extends the failing ``ConnectionPool``; this puts
+    ``BlockingConnectionPool`` (``max_connections``, ``timeout``) under it in the MRO.
+    """
+
+
+_RETRY_ON = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
+
+
+def _retry(retries: int) -> _Retry:
+    # 50 ms doubling to 1 s: a restarted redis-server (~1 s) or a Sentinel failover (a few s)
+    # is waited out within the default 8 tries (~6 s).
+    return _Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+
+
+class RedisStore:
+    """Store on Redis (one server, Sentinel or Cluster); see :mod:`gateway.store` for the contract.
+
+    ``gate``: at most this many store calls at once (queueing the rest up to ``gate_timeout_s``);
+    used with a cluster client, whose per-node pools fail instead of waiting. ``sentinel``: the
+    manager a Sentinel client came from (its connections to the Sentinels close with the store).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        prefix: str = "rr",
+        *,
+        gate: int | None = None,
+        gate_timeout_s: float = 10.0,
+        sentinel: Sentinel | None = None,
+    ) -> None:
+        self._r: Any = client
+        self._sentinel = sentinel
+        self._cluster = isinstance(client, RedisCluster)
         self.keys = Keys(prefix)
+        self._gate = asyncio.Semaphore(gate) if gate else None
+        self._gate_size = gate
+        self._gate_timeout_s = gate_timeout_s
+        self._register = client.register_script(_REGISTER)
         self._create = client.register_script(_CREATE)
         self._reset = client.register_script(_RESET)
         self._feedback = client.register_script(_FEEDBACK)
@@ -192,24 +260,152 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "rr", retries: int = 8, timeout_s: float = 5.0
+        cls,
+        url: str,
+        *,
+        prefix: str = "rr",
+        retries: int = 8,
+        timeout_s: float = 5.0,
+        pool_size: int = 128,
+        pool_timeout_s: float = 10.0,
     ) -> RedisStore:
-        """A store with reconnects: ``retries`` tries, back-off 50 ms doubling to 1 s."""
-        client = aioredis.Redis.from_url(
+        """One server: reconnects (``retries`` tries, back-off 50 ms doubling to 1 s) and a
+        blocking pool of ``pool_size`` connections (a call waits ``pool_timeout_s`` for one)."""
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=pool_timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+            retry=_retry(retries),
+            retry_on_error=_RETRY_ON,
             health_check_interval=30,
         )
-        return cls(client, prefix)
+        return cls(aioredis.Redis.from_pool(pool), prefix)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        master: str,
+        *,
+        prefix: str = "rr",
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
+        retries: int = 8,
+        timeout_s: float = 5.0,
+        pool_size: int = 128,
+        pool_timeout_s: float = 10.0,
+    ) -> RedisStore:
+        """The current master of ``master`` as the Sentinels name it, found again after a failover.
+
+        A connection asks the Sentinels for the master's address when it connects; a master that
+        was demoted answers READONLY, which closes the connection and retries on the new master.
+        """
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        }
+        if sentinel_password is not None:
+            sentinel_kwargs["password"] = sentinel_password
+        if sentinel_username is not None:
+            sentinel_kwargs["username"] = sentinel_username
+        manager = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs)
+        client = manager.master_for(
+            master,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=pool_size,
+            timeout=pool_timeout_s,
+            db=db,
+            username=username,
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=_retry(retries),
+            retry_on_error=_RETRY_ON,
+            health_check_interval=30,
+        )
+        return cls(client, prefix, sentinel=manager)
+
+    @classmethod
+    def from_cluster(
+        cls,
+        url: str,
+        *,
+        prefix: str = "rr",
+        retries: int = 8,
+        timeout_s: float = 5.0,
+        pool_size: int = 128,
+        pool_timeout_s: float = 10.0,
+    ) -> RedisStore:
+        """A Redis Cluster, discovered from the node ``url`` names (any node of it).
+
+        At most ``pool_size`` store calls run at once, each holding at most one connection per
+        node, so a node's pool (``pool_size`` plus a few for the client's own topology reads)
+        never runs out; a burst past it waits up to ``pool_timeout_s``.
+        """
+        client = RedisCluster.from_url(
+            url,
+            max_connections=pool_size + 8,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+            health_check_interval=30,
+        )
+        return cls(client, prefix, gate=pool_size, gate_timeout_s=pool_timeout_s)
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> RedisStore:
+        """The store the settings name: ``redis_sentinels``, ``redis_cluster`` or ``redis_url``."""
+        common: dict[str, Any] = {
+            "prefix": settings.key_prefix,
+            "retries": settings.store_retries,
+            "timeout_s": settings.store_timeout_s,
+            "pool_size": settings.redis_pool_size,
+            "pool_timeout_s": settings.redis_pool_timeout_s,
+        }
+        if settings.redis_sentinels:
+            assert settings.redis_sentinel_master is not None  # checked by the settings
+
+            def secret(v: Any) -> str | None:
+                return v.get_secret_value() if v is not None else None
+
+            return cls.from_sentinel(
+                settings.sentinel_addresses(),
+                settings.redis_sentinel_master,
+                db=settings.redis_db,
+                username=settings.redis_username,
+                password=secret(settings.redis_password),
+                sentinel_username=settings.redis_sentinel_username,
+                sentinel_password=secret(settings.redis_sentinel_password),
+                **common,
+            )
+        assert settings.redis_url is not None  # checked by the settings
+        if settings.redis_cluster:
+            return cls.from_cluster(settings.redis_url, **common)
+        return cls.from_url(settings.redis_url, **common)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        gate = self._gate
+        if gate is not None:
+            try:
+                async with asyncio.timeout(self._gate_timeout_s):
+                    await gate.acquire()
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"redis: no connection free within {self._gate_timeout_s:g} s "
+                    f"({self._gate_size} store calls in flight: redis_pool_size)"
+                ) from None
         try:
             return await fn()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+        finally:
+            if gate is not None:
+                gate.release()
 
     async def ping(self) -> None:
         await self._call(self._r.ping)
@@ -218,7 +414,12 @@ class RedisStore:
         # INFO, not CONFIG GET: CONFIG is often disabled by ACLs on managed Redis. An ACL
         # without INFO (-@dangerous) leaves it unknown: said so, not taken as durable.
         try:
-            info = await self._r.info("persistence")
+            if self._cluster:
+                # Every primary holds some namespaces: each must persist.
+                per_node = await self._r.info("persistence", target_nodes=RedisCluster.PRIMARIES)
+                infos = list(per_node.values()) if "aof_enabled" not in per_node else [per_node]
+            else:
+                infos = [await self._r.info("persistence")]
         except NoPermissionError:
             return (
                 "cannot tell whether redis persists acknowledged feedback (this user may not "
@@ -226,7 +427,7 @@ class RedisStore:
             )
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
-        if int(info.get("aof_enabled", 0)):
+        if all(int(info.get("aof_enabled", 0)) for info in infos):
             return None
         return (
             "redis runs without AOF (appendonly no): feedback acknowledged since its last RDB "
@@ -242,19 +443,18 @@ class RedisStore:
     async def create_namespace(
         self, ns: str, config: dict[str, Any], *, limit: int | None = None
     ) -> tuple[NamespaceMeta, bool]:
-        argv: list[str | int] = [
-            ns,
-            new_gen(),
-            json.dumps(config, sort_keys=True),
-            repr(time.time()),
-            limit or 0,
-        ]
-        res = await self._call(
-            lambda: self._create(keys=[self.keys.meta(ns), self.keys.namespaces()], args=argv)
+        reg = await self._call(
+            lambda: self._register(keys=[self.keys.namespaces()], args=[ns, limit or 0])
         )
-        if int(res[0]) < 0:
-            raise NamespaceLimit(f"{int(res[1])} namespaces exist (max_namespaces {limit})")
+        if isinstance(reg, list) and int(reg[0]) < 0:
+            raise NamespaceLimit(f"{int(reg[1])} namespaces exist (max_namespaces {limit})")
+        argv: list[str] = [new_gen(), json.dumps(config, sort_keys=True), repr(time.time())]
+        res = await self._call(lambda: self._create(keys=[self.keys.meta(ns)], args=argv))
         return _meta(ns, res[1], res[2], res[3]), bool(res[0])
+
+    def _generation_keys(self, ns: str, gen: str) -> list[str]:
+        k = self.keys
+        return [k.log(ns, gen), k.base(ns, gen), k.routes(ns, gen), k.snapshot(ns, gen)]
 
     async def reset_namespace(self, ns: str) -> NamespaceMeta | None:
         gen = new_gen()
@@ -263,39 +463,32 @@ class RedisStore:
             return None
         old_gen = old.decode() if isinstance(old, bytes) else str(old)
         # The old generation's log and counters are unreachable now; drop them to free memory.
-        await self._call(
-            lambda: self._r.delete(
-                self.keys.log(ns, old_gen),
-                self.keys.base(ns, old_gen),
-                self.keys.routes(ns, old_gen),
-                self.keys.snapshot(ns, old_gen),
-            )
-        )
+        await self._call(lambda: self._r.delete(*self._generation_keys(ns, old_gen)))
         return await self.get_namespace(ns)
 
     async def delete_namespace(self, ns: str) -> bool:
         meta = await self.get_namespace(ns)
-        if meta is None:
-            return False
-
-        async def run() -> None:
-            async with self._r.pipeline(transaction=True) as p:
-                p.delete(self.keys.meta(ns))
-                p.srem(self.keys.namespaces(), ns)
-                p.delete(
-                    self.keys.log(ns, meta.gen),
-                    self.keys.base(ns, meta.gen),
-                    self.keys.routes(ns, meta.gen),
-                    self.keys.snapshot(ns, meta.gen),
-                )
-                await p.execute()
-
-        await self._call(run)
-        return True
+        if meta is not None:
+            # One DEL of keys that share the namespace's slot: atomic, on a cluster too.
+            keys = [self.keys.meta(ns), *self._generation_keys(ns, meta.gen)]
+            await self._call(lambda: self._r.delete(*keys))
+        # Then the name (also the clean-up of a name a crashed create left without meta).
+        await self._call(lambda: self._r.srem(self.keys.namespaces(), ns))
+        return meta is not None
 
     async def list_namespaces(self) -> list[str]:
-        names = await self._call(lambda: self._r.smembers(self.keys.namespaces()))
-        return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        raw = await self._call(lambda: self._r.smembers(self.keys.namespaces()))
+        names = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
+
+        async def have_meta() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as p:
+                for n in names:
+                    p.exists(self.keys.meta(n))
+                return list(await p.execute())
+
+        # A name whose creation did not finish (no meta) is not a namespace yet.
+        found = await self._call(have_meta) if names else []
+        return [n for n, e in zip(names, found, strict=True) if int(e)]
 
     async def put_routes(
         self,
@@ -327,25 +520,28 @@ class RedisStore:
 
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]:
         out: list[FeedbackResult | None] = [None] * len(items)
-        keys: list[str] = []
-        args: list[bytes | str] = []
-        where: list[tuple[int, RouteId]] = []
+        by_ns: dict[str, list[tuple[int, RouteId, float]]] = {}
         for i, (text, reward) in enumerate(items):
             rid = RouteId.parse(text)
             if rid is None:
                 out[i] = FeedbackResult(Outcome.UNKNOWN)
-                continue
-            keys += [
-                self.keys.meta(rid.ns),
-                self.keys.route(rid.ns, rid.gen, rid.uid),
-                self.keys.log(rid.ns, rid.gen),
-                self.keys.base(rid.ns, rid.gen),
-            ]
-            args += [rid.gen, encode_reward(reward)]
-            where.append((i, rid))
-        if where:
-            res = await self._call(lambda: self._feedback(keys=keys, args=args))
-            for (i, rid), code, arm in zip(where, res[::2], res[1::2], strict=True):
+            else:
+                by_ns.setdefault(rid.ns, []).append((i, rid, reward))
+        # One script per namespace (its keys share one slot); in order, so the log's order
+        # within a namespace is the batch's.
+        for ns, where in by_ns.items():
+            keys: list[str] = []
+            args: list[bytes | str] = []
+            for _, rid, reward in where:
+                keys += [
+                    self.keys.meta(ns),
+                    self.keys.route(ns, rid.gen, rid.uid),
+                    self.keys.log(ns, rid.gen),
+                    self.keys.base(ns, rid.gen),
+                ]
+                args += [rid.gen, encode_reward(reward)]
+            res = await self._call(partial(self._feedback, keys=keys, args=args))
+            for (i, rid, _), code, arm in zip(where, res[::2], res[1::2], strict=True):
                 code = int(code)
                 if code > 0:
                     out[i] = FeedbackResult(Outcome.APPLIED, rid.ns, code, int(arm))
@@ -400,3 +596,6 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._r.aclose()
+        if self._sentinel is not None:  # its clients of the Sentinels themselves
+            for client in self._sentinel.sentinels:
+                await client.aclose()

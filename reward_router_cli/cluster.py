@@ -174,7 +174,7 @@ def load_cluster(path: str | Path) -> Cluster:
     ports = gw.get("ports") or [settings.port + i for i in range(replicas)]
     if len(ports) != replicas or not all(isinstance(x, int) and 0 < x < 65536 for x in ports):
         raise ConfigError("gateway.ports", f"must be {replicas} port numbers, got {ports!r}")
-    if replicas > 1 and not settings.redis_url:
+    if replicas > 1 and not settings.uses_redis:
         raise ConfigError(
             "gateway.replicas",
             f"{replicas} replicas need a shared store: set REDIS_URL (without it each replica "
@@ -182,7 +182,7 @@ def load_cluster(path: str | Path) -> Cluster:
         )
 
     log_dir = Path(str(data.get("log_dir", "logs/cluster")))
-    if not settings.redis_url and settings.store_path is None:
+    if not settings.uses_redis and settings.store_path is None:
         # One replica without Redis: a SQLite file next to the logs, so a restart of `up`
         # keeps every namespace and posterior (docs/reliability.md, durability).
         merged["store_path"] = str((log_dir / "gateway-state.db").resolve())

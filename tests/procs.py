@@ -14,10 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -150,7 +151,9 @@ def redis_server_binary() -> str:
     return path
 
 
-def start_redis(port: int, data_dir: Path, *, password: str | None = None) -> Proc:
+def start_redis(
+    port: int, data_dir: Path, *, password: str | None = None, extra: Sequence[str] = ()
+) -> Proc:
     """A private redis-server on ``port`` with append-only persistence in ``data_dir``."""
     args = [
         redis_server_binary(),
@@ -169,4 +172,141 @@ def start_redis(port: int, data_dir: Path, *, password: str | None = None) -> Pr
     ]
     if password:
         args += ["--requirepass", password]
-    return start_process(args, port)
+    return start_process([*args, *extra], port)
+
+
+def _redis_client(port: int) -> Any:
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+
+def _wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # a server still starting up: asked again
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} within {timeout}s")
+
+
+@dataclass
+class SentinelSetup:
+    """A master, its replica and one Sentinel monitoring them as ``name``."""
+
+    master: Proc
+    replica: Proc
+    sentinel: Proc
+    name: str = "rr-master"
+
+    def procs(self) -> list[Proc]:
+        return [self.sentinel, self.replica, self.master]
+
+    def master_port(self) -> int:
+        """The port of the master the Sentinel names now."""
+        client = _redis_client(self.sentinel.port)
+        try:
+            return int(client.sentinel_get_master_addr_by_name(self.name)[1])
+        finally:
+            client.close()
+
+    def replica_known(self) -> bool:
+        """Whether the Sentinel sees a replica in sync (what a failover needs)."""
+        client = _redis_client(self.sentinel.port)
+        try:
+            replicas = client.sentinel_slaves(self.name)
+        finally:
+            client.close()
+        return any(
+            r.get("master-link-status") == "ok" and not r.get("is_disconnected") for r in replicas
+        )
+
+    def kill(self) -> None:
+        for p in self.procs():
+            p.kill()
+            p.log.unlink(missing_ok=True)
+
+
+def start_sentinel(data_dir: Path, name: str = "rr-master") -> SentinelSetup:
+    """A master + replica (redis-server, AOF) and a ``redis-sentinel`` on free ports."""
+    sentinel_bin = shutil.which("redis-sentinel")
+    if sentinel_bin is None:
+        raise RuntimeError("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    (data_dir / "master").mkdir(parents=True)
+    (data_dir / "replica").mkdir()
+    master = start_redis(free_port(), data_dir / "master")
+    procs = [master]
+    try:
+        replica = start_redis(
+            free_port(), data_dir / "replica", extra=["--replicaof", "127.0.0.1", str(master.port)]
+        )
+        procs.append(replica)
+        port = free_port()
+        conf = data_dir / "sentinel.conf"  # Sentinel rewrites its file: a writable copy each
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {data_dir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {name} 2000\n"
+            f"sentinel failover-timeout {name} 10000\n"
+        )
+        sentinel = start_process([sentinel_bin, str(conf)], port)
+        procs.append(sentinel)
+        setup = SentinelSetup(master, replica, sentinel, name)
+        _wait_until("the Sentinel names the master", lambda: setup.master_port() == master.port)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    return setup
+
+
+def start_redis_cluster(data_dir: Path, nodes: int = 3) -> list[Proc]:
+    """A Redis Cluster of ``nodes`` primaries (redis-server --cluster-enabled, AOF), all slots
+    assigned by ``redis-cli --cluster create``; returns once every node says cluster_state:ok."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise RuntimeError("redis-cli is not installed (Debian: apt-get install redis-tools)")
+    procs: list[Proc] = []
+    try:
+        for i in range(nodes):
+            d = data_dir / f"node-{i}"
+            d.mkdir(parents=True)
+            port = free_port()
+            extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(d / "nodes.conf"),
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-node-timeout",
+                "5000",
+            ]
+            procs.append(start_redis(port, d, extra=extra))
+        addrs = [f"127.0.0.1:{p.port}" for p in procs]
+        subprocess.run(
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def all_ok() -> bool:
+            for p in procs:
+                client = _redis_client(p.port)
+                try:
+                    if client.cluster("INFO").get("cluster_state") != "ok":
+                        return False
+                finally:
+                    client.close()
+            return True
+
+        _wait_until("the cluster is ok on every node", all_ok)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    return procs

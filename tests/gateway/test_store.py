@@ -13,14 +13,20 @@ import pytest
 from gateway.store import EmbeddedStore, Outcome, RouteId, Store
 from gateway.store_redis import RedisStore
 from gateway.store_sqlite import SqliteStore
+from tests.procs import SentinelSetup
 
 
-@pytest.fixture(params=["embedded", "sqlite", "redis"])
+@pytest.fixture(params=["embedded", "sqlite", "redis", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "embedded":
         st: Store = EmbeddedStore()
     elif request.param == "sqlite":
         st = SqliteStore(tmp_path / "state.db")
+    elif request.param == "sentinel":
+        setup: SentinelSetup = request.getfixturevalue("redis_sentinel")
+        st = RedisStore.from_sentinel([("127.0.0.1", setup.sentinel.port)], setup.name, prefix="t")
+    elif request.param == "cluster":
+        st = RedisStore.from_cluster(request.getfixturevalue("redis_cluster_url"), prefix="t")
     else:
         url = request.getfixturevalue("redis_url")
         st = RedisStore.from_url(url, prefix="t")
