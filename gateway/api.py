@@ -22,6 +22,7 @@ to the trainer rule). The admin key is accepted on trainer endpoints too.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -76,11 +77,18 @@ def _service(request: Request) -> GatewayService:
     return svc
 
 
-def require_trainer(request: Request, creds: Credentials) -> None:
+def trainer_keys(request: Request) -> list[str]:
+    """The keys a trainer endpoint accepts (the trainer keys, and the admin key with them); an
+    empty list when no ``api_keys`` are configured (an open gateway)."""
     s = _service(request).settings
     keys = [k.get_secret_value() for k in s.api_keys]
     if s.admin_key is not None and keys:
         keys.append(s.admin_key.get_secret_value())
+    return keys
+
+
+def require_trainer(request: Request, creds: Credentials) -> None:
+    keys = trainer_keys(request)
     if not keys:
         return
     if creds is None:
@@ -180,7 +188,9 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
+    # A key in the path (/k/{api_key}/get_reward) never reaches a log.
+    path = re.sub(r"^/k/[^/]+/", "/k/***/", request.url.path)
+    log.exception("unhandled error on %s", path)
     return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 

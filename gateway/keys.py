@@ -14,6 +14,7 @@ needs no scan over the keyspace.
     {p}:ns:{ns}:g:{gen}:routes          HASH  rm index -> routes taken
     {p}:ns:{ns}:g:{gen}:r:{uuid}        STR   route record, TTL route_ttl_s; "A" once applied
     {p}:ns:{ns}:g:{gen}:snap            HASH  seq, blob: a replica's folded state at seq
+    {p}:ns:{ns}:g:{gen}:s:{sha256}      STR   a prompt's sticky route (OpenRLHF), TTL route_ttl_s
 
 >>> k = Keys("rr")
 >>> k.log("run-1", "9f3a")
@@ -22,6 +23,7 @@ needs no scan over the keyspace.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 APPLIED = b"A"
@@ -54,3 +56,7 @@ class Keys:
 
     def route(self, ns: str, gen: str, uid: str) -> str:
         return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:r:{uid}"
+
+    def sticky(self, ns: str, gen: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]  # any prompt, a bounded key
+        return f"{self.prefix}:ns:{{{ns}}}:g:{gen}:s:{digest}"

@@ -54,13 +54,23 @@ def prior_kwargs(router: Any) -> dict[str, Any]:
     }
 
 
+def reward_kind(config: dict[str, Any]) -> str:
+    """What a namespace's feedback is: ``"dpo"`` (−DPO loss, normalised) or ``"correct"``
+    (already P(label right)); by default ``correct`` exactly when there is no normaliser.
+
+    >>> reward_kind({"normalizer": "quantile"}), reward_kind({"normalizer": "none"})
+    ('dpo', 'correct')
+    """
+    return str(config.get("reward") or ("correct" if config.get("normalizer") == "none" else "dpo"))
+
+
 def reward_link(config: dict[str, Any], router: Any) -> RewardLink:
     """How a namespace's normalised rewards reach its posterior (``gateway.routing.prior``).
 
     Only ``bayesian`` maps −DPO loss through the link (centred on the accuracy its prior
     expects); ``bayesian-paper`` and the baselines learn from the normalised reward itself.
     """
-    kind = config.get("reward") or ("correct" if config.get("normalizer") == "none" else "dpo")
+    kind = reward_kind(config)
     if kind == "dpo" and config.get("normalizer") == "none":
         raise ConfigError("reward", "'dpo' needs a normalizer (quantile or zscore), got 'none'")
     fit = getattr(router, "prior_fit", None)

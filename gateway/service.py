@@ -42,7 +42,7 @@ from gateway.dispatch import AllRMsFailed, Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NamespaceConflict, Namespaces, UnknownNamespace
 from gateway.rm_client import RMClient, RMPool
-from gateway.settings import NAMESPACE_RE, GatewaySettings
+from gateway.settings import NAMESPACE_RE, OPENRLHF_NAMESPACE, GatewaySettings
 from gateway.store import EmbeddedStore, Outcome, Store, new_uid
 from reward_router.errors import ConfigError, DataFormatError, RewardRouterError
 from reward_router.protocol import (
@@ -77,6 +77,14 @@ class InputError(RewardRouterError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+def _startup_config(ns: str) -> NamespaceConfig | None:
+    """A start-up namespace's config: the policy defaults; OpenRLHF's learns from correctness
+    (its feedback is the gateway's own audit of each comparison, gateway/openrlhf.py)."""
+    if ns == OPENRLHF_NAMESPACE:
+        return NamespaceConfig(reward="correct", normalizer="none")
+    return None
 
 
 def _check_ns(ns: str) -> None:
@@ -202,7 +210,7 @@ class GatewayService:
         stays 404 until someone creates it again, it does not come back from the defaults."""
         for ns in list(self._startup_pending):
             try:
-                info = await self.create_namespace(ns, None)
+                info = await self.create_namespace(ns, _startup_config(ns))
             except NamespaceConflict:
                 info = None  # exists with its own config: used as it is
             except RewardRouterError as exc:
@@ -392,6 +400,30 @@ class GatewayService:
         timing.total = time.perf_counter() - t_start
         self._update_rm_gauges()
         return RouteResponse(namespace=req.namespace, results=results), timing
+
+    # ---- the parts of a route, for callers that route in their own way (OpenRLHF) ------------
+
+    async def choose(self, ns: str, pairs: Sequence[PairIn]) -> list[int]:
+        """The RM the namespace's policy draws for each pair (reference-needing RMs last for
+        pairs without one, an available RM first), without asking any RM or writing a record."""
+        self._check_sizes(pairs)
+        st, h = await asyncio.gather(self.namespaces.state(ns), self.contexts(pairs))
+        ranking = self.dispatcher.reference_last(np.asarray(st.policy.select(h).ranking), pairs)
+        return [self.dispatcher.order(ranking[i], set())[0] for i in range(len(pairs))]
+
+    async def record(
+        self, ns: str, gen: str, arms: list[int], pairs: Sequence[PairIn]
+    ) -> list[str]:
+        """Route records of pairs answered by ``arms`` (feedback on their ids is applied like
+        any route's); counted in the routes metric."""
+        h = await self.contexts(pairs)
+        ids = await self.store.put_routes(
+            ns, gen, [(a, h[i]) for i, a in enumerate(arms)], self.settings.route_ttl_s
+        )
+        label = self.metrics.ns_label(ns)
+        for a in arms:
+            self.metrics.routes.labels(label, self.rm_names[a]).inc()
+        return ids
 
     # ---- feedback ------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ from reward_router.exposure import is_loopback, placeholder_secret, redis_passwo
 from reward_router.protocol import NAMESPACE_PATTERN
 
 NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
+#: The namespace ``/get_reward`` (OpenRLHF) uses by default; created at start-up to learn from
+#: correctness (the gateway's own audits of OpenRLHF's labels), not from −DPO loss.
+OPENRLHF_NAMESPACE = "openrlhf"
 """Namespace names: no ':' (route ids are ``ns:gen:uuid``) and no braces (Redis hash tags)."""
 
 
@@ -181,7 +184,7 @@ class GatewaySettings(BaseSettings):
     policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
     # Created with the policy defaults at start-up when missing, for clients that cannot create
     # one (OpenRLHF's /get_reward, quick tries). /v1/route never creates a namespace.
-    startup_namespaces: list[str] = Field(default_factory=lambda: ["default", "openrlhf"])
+    startup_namespaces: list[str] = Field(default_factory=lambda: ["default", OPENRLHF_NAMESPACE])
     seed: int | None = None
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

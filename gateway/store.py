@@ -240,6 +240,15 @@ class Store(Protocol):
         is never written ahead of the log (one that went backwards since it was read)."""
         ...
 
+    async def get_sticky(self, ns: str, gen: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """The sticky values of ``keys`` that are set (and not expired)."""
+        ...
+
+    async def claim_sticky(self, ns: str, gen: str, key: str, value: bytes, ttl_s: float) -> bytes:
+        """Set ``key`` to ``value`` unless it is set: atomically, for every replica. Returns
+        what the key holds now (``value`` if this call set it, else the earlier claim's)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -266,6 +275,9 @@ class EmbeddedStore:
         # route key -> (expiry time, record bytes or APPLIED)
         self._routes: dict[tuple[str, str, str], tuple[float, bytes]] = {}
         self._puts = 0
+        #: (ns, gen, key) -> (expires, value): OpenRLHF's sticky routes per prompt
+        self._sticky: dict[tuple[str, str, str], tuple[float, bytes]] = {}
+        self._claims = 0
 
     async def ping(self) -> None:
         return None
@@ -409,6 +421,27 @@ class EmbeddedStore:
             return False
         st.snapshot = (seq, blob)
         return True
+
+    async def get_sticky(self, ns: str, gen: str, keys: Sequence[str]) -> dict[str, bytes]:
+        now = self._clock()
+        out = {}
+        for k in keys:
+            hit = self._sticky.get((ns, gen, k))
+            if hit is not None and hit[0] > now:
+                out[k] = hit[1]
+        return out
+
+    async def claim_sticky(self, ns: str, gen: str, key: str, value: bytes, ttl_s: float) -> bytes:
+        now = self._clock()
+        self._claims += 1
+        if self._claims % 1024 == 0:  # expired claims dropped lazily, as route records are
+            for k in [k for k, (exp, _) in self._sticky.items() if exp <= now]:
+                del self._sticky[k]
+        hit = self._sticky.get((ns, gen, key))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        self._sticky[(ns, gen, key)] = (now + ttl_s, value)
+        return value
 
     async def aclose(self) -> None:
         return None

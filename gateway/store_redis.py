@@ -594,6 +594,21 @@ class RedisStore:
         res = await self._call(lambda: self._snapshot(keys=keys, args=args))
         return bool(res)
 
+    async def get_sticky(self, ns: str, gen: str, keys: Sequence[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        names = [self.keys.sticky(ns, gen, k) for k in keys]  # one slot: the namespace's tag
+        values = await self._call(lambda: self._r.mget(names))
+        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+    async def claim_sticky(self, ns: str, gen: str, key: str, value: bytes, ttl_s: float) -> bytes:
+        # SET NX GET (Redis >= 7): one command sets the key if it is free and returns what was
+        # there: None when this call claimed it. Atomic for every replica.
+        ttl_ms = max(1, round(ttl_s * 1000))
+        name = self.keys.sticky(ns, gen, key)
+        old = await self._call(lambda: self._r.set(name, value, nx=True, px=ttl_ms, get=True))
+        return value if old is None else bytes(old)
+
     async def aclose(self) -> None:
         await self._r.aclose()
         if self._sentinel is not None:  # its clients of the Sentinels themselves

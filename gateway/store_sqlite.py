@@ -83,6 +83,11 @@ CREATE TABLE IF NOT EXISTS route_counts (
   ns TEXT NOT NULL, gen TEXT NOT NULL, arm INTEGER NOT NULL, n INTEGER NOT NULL,
   PRIMARY KEY (ns, gen, arm)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sticky (
+  ns TEXT NOT NULL, gen TEXT NOT NULL, key TEXT NOT NULL, expires REAL NOT NULL,
+  value BLOB NOT NULL,
+  PRIMARY KEY (ns, gen, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (
   ns TEXT NOT NULL, gen TEXT NOT NULL, seq INTEGER NOT NULL, blob BLOB NOT NULL,
   PRIMARY KEY (ns, gen)
@@ -386,6 +391,39 @@ class SqliteStore:
                 (ns, gen, seq, blob),
             )
             return cur.rowcount > 0
+
+        return await self._run(self._write, run)
+
+    async def get_sticky(self, ns: str, gen: str, keys: Sequence[str]) -> dict[str, bytes]:
+        def run() -> dict[str, bytes]:
+            now = self._clock()
+            out = {}
+            for k in keys:
+                row = self._db.execute(
+                    "SELECT value FROM sticky WHERE ns = ? AND gen = ? AND key = ? AND expires > ?",
+                    (ns, gen, k, now),
+                ).fetchone()
+                if row is not None:
+                    out[k] = bytes(row[0])
+            return out
+
+        return await self._run(run)
+
+    async def claim_sticky(self, ns: str, gen: str, key: str, value: bytes, ttl_s: float) -> bytes:
+        def run(db: sqlite3.Connection) -> bytes:
+            now = self._clock()
+            db.execute(
+                "DELETE FROM sticky WHERE ns = ? AND gen = ? AND key = ? AND expires <= ?",
+                (ns, gen, key, now),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO sticky (ns, gen, key, expires, value) VALUES (?,?,?,?,?)",
+                (ns, gen, key, now + ttl_s, value),
+            )
+            row = db.execute(
+                "SELECT value FROM sticky WHERE ns = ? AND gen = ? AND key = ?", (ns, gen, key)
+            ).fetchone()
+            return bytes(row[0])
 
         return await self._run(self._write, run)
 

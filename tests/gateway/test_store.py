@@ -186,6 +186,29 @@ async def test_concurrent_feedback_for_one_route_applies_once(store: Store) -> N
     assert [o.seq for o in log] == list(range(1, 21))
 
 
+async def test_sticky_claims_the_first_wins_and_every_caller_reads_it(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    assert await store.get_sticky("ns", meta.gen, ["p"]) == {}
+    claims = await asyncio.gather(
+        *(store.claim_sticky("ns", meta.gen, "p", f"v{i}".encode(), 60) for i in range(8))
+    )
+    assert len(set(claims)) == 1 and claims[0] in {f"v{i}".encode() for i in range(8)}
+    assert await store.claim_sticky("ns", meta.gen, "p", b"late", 60) == claims[0]
+    got = await store.get_sticky("ns", meta.gen, ["p", "other", "x" * 5000])
+    assert got == {"p": claims[0]}
+    # per generation: a reset starts with no sticky routes
+    new = await store.reset_namespace("ns")
+    assert new is not None and await store.get_sticky("ns", new.gen, ["p"]) == {}
+
+
+async def test_an_expired_sticky_claim_can_be_claimed_again(store: Store) -> None:
+    meta, _ = await store.create_namespace("ns", {})
+    assert await store.claim_sticky("ns", meta.gen, "p", b"old", 0.05) == b"old"
+    await asyncio.sleep(0.2)
+    assert await store.get_sticky("ns", meta.gen, ["p"]) == {}
+    assert await store.claim_sticky("ns", meta.gen, "p", b"new", 60) == b"new"
+
+
 async def test_rewrite_keeps_the_id_and_moves_the_count(store: Store) -> None:
     meta, _ = await store.create_namespace("ns", {})
     ids = await store.put_routes("ns", meta.gen, [(0, _h(0)), (0, _h(1))], ttl_s=60)

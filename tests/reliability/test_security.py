@@ -241,6 +241,11 @@ def _gateway_requests(rid: str) -> dict[tuple[str, str], tuple[str, Any, int]]:
             {"query": ["what is 2+2? 4"], "prompts": ["what is 2+2?"]},
             200,
         ),
+        ("POST", "/k/{api_key}/get_reward"): (
+            f"/k/{TRAINER_KEY}/get_reward?namespace=sec-rlhf",
+            {"query": ["what is 2+2? 4"], "prompts": ["what is 2+2?"]},
+            200,
+        ),
         ("POST", "/v1/namespaces/{namespace}/reset"): ("/v1/namespaces/sec/reset", None, 200),
         ("DELETE", "/v1/namespaces/{namespace}"): ("/v1/namespaces/sec-made", None, 200),
     }
