@@ -17,6 +17,7 @@ skipped, saying why. The same checks on a GPU with the CUDA build: benchmarks/gp
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -36,7 +37,10 @@ pytestmark = pytest.mark.slow
 KEY = "vllm-e2e-key-4f1c9a"
 MAX_MODEL_LEN = 256  # the server's --max-model-len
 MAX_LENGTH = 64  # the RM service's max_length: long items are cut to this
-TOL = 2e-3  # float32 on both sides; vLLM's CPU attention kernel sums in another order
+# float32 on both sides; vLLM's attention kernels sum in another order than transformers'.
+TOL = float(os.environ.get("RR_VLLM_TOL", "2e-3"))
+# More server flags (the GPU check gives e.g. --gpu-memory-utilization).
+EXTRA_ARGS = shlex.split(os.environ.get("RR_VLLM_EXTRA_ARGS", ""))
 
 
 def _vllm_python() -> str | None:
@@ -84,6 +88,7 @@ def vllm_server(rm_dir: Path) -> Iterator[Proc]:
         "127.0.0.1",
         "--port",
         str(port),
+        *EXTRA_ARGS,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     log = Path(tempfile.mkstemp(prefix="rr-vllm-", suffix=".log")[1])
