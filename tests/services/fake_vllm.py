@@ -35,7 +35,9 @@ def raw_reward(text: str) -> float:
     return text.count("good") - text.count("bad") + 0.5
 
 
-def build(tokenizer: str | None = None, max_model_len: int = 4096) -> FastAPI:
+def build(
+    tokenizer: str | None = None, max_model_len: int = 4096, classify_route: bool = True
+) -> FastAPI:
     app = FastAPI()
     seen: list[dict[str, object]] = []
     tok = None
@@ -49,8 +51,12 @@ def build(tokenizer: str | None = None, max_model_len: int = 4096) -> FastAPI:
         card = {"id": MODEL, "object": "model", "max_model_len": max_model_len}
         return {"object": "list", "data": [card]}
 
-    @app.post("/classify")
+    # vLLM registers /classify only for models whose pooling task is classify (a per-token
+    # `token_classify` reward model has /pooling only): --no-classify is such a server.
+    @app.post("/classify", include_in_schema=classify_route)
     def classify(req: ClassifyRequest) -> JSONResponse:
+        if not classify_route:
+            return JSONResponse({"detail": "Not Found"}, 404)
         raw = req.input
         batch = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
         ids = isinstance(batch[0], list) if batch else False
@@ -96,6 +102,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokenizer")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--no-classify", action="store_true")
     args = parser.parse_args()
-    app = build(args.tokenizer, args.max_model_len)
+    app = build(args.tokenizer, args.max_model_len, classify_route=not args.no_classify)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -115,6 +115,35 @@ def test_max_length_above_max_model_len_is_not_ready(
         assert "max_length" in message and "max_model_len 4096" in message
 
 
+def test_a_server_without_classify_is_refused_naming_the_model(
+    tmp_path: Path, llama_dir: Path
+) -> None:
+    # A per-token reward model (InternLM2-reward, Qwen2ForRewardModel) in vLLM: no /classify.
+    port = free_port()
+    args = python_module_args(
+        "tests.services.fake_vllm",
+        *("--port", str(port), "--tokenizer", str(llama_dir), "--no-classify"),
+    )
+    with running(args, port, ready_url=f"http://127.0.0.1:{port}/v1/models") as server:
+        cfg = write_config(
+            tmp_path / "token.yaml",
+            name="token-vllm",
+            backend="vllm",
+            vllm_url=server.url,
+            tokenizer=str(llama_dir),
+        )
+        with rm_service(cfg, wait="/healthz") as proc:
+            r = httpx.get(proc.url + "/readyz")
+            for _ in range(100):
+                if "classify" in r.text:
+                    break
+                time.sleep(0.1)
+                r = httpx.get(proc.url + "/readyz")
+            assert r.status_code == 503
+            message = r.json()["error"]["message"]
+            assert "vllm_model" in message and "token_classify" in message, message
+
+
 def test_unreachable_vllm_server_is_not_ready(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "down.yaml",
