@@ -5,18 +5,19 @@ Which models have ``/classify``: vLLM serves ``POST /classify`` for models whose
 ``Qwen2ForSequenceClassification``, ... : Skywork-Reward-V2 and other one-label RMs of that
 form). Per-token reward models (InternLM2-reward, ``Qwen2ForRewardModel`` such as
 Qwen2.5-Math-RM) are ``token_classify`` models in vLLM: they have no ``/classify`` route, only
-``/pooling``, and are refused at start with an error saying so. Serve those with the ``hf``
-backend.
+``/pooling`` (their per-token scores, a different schema), and this backend refuses them at
+start with an error saying so.
 
-Every call is exact: the RM's own tokenizer (``tokenizer``; default: the served model's name,
-which is its folder or hub id) renders and tokenises each item here exactly as the ``hf``
-backend does (:func:`services.backends.hf.encode_ids`: the chat template, which writes its own
-BOS, without adding special tokens again; the end of the response kept when an item is longer
-than ``max_length``, and the item reported ``truncated``). vLLM gets the token ids, so its own
-tokenisation, truncation side and ``add_special_tokens`` never apply. A micro-batch is one
-``POST /classify`` with ``{"model", "input": [[ids], ...], "use_activation": false}``; with
-``use_activation: false`` the ``probs`` of a one-label model are the raw reward logits, which
-is what a reward is (the default sigmoid would squash the margins the router learns from).
+Items are scored as the ``hf`` backend scores them: the RM's own tokenizer (``tokenizer``;
+default: the served model's name, which is its folder or hub id) renders and tokenises each
+item here with the same code (:func:`services.backends.hf.encode_ids`: the chat template,
+which writes its own BOS, without adding special tokens again; the end of the response kept
+when an item is longer than ``max_length``, and the item reported ``truncated``). vLLM gets
+the token ids, so its own tokenisation, truncation side and ``add_special_tokens`` never
+apply. A micro-batch is one ``POST /classify`` with ``{"model", "input": [[ids], ...],
+"use_activation": false}``; with ``use_activation: false`` the ``probs`` of a one-label model
+are the raw reward logits, which is what a reward is (the default sigmoid would squash the
+margins the router learns from).
 
 At start the backend reads the served model and its ``max_model_len`` from ``/v1/models`` and
 refuses a ``max_length`` above it (vLLM would answer every longer call 400), then asks
@@ -141,7 +142,7 @@ class VLLMBackend(Backend):
                     f"{self.url} has no /classify for {self.served_model!r}: vLLM serves it only "
                     "for sequence-classification models (per-token reward models such as "
                     "InternLM2-reward or Qwen2ForRewardModel are token_classify, /pooling "
-                    "only); serve those with the hf backend",
+                    "only, which this backend does not speak)",
                 ) from exc
             raise ConfigError("vllm_url", exc.message) from exc
         labels = data[0].get("num_classes") if isinstance(data[0], dict) else None
