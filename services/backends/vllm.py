@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 
-from reward_router.data import Message, prompt_text
 from reward_router.errors import ConfigError
 from services.backends.base import Backend, Scored, ScoreInput
 from services.backends.hf import encode_ids
@@ -47,15 +46,6 @@ from services.errors import UpstreamError
 # without holding the batch long. HTTP error answers are not retried: they would repeat.
 RETRIES = 3
 BACKOFF_S = 0.2
-
-
-def render_plain(prompt: list[Message], response: str) -> str:
-    """A readable form of one item, for error messages and logs (never what is scored).
-
-    >>> render_plain([{"role": "user", "content": "2+2?"}], "4")
-    'User: 2+2?\\n\\nAssistant: 4'
-    """
-    return f"User: {prompt_text(prompt)}\n\nAssistant: {response}"
 
 
 class VLLMBackend(Backend):
