@@ -61,6 +61,8 @@ def vllm_server(rm_dir: Path) -> Iterator[Proc]:
     python = _vllm_python()
     if python is None:
         pytest.skip("no vLLM environment: set RR_VLLM_PYTHON (see this module's docstring)")
+    if not Path(python).exists():
+        pytest.skip(f"RR_VLLM_PYTHON={python} does not exist")
     probe = subprocess.run(
         [python, "-c", "import vllm; print(vllm.__version__)"],
         capture_output=True,
