@@ -76,11 +76,16 @@ class ServiceSettings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
-    # vllm backend: the running `vllm serve` server and the model name it serves.
+    # vllm backend: the running `vllm serve` server and the model name it serves (default: the
+    # first it lists). Its max_model_len must be at least max_length (checked at start).
     vllm_url: str | None = None
     vllm_model: str | None = None
     vllm_timeout_s: float = Field(default=60.0, gt=0.0)
-    # A local tokenizer folder whose chat template renders prompts for the vllm backend.
+    # The vLLM server's `--api-key`, sent as `Authorization: Bearer` on every call to it (env
+    # RR_RM_VLLM_API_KEY; empty = unset). Never logged.
+    vllm_api_key: SecretStr | None = None
+    # The RM's tokenizer (a local folder or hub id) that renders and tokenises prompts for the
+    # vllm backend; default: the served model's name (its folder or hub id on the vLLM side).
     tokenizer: str | None = None
     # verifier backend: the neutral score given when it abstains (no reference / no answer).
     abstain_score: float = 0.5
@@ -94,7 +99,7 @@ class ServiceSettings(BaseSettings):
     # open on purpose (e.g. behind a network policy), and says so in the log.
     allow_unauthenticated: bool = False
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "vllm_api_key", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: Any) -> Any:
         # ``RR_RM_API_KEY=`` (e.g. an unset compose variable) means "no key", not the empty key.

@@ -125,3 +125,71 @@ def tiny_llama(path: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# A Llama-3-style reward-model template: the template itself writes the BOS token, as
+# Skywork-Reward-V2's does, so a server that also adds BOS while tokenising doubles it.
+_RM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+)
+
+
+def tiny_llama_rm(
+    path: Path, *, hidden: int = 128, heads: int = 2, positions: int = 512, seed: int = 0
+) -> Path:
+    """Save a tiny random 1-label ``LlamaForSequenceClassification`` reward model.
+
+    Its tokenizer adds BOS when asked for special tokens (``<|begin_of_text|> $A``) and its chat
+    template writes BOS too, like Llama-3 reward models. The head dimension is
+    ``hidden // heads`` (64 by default: vLLM's CPU attention does not support 16).
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    bos, eos, pad = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
+    specials = [bos, eos, pad, "<|start_header_id|>", "<|end_header_id|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(_WORDS), "good good good bad bad", "the answer is 42, user assistant"]
+    bpe.train_from_iterator(corpus * 20, trainer=trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        model_max_length=positions,
+    )
+    tok.chat_template = _RM_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        num_labels=1,
+        architectures=["LlamaForSequenceClassification"],
+    )
+    model = LlamaForSequenceClassification(cfg)
+    with torch.no_grad():  # a score head with margins worth comparing (random init is ~0)
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -39,6 +39,28 @@ def encode_batch(
     >>> enc, cut = encode_batch(tok, [[{"role": "user", "content": "hi"}]], ["hello"], 256)
     ...                                                                 # doctest: +SKIP
     """
+    return _encode(tokenizer, prompts, responses, max_length, padding=True, return_tensors="pt")
+
+
+def encode_ids(
+    tokenizer: Any,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    max_length: int,
+) -> tuple[list[list[int]], list[bool]]:
+    """The token ids :func:`encode_batch` feeds the model, one unpadded list per item (what the
+    ``vllm`` backend sends, so a server scores exactly the tokens this backend would)."""
+    enc, cut = _encode(tokenizer, prompts, responses, max_length, padding=False)
+    return [list(ids) for ids in enc["input_ids"]], cut
+
+
+def _encode(
+    tokenizer: Any,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    max_length: int,
+    **out: Any,
+) -> tuple[dict[str, Any], list[bool]]:
     tokenizer.truncation_side = "left"
     tokenizer.padding_side = "right"
     if has_chat_template(tokenizer):
@@ -46,14 +68,10 @@ def encode_batch(
             tokenizer.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False)
             for p, r in zip(prompts, responses, strict=True)
         ]
+        # The template writes the special tokens (a Llama-3 template writes BOS itself).
         full = tokenizer(texts, add_special_tokens=False)["input_ids"]
         enc = tokenizer(
-            texts,
-            add_special_tokens=False,
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
+            texts, add_special_tokens=False, truncation=True, max_length=max_length, **out
         )
     else:
         ptexts = [prompt_text(p) for p in prompts]
@@ -61,12 +79,7 @@ def encode_batch(
         # longest_first trims whichever part is longer, from the left (truncation_side):
         # a long prompt loses its oldest turns before the response loses anything.
         enc = tokenizer(
-            ptexts,
-            list(responses),
-            truncation="longest_first",
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
+            ptexts, list(responses), truncation="longest_first", max_length=max_length, **out
         )
     return dict(enc), [len(ids) > max_length for ids in full]
 

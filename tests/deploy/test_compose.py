@@ -39,8 +39,9 @@ SECRETS = (
     "REDIS_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
 )
-# Optional credentials whose empty default means "none" (public models need no HF token).
-OPTIONAL_CREDENTIALS = ("HF_TOKEN",)
+# Optional credentials whose empty default means "none" (public models need no HF token; the
+# vLLM server is on the compose network only, so its own key is optional).
+OPTIONAL_CREDENTIALS = ("HF_TOKEN", "VLLM_API_KEY")
 _SECRET_WORDS = re.compile(r"KEY|PASSWORD|TOKEN|SECRET|PASS\b")
 
 
@@ -414,6 +415,9 @@ def test_gpu_profile_reserves_a_gpu_for_vllm(
     # Pinned, not :latest, and the RM's own tokenizer renders the prompts.
     assert re.fullmatch(r"vllm/vllm-openai:\$\{VLLM_TAG:-v\d+\.\d+\.\d+\}", vllm["image"])
     assert settings.tokenizer == settings.vllm_model
+    # vLLM's --api-key (VLLM_API_KEY) and the key vllm-rm sends come from one variable.
+    assert vllm["environment"]["VLLM_API_KEY"] == rm["environment"]["RR_RM_VLLM_API_KEY"]
+    assert "VLLM_API_KEY" in vllm["environment"]["VLLM_API_KEY"]
     assert vllm["entrypoint"] == ["vllm", "serve"]
     served = [resolved(c, {}) for c in _command(vllm)]
     assert served[0] == settings.vllm_model and _option(served, "--runner") == "pooling"

@@ -188,9 +188,14 @@ def test_secrets_are_referenced_never_given(rendered: dict[str, list[Obj]]) -> N
                     if ref is None:
                         continue
                     refs.add((ref["name"], ref["key"]))
-                    # Only the HF token (gated models) may be absent; every other is required.
+                    # Only the HF token (gated models) and vLLM's own key (behind a
+                    # NetworkPolicy) may be absent; every other is required.
                     optional = ref.get("optional", False)
-                    assert optional == (ref["key"] == "hf-token"), (overlay, name, ref)
+                    assert optional == (ref["key"] in ("hf-token", "vllm-api-key")), (
+                        overlay,
+                        name,
+                        ref,
+                    )
         needed = {
             ("reward-router", k) for k in ("api-keys", "admin-key", "rm-api-key", "redis-url")
         }
@@ -454,6 +459,8 @@ def test_vllm_serves_a_pooling_model_on_the_gpus_it_requests(
     env = {e["name"]: e for e in vllm["env"]}
     assert args[0] == "$(VLLM_MODEL)"
     assert env["VLLM_MODEL"]["valueFrom"]["configMapKeyRef"]["name"] == model_cm["metadata"]["name"]
+    # vLLM's --api-key and the key the RM service sends: the same Secret key.
+    vllm_key = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
 
     # The RM service in front of it: the same model, the RM's own tokenizer, vLLM's Service.
     (rm,) = pod_spec(deployments["vllm-rm"])["containers"]
@@ -461,6 +468,7 @@ def test_vllm_serves_a_pooling_model_on_the_gpus_it_requests(
     for key in ("RR_RM_VLLM_MODEL", "RR_RM_TOKENIZER"):
         ref = rm_env[key]["valueFrom"]["configMapKeyRef"]
         assert ref == {"name": model_cm["metadata"]["name"], "key": "model"}
+    assert rm_env["RR_RM_VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == vllm_key
     model = model_cm["data"]["model"]
     monkeypatch.setenv("RR_RM_VLLM_MODEL", model)
     monkeypatch.setenv("RR_RM_TOKENIZER", model)
