@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NsState
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
 from reward_router.errors import RewardRouterError
+from reward_router.protocol import RouteResult
 
 log = logging.getLogger("reward_router.gateway")
 
@@ -182,3 +183,51 @@ class Dispatcher:
             self.metrics.fallbacks.labels(rm, "error").inc(len(payloads))
             raise res
         return res
+
+
+def labels(
+    pairs: Sequence[Any],
+    answers: list[dict[int, Comparison]],
+    ranking: np.ndarray,
+    route_ids: list[str],
+    rm_names: list[str],
+    combine: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[list[int], list[RouteResult]]:
+    """Each pair's label from its RMs' answers: the RM that answers for it (a second opinion
+    replaces a tie; otherwise the first-ranked answer) and its result. ``combine``: an
+    ensemble policy's rule for the answers' margins (majority, uwo); None for single-RM policies.
+    """
+    combined = None
+    if combine is not None:
+        margins = np.full((len(pairs), len(rm_names)), np.nan)
+        for i, ans in enumerate(answers):
+            for arm, cmp in ans.items():
+                margins[i, arm] = cmp.score_a - cmp.score_b
+        combined = combine(margins)
+    arms: list[int] = []
+    results: list[RouteResult] = []
+    for i, ans in enumerate(answers):
+        order = [int(a) for a in ranking[i] if int(a) in ans]
+        arm = next((a for a in order if ans[a].preferred != "tie"), order[0])
+        arms.append(arm)
+        if combined is not None:
+            m = float(combined[i])
+            preferred = "a" if m > 0 else "b" if m < 0 else "tie"
+            score_a = float(np.mean([ans[a].score_a for a in order]))
+            score_b = float(np.mean([ans[a].score_b for a in order]))
+        else:
+            c = ans[arm]
+            preferred, score_a, score_b = c.preferred, c.score_a, c.score_b
+        results.append(
+            RouteResult(
+                id=pairs[i].id,
+                route_id=route_ids[i],
+                rm=rm_names[arm],
+                rms=[rm_names[a] for a in order] if combine is not None or len(order) > 1 else None,
+                preferred=preferred,  # type: ignore[arg-type]
+                score_a=score_a,
+                score_b=score_b,
+                fallback=combine is None and order[0] != int(ranking[i, 0]),
+            )
+        )
+    return arms, results

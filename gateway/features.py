@@ -24,16 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from gateway.feature_cache import CACHE_FORMAT, EmbeddingCache
 from reward_router.data import PromptLike, prompt_text
 from reward_router.errors import ConfigError
-from reward_router.files import atomic_path, atomic_write
+from reward_router.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 #: Put at the start of the response side so every model sees where the response begins
 #: (BERT-like models also get their [SEP]); the response, not the prompt, keeps it on truncation.
 RESPONSE_SEPARATOR = "\n\n### Response:\n"
-#: Bumped when the text layout or pooling changes, so old cache entries stop matching.
-CACHE_FORMAT = "pairfeat-v1"
 #: Below this many texts no progress bar is drawn.
 PROGRESS_MIN_TEXTS = 256
 
@@ -343,69 +341,6 @@ def load_encoder(
     if saved is not None and saved.exists() and saved_info.get("fingerprint"):
         enc.cache_id = f"finetuned#{saved_info['fingerprint']}"
     return enc
-
-
-class EmbeddingCache:
-    """Embeddings on disk, keyed by a hex content hash, in append-only shard files.
-
-    One folder per (encoder ref, max_length); each :meth:`put` writes one ``.npz`` shard (keys
-    and float32 rows) to a temporary name and renames it into place, so concurrent writers never
-    see or leave a half-written shard. Readers pick up shards written by other processes on
-    their next lookup. Duplicate keys across shards are harmless (same content, same value).
-    """
-
-    def __init__(self, root: Path, encoder_ref: str, max_length: int) -> None:
-        space = hashlib.sha256(f"{CACHE_FORMAT}\0{encoder_ref}\0{max_length}".encode()).hexdigest()
-        self.folder = Path(root) / space[:20]
-        self.encoder_ref = encoder_ref
-        self.max_length = max_length
-        self._rows: dict[str, np.ndarray] = {}
-        self._loaded: set[str] = set()
-
-    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """The cached rows among ``keys`` (missing keys are absent from the result)."""
-        if any(k not in self._rows for k in keys):
-            self._refresh()
-        return {k: self._rows[k] for k in keys if k in self._rows}
-
-    def put(self, keys: Sequence[str], rows: np.ndarray) -> None:
-        """Store rows under keys, as one new shard."""
-        if len(keys) == 0:
-            return
-        rows = np.asarray(rows, dtype=np.float32)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        meta = self.folder / "meta.json"
-        if not meta.exists():
-            info = {"encoder_ref": self.encoder_ref, "max_length": self.max_length}
-            atomic_write(meta, json.dumps(info, indent=2).encode())
-        name = f"shard-{uuid.uuid4().hex}.npz"
-        with atomic_path(self.folder / name) as tmp, tmp.open("wb") as fh:
-            np.savez(fh, keys=np.asarray(keys, dtype="S64"), rows=rows)
-        self._loaded.add(name)
-        for k, row in zip(keys, rows, strict=True):
-            self._rows[k] = row
-
-    def _refresh(self) -> None:
-        if not self.folder.is_dir():
-            return
-        for shard in sorted(self.folder.glob("shard-*.npz")):
-            if shard.name in self._loaded:
-                continue
-            try:
-                with np.load(shard, allow_pickle=False) as z:
-                    keys, rows = z["keys"], z["rows"]
-            except (OSError, ValueError, KeyError) as exc:
-                # A foreign or damaged file must not stop a run; it is only a cache.
-                log.warning("skipping unreadable embedding shard %s: %s", shard, exc)
-                self._loaded.add(shard.name)
-                continue
-            for k, row in zip(keys, rows, strict=True):
-                self._rows[k.decode()] = row
-            self._loaded.add(shard.name)
-
-    def __len__(self) -> int:
-        self._refresh()
-        return len(self._rows)
 
 
 class PairFeaturizer:

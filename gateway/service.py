@@ -37,14 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from gateway.contexts import Contexts, Featurizer, Router
-from gateway.dispatch import AllRMsFailed, Dispatcher
+from gateway.contexts import Contexts
+from gateway.dispatch import AllRMsFailed, Dispatcher, labels
 from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NamespaceConflict, Namespaces, UnknownNamespace
-from gateway.rm_client import RMClient, RMPool
+from gateway.rm_client import RMPool
 from gateway.settings import NAMESPACE_RE, OPENRLHF_NAMESPACE, GatewaySettings
-from gateway.store import EmbeddedStore, Outcome, Store, new_uid
-from reward_router.errors import ConfigError, DataFormatError, RewardRouterError
+from gateway.store import Outcome, Store, new_uid
+from gateway.wiring import load_router, make_store, rm_clients
+from reward_router.errors import RewardRouterError
 from reward_router.protocol import (
     FeedbackRequest,
     FeedbackResponse,
@@ -56,7 +57,6 @@ from reward_router.protocol import (
     RMPosterior,
     RouteRequest,
     RouteResponse,
-    RouteResult,
 )
 
 __all__ = [
@@ -136,67 +136,13 @@ class GatewayService:
 
     @classmethod
     def build(cls, settings: GatewaySettings) -> GatewayService:
-        """Load the router artifact and encoder, connect the store, make the RM clients."""
-        router: Router | None = None
-        featurizer: Featurizer | None = None
-        rm_order = [r.name for r in settings.rms]
-        if settings.router_path is not None:
-            import torch
-
-            from gateway.offline.model import OfflineRouter
-
-            torch.set_num_threads(settings.torch_threads)
-            try:
-                loaded = OfflineRouter.load(settings.router_path)
-            except DataFormatError as exc:
-                raise ConfigError(
-                    "router_path",
-                    f"{settings.router_path} is not a router artifact ({exc}); train one with "
-                    "`reward-router router train ... --out DIR` (docs/offline-router.md)",
-                ) from None
-            missing = sorted(set(loaded.rms) - set(rm_order))
-            extra = sorted(set(rm_order) - set(loaded.rms))
-            if missing or extra:
-                raise ConfigError(
-                    "rms",
-                    f"must name exactly the router's RMs {loaded.rms}; "
-                    f"missing {missing}, not in the router {extra}",
-                )
-            rm_order = list(loaded.rms)
-            featurizer = loaded.load_featurizer(
-                settings.feature_cache_dir,
-                device=settings.encoder_device,
-                batch_size=settings.encoder_batch_size,
-            )
-            router = loaded
-        by_name = {r.name: r for r in settings.rms}
-        clients = [
-            RMClient(
-                name,
-                by_name[name].url,
-                connect_timeout_s=by_name[name].connect_timeout_s,
-                read_timeout_s=by_name[name].read_timeout_s,
-                max_batch=by_name[name].max_batch,
-                api_key=(k.get_secret_value() if (k := by_name[name].api_key) else None),
-                failure_threshold=settings.failure_threshold,
-                cooldown_s=settings.cooldown_s,
-            )
-            for name in rm_order
-        ]
-        store: Store
-        if settings.uses_redis:
-            from gateway.store_redis import RedisStore
-
-            store = RedisStore.from_settings(settings)
-        elif settings.store_path is not None:
-            from gateway.store_sqlite import SqliteStore
-
-            store = SqliteStore(settings.store_path, synchronous=settings.store_synchronous)
-        else:
-            store = EmbeddedStore()
+        """Load the router artifact and encoder, connect the store, make the RM clients
+        (:mod:`gateway.wiring`)."""
+        router, featurizer = load_router(settings)
+        rm_order = list(router.rms) if router is not None else [r.name for r in settings.rms]
+        pool = RMPool(rm_clients(settings, rm_order), settings.health_interval_s)
         metrics = GatewayMetrics(rm_order, settings.max_metric_namespaces)
-        pool = RMPool(clients, settings.health_interval_s)
-        return cls(settings, store, Contexts(router, featurizer), pool, metrics)
+        return cls(settings, make_store(settings), Contexts(router, featurizer), pool, metrics)
 
     async def start(self) -> None:
         await self.pool.start()
@@ -350,44 +296,12 @@ class GatewayService:
             raise
         ids = await write
 
-        results: list[RouteResult] = []
-        margins = np.full((len(req.pairs), self.n_rms), np.nan)
-        for i, ans in enumerate(answers):
-            for arm, cmp in ans.items():
-                margins[i, arm] = cmp.score_a - cmp.score_b
-        combined = st.policy.combine(margins) if ensemble else None
+        combine = st.policy.combine if ensemble else None
+        arms, results = labels(req.pairs, answers, ranking, ids, self.rm_names, combine)
         ns_label = self.metrics.ns_label(req.namespace)
-        moved: list[int] = []
-        arms: list[int] = []
-        for i, ans in enumerate(answers):
-            order = [int(a) for a in ranking[i] if int(a) in ans]
-            # A second opinion replaces a tie; otherwise the first-ranked answer.
-            arm = next((a for a in order if ans[a].preferred != "tie"), order[0])
-            arms.append(arm)
-            if arm != planned[i]:
-                moved.append(i)
-            names = [self.rm_names[a] for a in order]
-            if ensemble and combined is not None:
-                m = float(combined[i])
-                preferred = "a" if m > 0 else "b" if m < 0 else "tie"
-                score_a = float(np.mean([ans[a].score_a for a in order]))
-                score_b = float(np.mean([ans[a].score_b for a in order]))
-            else:
-                c = ans[arm]
-                preferred, score_a, score_b = c.preferred, c.score_a, c.score_b
+        for arm in arms:
             self.metrics.routes.labels(ns_label, self.rm_names[arm]).inc()
-            results.append(
-                RouteResult(
-                    id=req.pairs[i].id,
-                    route_id=ids[i],
-                    rm=self.rm_names[arm],
-                    rms=names if ensemble or len(order) > 1 else None,
-                    preferred=preferred,  # type: ignore[arg-type]
-                    score_a=score_a,
-                    score_b=score_b,
-                    fallback=(not ensemble) and order[0] != int(ranking[i, 0]),
-                )
-            )
+        moved = [i for i, arm in enumerate(arms) if arm != planned[i]]
         if moved:
             await self.store.put_routes(
                 req.namespace,

@@ -35,15 +35,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoPermissionError, RedisError
 
+from gateway import redis_scripts
 from gateway.keys import Keys
+from gateway.redis_clients import cluster_client, sentinel_client, url_client
 from gateway.store import (
     FeedbackResult,
     NamespaceLimit,
@@ -71,159 +68,12 @@ T = TypeVar("T")
 # name without meta: not listed (list_namespaces shows names with meta), and the next create or
 # delete of that name completes or removes it.
 
-# KEYS[1] namespaces set; ARGV[1] ns, ARGV[2] limit (0: none) -> 1 registered (or already was),
-# or {-1, count} past the limit
-_REGISTER = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-local n = redis.call('SCARD', KEYS[1])
-if tonumber(ARGV[2]) > 0 and n >= tonumber(ARGV[2]) then
-  return {-1, n}
-end
-redis.call('SADD', KEYS[1], ARGV[1])
-return 1
-"""
-
-# KEYS[1] meta; ARGV[1] gen, ARGV[2] config JSON, ARGV[3] created
-# -> {1 if created else 0, gen, config, created}
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'config', ARGV[2], 'created', ARGV[3])
-  return {1, ARGV[1], ARGV[2], ARGV[3]}
-end
-local m = redis.call('HMGET', KEYS[1], 'gen', 'config', 'created')
-return {0, m[1], m[2], m[3]}
-"""
-
-# KEYS[1] meta; ARGV[1] new gen -> old gen, or false if the namespace does not exist
-_RESET = """
-local old = redis.call('HGET', KEYS[1], 'gen')
-if not old then return false end
-redis.call('HSET', KEYS[1], 'gen', ARGV[1])
-return old
-"""
-
-# Exactly-once feedback, for a batch of one namespace (a batch naming several is split, one
-# script per namespace: its keys share one hash tag, so one slot on a cluster); per item i:
-# KEYS meta, route_i, log_i, base_i and ARGV gen_i, reward_i (packed float64). Per item two
-# numbers: 0 unknown, -1 duplicate or seq (> 0) applied (entries trimmed off the log's head +
-# its new length); then the RM index of an applied item (the record's first two bytes,
-# little-endian), else -1.
-_FEEDBACK = """
-local out = {}
-for i = 1, #KEYS / 4 do
-  local meta, route, log = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1]
-  local rec = redis.call('GET', route)
-  out[2 * i] = -1
-  if not rec or redis.call('HGET', meta, 'gen') ~= ARGV[2 * i - 1] then
-    out[2 * i - 1] = 0
-  elseif rec == 'A' then
-    out[2 * i - 1] = -1
-  else
-    local base = tonumber(redis.call('GET', KEYS[4 * i]) or '0')
-    out[2 * i - 1] = base + redis.call('RPUSH', log, ARGV[2 * i] .. rec)
-    out[2 * i] = string.byte(rec, 1) + 256 * string.byte(rec, 2)
-    redis.call('SET', route, 'A', 'KEEPTTL')
-  end
-end
-return out
-"""
-
-
-# KEYS[1] snapshot hash, KEYS[2] log, KEYS[3] base; ARGV[1] seq, ARGV[2] blob, ARGV[3] the uid
-# the log's entry at seq must end with ('' = unchecked) -> 1 stored, 0 a newer one is there or
-# the log does not hold that entry (it went backwards since the state was read: never a
-# snapshot ahead of it)
-_SNAPSHOT = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if ARGV[3] ~= '' then
-  local base = tonumber(redis.call('GET', KEYS[3]) or '0')
-  local idx = tonumber(ARGV[1]) - 1 - base
-  if idx < 0 then return 0 end
-  local e = redis.call('LINDEX', KEYS[2], idx)
-  if not e or string.sub(e, -#ARGV[3]) ~= ARGV[3] then return 0 end
-end
-if tonumber(ARGV[1]) > cur then
-  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'blob', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-
-# KEYS[1] meta, KEYS[2] log, KEYS[3] base; ARGV[1] after_seq, ARGV[2] limit (0: all)
-# -> {gen, config, created, base, length of the list, entries after after_seq...}; gen is nil
-# when the namespace does not exist
-_TAIL = """
-local m = redis.call('HMGET', KEYS[1], 'gen', 'config', 'created')
-if not m[1] then return {false, false, false, 0, 0} end
-local base = tonumber(redis.call('GET', KEYS[3]) or '0')
-local out = {m[1], m[2], m[3], base, redis.call('LLEN', KEYS[2])}
-local start = math.max(tonumber(ARGV[1]), base) - base
-local stop = -1
-if tonumber(ARGV[2]) > 0 then stop = start + tonumber(ARGV[2]) - 1 end
-local tail = redis.call('LRANGE', KEYS[2], start, stop)
-for i = 1, #tail do out[5 + i] = tail[i] end
-return out
-"""
-
-# KEYS[1] log, KEYS[2] base; ARGV[1] upto -> the new base (entries seq <= upto dropped)
-_TRIM = """
-local base = tonumber(redis.call('GET', KEYS[2]) or '0')
-local upto = math.min(tonumber(ARGV[1]), base + redis.call('LLEN', KEYS[1]))
-if upto > base then
-  redis.call('LTRIM', KEYS[1], upto - base, -1)
-  redis.call('SET', KEYS[2], upto)
-  base = upto
-end
-return base
-"""
-
 
 def _meta(ns: str, gen: Any, config: Any, created: Any) -> NamespaceMeta:
     def s(x: Any) -> str:
         return x.decode() if isinstance(x, bytes) else str(x)
 
     return NamespaceMeta(ns, s(gen), json.loads(s(config)), float(s(created)))
-
-
-class _Retry(Retry):
-    """redis-py's retry, except that a refused login is final.
-
-    ``AuthenticationError`` subclasses ``ConnectionError``, so plain ``Retry`` backs off through
-    every try (~6 s with the defaults) before the wrong-password message arrives; a health check
-    with a 5 s timeout then sees a timeout instead of the reason.
-    """
-
-    async def call_with_retry(
-        self,
-        do: Callable[[], Awaitable[T]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        def retryable(error: Exception) -> bool:
-            if isinstance(error, AuthenticationError):
-                return False
-            return is_retryable(error) if is_retryable is not None else True
-
-        return await super().call_with_retry(do, fail, retryable, with_failure_count)
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """Sentinel's master discovery with the blocking pool's wait for a free connection.
-
-    redis-py's ``SentinelConnectionPool`` extends the failing ``ConnectionPool``; this puts
-    ``BlockingConnectionPool`` (``max_connections``, ``timeout``) under it in the MRO.
-    """
-
-
-_RETRY_ON = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
-
-
-def _retry(retries: int) -> _Retry:
-    # 50 ms doubling to 1 s: a restarted redis-server (~1 s) or a Sentinel failover (a few s)
-    # is waited out within the default 8 tries (~6 s).
-    return _Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
 
 
 class RedisStore:
@@ -250,13 +100,13 @@ class RedisStore:
         self._gate = asyncio.Semaphore(gate) if gate else None
         self._gate_size = gate
         self._gate_timeout_s = gate_timeout_s
-        self._register = client.register_script(_REGISTER)
-        self._create = client.register_script(_CREATE)
-        self._reset = client.register_script(_RESET)
-        self._feedback = client.register_script(_FEEDBACK)
-        self._snapshot = client.register_script(_SNAPSHOT)
-        self._trim = client.register_script(_TRIM)
-        self._tail = client.register_script(_TAIL)
+        self._register = client.register_script(redis_scripts.REGISTER)
+        self._create = client.register_script(redis_scripts.CREATE)
+        self._reset = client.register_script(redis_scripts.RESET)
+        self._feedback = client.register_script(redis_scripts.FEEDBACK)
+        self._snapshot = client.register_script(redis_scripts.SNAPSHOT)
+        self._trim = client.register_script(redis_scripts.TRIM)
+        self._tail = client.register_script(redis_scripts.TAIL)
 
     @classmethod
     def from_url(
@@ -271,17 +121,11 @@ class RedisStore:
     ) -> RedisStore:
         """One server: reconnects (``retries`` tries, back-off 50 ms doubling to 1 s) and a
         blocking pool of ``pool_size`` connections (a call waits ``pool_timeout_s`` for one)."""
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=pool_timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=_retry(retries),
-            retry_on_error=_RETRY_ON,
-            health_check_interval=30,
-        )
-        return cls(aioredis.Redis.from_pool(pool), prefix)
+        client = url_client(
+            url, retries=retries, timeout_s=timeout_s, pool_size=pool_size,
+            pool_timeout_s=pool_timeout_s,
+        )  # fmt: skip
+        return cls(client, prefix)
 
     @classmethod
     def from_sentinel(
@@ -305,28 +149,18 @@ class RedisStore:
         A connection asks the Sentinels for the master's address when it connects; a master that
         was demoted answers READONLY, which closes the connection and retries on the new master.
         """
-        sentinel_kwargs: dict[str, Any] = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-        }
-        if sentinel_password is not None:
-            sentinel_kwargs["password"] = sentinel_password
-        if sentinel_username is not None:
-            sentinel_kwargs["username"] = sentinel_username
-        manager = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs)
-        client = manager.master_for(
+        client, manager = sentinel_client(
+            sentinels,
             master,
-            connection_pool_class=_BlockingSentinelPool,
-            max_connections=pool_size,
-            timeout=pool_timeout_s,
             db=db,
             username=username,
             password=password,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=_retry(retries),
-            retry_on_error=_RETRY_ON,
-            health_check_interval=30,
+            sentinel_username=sentinel_username,
+            sentinel_password=sentinel_password,
+            retries=retries,
+            timeout_s=timeout_s,
+            pool_size=pool_size,
+            pool_timeout_s=pool_timeout_s,
         )
         return cls(client, prefix, sentinel=manager)
 
@@ -347,14 +181,7 @@ class RedisStore:
         node, so a node's pool (``pool_size`` plus a few for the client's own topology reads)
         never runs out; a burst past it waits up to ``pool_timeout_s``.
         """
-        client = RedisCluster.from_url(
-            url,
-            max_connections=pool_size + 8,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-            health_check_interval=30,
-        )
+        client = cluster_client(url, retries=retries, timeout_s=timeout_s, pool_size=pool_size)
         return cls(client, prefix, gate=pool_size, gate_timeout_s=pool_timeout_s)
 
     @classmethod

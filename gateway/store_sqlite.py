@@ -1,6 +1,6 @@
 """The persistent embedded store: one SQLite file in WAL mode, for a single-host gateway.
 
-Same contract as :class:`gateway.store.EmbeddedStore` and the Redis store (one test suite runs
+Same contract as :class:`gateway.store_memory.EmbeddedStore` and the Redis store (one test suite
 against all three), but a gateway killed with SIGKILL, or the machine losing power, comes back
 with every namespace, route record and observation it acknowledged.
 
@@ -46,7 +46,6 @@ import numpy as np
 
 from gateway.keys import APPLIED
 from gateway.store import (
-    _REC_HEAD,
     FeedbackResult,
     NamespaceLimit,
     NamespaceMeta,
@@ -60,6 +59,7 @@ from gateway.store import (
     encode_reward,
     new_gen,
     new_uid,
+    record_arm,
 )
 
 T = TypeVar("T")
@@ -300,7 +300,7 @@ class SqliteStore:
                     (APPLIED, rid.ns, rid.gen, rid.uid),
                 )
                 db.execute("UPDATE namespaces SET seq = ? WHERE name = ?", (seq, rid.ns))
-                (arm, _) = _REC_HEAD.unpack_from(body, 0)
+                arm = record_arm(body)
                 out.append(FeedbackResult(Outcome.APPLIED, rid.ns, seq, arm))
             return out
 

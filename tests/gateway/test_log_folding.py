@@ -20,7 +20,8 @@ import pytest
 from gateway.namespaces import NsState
 from gateway.service import GatewayService, InputError
 from gateway.settings import GatewaySettings
-from gateway.store import EmbeddedStore, NamespaceLimit
+from gateway.store import NamespaceLimit
+from gateway.store_memory import EmbeddedStore
 from reward_router.errors import ConfigError
 from reward_router.protocol import NamespaceConfig
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.store import EmbeddedStore, Outcome, RouteId, Store
+from gateway.store import Outcome, RouteId, Store
+from gateway.store_memory import EmbeddedStore
 from gateway.store_redis import RedisStore
 from gateway.store_sqlite import SqliteStore
 from tests.procs import SentinelSetup

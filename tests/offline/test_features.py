@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.feature_cache import EmbeddingCache
 from gateway.features import (
-    EmbeddingCache,
     HFEncoder,
     PairFeaturizer,
     load_encoder,
