@@ -29,13 +29,14 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aredis
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import pct  # noqa: E402
-from tests.gateway.helpers import build_router, gateway_config, start_gateway, start_rm  # noqa: E402
-from tests.procs import Proc, free_port, start_redis  # noqa: E402
+from tests.gateway.helpers import build_router, gateway_config, start_rm  # noqa: E402
+from tests.procs import Proc, free_port, start_process, start_redis  # noqa: E402
 
 
 def pair(i: int) -> dict[str, Any]:
@@ -146,12 +147,21 @@ def main() -> None:
             policy={"name": "bayesian-no-offline" if args.no_router else "bayesian"},
             **extra,
         )
-        env = {"PYTHONPATH": str(args.code_root.resolve())}
-        gw = start_gateway(cfg, env=env)
+        # ``python -m`` imports from its working directory first: run it in the checkout.
+        code = args.code_root.resolve()
+        port = int(yaml.safe_load(cfg.read_text())["port"])
+        gw = start_process(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+            port,
+            env={"PYTHONPATH": str(code)},
+            ready_url=f"http://127.0.0.1:{port}/readyz",
+            timeout=120,
+            cwd=code,
+        )
         procs.append(gw)
         httpx.post(f"{gw.url}/v1/namespaces/bench", timeout=60).raise_for_status()
         print(
-            f"# gateway from {args.code_root.resolve()}, "
+            f"# gateway from {code}, "
             f"{'no router' if args.no_router else 'tiny router'}, redis_pool_size "
             f"{args.pool_size or 'default'}, url query {args.url_query!r}, {args.requests} "
             f"one-pair routes (+ feedback) per burst size, load average {os.getloadavg()[0]:.1f}"

@@ -2,6 +2,9 @@
 
 A namespace's keys share the hash tag ``{ns}``, so on Redis Cluster they live in one slot and the
 feedback script (which touches a namespace's meta, one route record and its log) stays legal.
+``{p}:namespaces`` is a slot of its own: no script or transaction takes it together with a
+namespace's keys (gateway/store_redis.py writes it in a step of its own). These names are the
+ones of the first version: an existing Redis reads as it is, with or without a cluster.
 
 ``gen`` is a random token drawn when a namespace is created or reset: keys of an old generation
 are never read again (route records of it answer "unknown" and expire on their TTL), so a reset

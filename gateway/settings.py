@@ -255,7 +255,7 @@ class GatewaySettings(BaseSettings):
                 )
             raise ValueError(
                 f"redis_url: must start with redis://, rediss:// or unix://, got "
-                f"{scheme + '://' if scheme else repr(url)}{hint}"
+                f"{scheme + '://' if scheme else 'no scheme'}{hint}"
             )
         if self.redis_sentinels:
             if url is not None:
@@ -271,7 +271,13 @@ class GatewaySettings(BaseSettings):
                     "(`sentinel monitor NAME ...`) is required with redis_sentinels"
                 )
             return self
-        for name in ("redis_sentinel_master", "redis_sentinel_password", "redis_username"):
+        only_sentinel = (
+            "redis_sentinel_master",
+            "redis_sentinel_password",
+            "redis_sentinel_username",
+            "redis_username",
+        )
+        for name in only_sentinel:
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: only used with redis_sentinels, which is empty")
         if self.redis_password is not None or self.redis_db:

@@ -299,8 +299,11 @@ class RedisStore:
             # One DEL of keys that share the namespace's slot: atomic, on a cluster too.
             keys = [self.keys.meta(ns), *self._generation_keys(ns, meta.gen)]
             await self._call(lambda: self._r.delete(*keys))
-        # Then the name (also the clean-up of a name a crashed create left without meta).
+        # Then the name (also the clean-up of a name a crashed create left without meta). A
+        # create of the same name between the two steps has made a new meta: it keeps its name.
         await self._call(lambda: self._r.srem(self.keys.namespaces(), ns))
+        if await self._call(lambda: self._r.exists(self.keys.meta(ns))):
+            await self._call(lambda: self._r.sadd(self.keys.namespaces(), ns))
         return meta is not None
 
     async def list_namespaces(self) -> list[str]:

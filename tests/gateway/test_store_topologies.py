@@ -7,7 +7,11 @@ topology has (slots, a failover, a half-done creation) and the pool's queueing.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -17,7 +21,16 @@ from gateway.settings import load_settings
 from gateway.store import Outcome, StoreUnavailable
 from gateway.store_redis import RedisStore
 from reward_router.errors import ConfigError
-from tests.procs import SentinelSetup, _wait_until, start_sentinel
+from tests.gateway.helpers import (
+    feedback,
+    gateway_config,
+    pairs,
+    posteriors,
+    route,
+    start_gateway,
+    start_rm,
+)
+from tests.procs import Proc, SentinelSetup, _wait_until, start_sentinel
 
 BASE: dict[str, object] = {
     "rms": [{"name": "a", "url": "http://127.0.0.1:1"}],
@@ -120,13 +133,21 @@ async def test_sentinel_failover_keeps_every_acknowledged_feedback(
         setup.kill()
 
 
-@pytest.mark.parametrize("topology", ["redis", "cluster"])
+def _sentinel_store(request: pytest.FixtureRequest, **kw: Any) -> tuple[RedisStore, str]:
+    setup: SentinelSetup = request.getfixturevalue("redis_sentinel")
+    st = RedisStore.from_sentinel([("127.0.0.1", setup.sentinel.port)], setup.name, **kw)
+    return st, f"redis://127.0.0.1:{setup.master_port()}/0"
+
+
+@pytest.mark.parametrize("topology", ["redis", "sentinel", "cluster"])
 async def test_a_burst_past_the_pool_queues_instead_of_failing(
     request: pytest.FixtureRequest, topology: str
 ) -> None:
     if topology == "cluster":
         url = request.getfixturevalue("redis_cluster_url")
         st = RedisStore.from_cluster(url, prefix="t", pool_size=4)
+    elif topology == "sentinel":
+        st, url = _sentinel_store(request, prefix="t", pool_size=4)
     else:
         url = request.getfixturevalue("redis_url")
         st = RedisStore.from_url(url, prefix="t", pool_size=4)
@@ -155,13 +176,21 @@ async def test_a_burst_past_the_pool_queues_instead_of_failing(
             clients = server.client_list()
         finally:
             server.close()
-        mine = [c for c in clients if c.get("cmd") != "client|list"]
-        assert len(mine) <= 4
+        # Less this one, a replica's link and the Sentinel's own connections.
+        mine = [
+            c
+            for c in clients
+            if c.get("cmd") != "client|list"
+            and "S" not in c.get("flags", "")
+            and not c.get("name", "").startswith("sentinel")
+        ]
+        # (On the cluster, the node of this URL may hold none of these keys.)
+        assert (0 if topology == "cluster" else 1) <= len(mine) <= 4
     finally:
         await st.aclose()
 
 
-@pytest.mark.parametrize("topology", ["redis", "cluster"])
+@pytest.mark.parametrize("topology", ["redis", "sentinel", "cluster"])
 async def test_a_pool_held_past_its_wait_is_a_clear_store_error(
     request: pytest.FixtureRequest, topology: str
 ) -> None:
@@ -169,6 +198,9 @@ async def test_a_pool_held_past_its_wait_is_a_clear_store_error(
         url = request.getfixturevalue("redis_cluster_url")
         st = RedisStore.from_cluster(url, prefix="t", pool_size=1, pool_timeout_s=0.2)
         expect = "redis_pool_size"
+    elif topology == "sentinel":
+        st, _ = _sentinel_store(request, prefix="t", pool_size=1, pool_timeout_s=0.2)
+        expect = "No connection available"
     else:
         url = request.getfixturevalue("redis_url")
         st = RedisStore.from_url(url, prefix="t", pool_size=1, pool_timeout_s=0.2)
@@ -253,3 +285,44 @@ def test_bad_redis_settings_name_the_field(
     with pytest.raises(ConfigError) as info:
         load_settings(None, **BASE, **overrides)
     assert info.value.field.startswith(field) and says in str(info.value), str(info.value)
+
+
+@pytest.fixture(scope="module")
+def length_rm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    proc = start_rm(tmp_path_factory.mktemp("rm"), "len", backend="length")
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_a_gateway_routes_and_learns_on_the_topology(
+    request: pytest.FixtureRequest, tmp_path: Path, length_rm: Proc, topology: str
+) -> None:
+    if topology == "sentinel":
+        setup: SentinelSetup = request.getfixturevalue("redis_sentinel")
+        store: dict[str, Any] = {
+            "redis_sentinels": [f"127.0.0.1:{setup.sentinel.port}"],
+            "redis_sentinel_master": setup.name,
+        }
+    else:
+        store = {"redis_url": request.getfixturevalue("redis_cluster_url"), "redis_cluster": True}
+    cfg = gateway_config(
+        tmp_path, {"len": length_rm.url}, policy={"name": "bayesian-no-offline"}, **store
+    )
+    gw = start_gateway(cfg)
+    try:
+        ready = httpx.get(f"{gw.url}/readyz", timeout=10).json()
+        assert ready["ready"], ready
+        out = route(gw.url, pairs(4), ns="run-a")["results"]
+        other = route(gw.url, pairs(2, offset=4), ns="run-b")["results"]
+        # One feedback batch over both namespaces (two slots on the cluster).
+        items = [(r["route_id"], -0.5) for r in out + other]
+        assert feedback(gw.url, items)["applied"] == 6
+        assert feedback(gw.url, items[:1])["duplicate"] == 1
+        seen = posteriors(gw.url, "run-a", full=False)
+        assert sum(rm["observations"] for rm in seen["rms"]) == 4
+    finally:
+        gw.kill()
+        gw.log.unlink(missing_ok=True)
