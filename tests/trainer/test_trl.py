@@ -3,11 +3,18 @@ Llama, the gateway as its reward function, per-pair −DPO loss posted back."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.procs import free_port
 from trainer_client import GatewayClient
 from trainer_client.trl_adapter import GatewayPairReward, GatewayScalarReward
 
@@ -97,3 +104,96 @@ def test_trl_online_dpo_trains_and_posts_per_pair_feedback(
     assert trainer.pending_feedback == []
     assert 0 < trainer.feedback_applied <= 6
     assert _observations(trainer_gateway, ns) == trainer.feedback_applied
+
+
+# ---- GRPO ------------------------------------------------------------------------------------
+
+
+def test_anchor_rows_one_per_prompt_in_global_order() -> None:
+    from trainer_client.trl_adapter import anchor_rows
+
+    # TRL's global order for 2 processes x 3 rows, num_generations=2: p1 spans both processes
+    keys = ["p0", "p0", "p1", "p1", "p2", "p2"]
+    rank0, rank1 = keys[:3], keys[3:]
+    assert anchor_rows(keys) == [0, 0, 2, 2, 4, 4]
+    # what each process would pick from its own slice alone: p1's anchor would differ
+    assert anchor_rows(rank0)[2] + 0 != anchor_rows(rank1)[0] + 3
+
+
+def test_step_feedback_is_dpo_loss_against_the_pre_step_policy() -> None:
+    from trainer_client.trl_adapter import step_feedback
+
+    # the preferred side gained log-probability relative to the other: loss below log 2
+    assert step_feedback(0.5, -0.5, "a", 1.0) == pytest.approx(-math.log1p(math.exp(-1.0)))
+    assert step_feedback(0.5, -0.5, "b", 1.0) == pytest.approx(-math.log1p(math.exp(1.0)))
+    assert step_feedback(3.0, 1.0, "tie", 1.0) == pytest.approx(-math.log(2.0))
+    assert step_feedback(400.0, -400.0, "b", 1.0) == pytest.approx(-800.0)  # no overflow
+
+
+def test_scalar_reward_and_client_survive_pickling(trainer_gateway: str) -> None:
+    reward = GatewayScalarReward(GatewayClient(trainer_gateway, api_key="k"), namespace="trl-pk")
+    reward(prompts=["p"] * 2, completions=["a", "a longer one"])  # a used client pickles too
+    copy = pickle.loads(pickle.dumps(reward))
+    try:
+        assert copy.client is not reward.client and copy.client.base_url == trainer_gateway
+        assert copy.client._http.headers["authorization"] == "Bearer k"
+        scores = copy(prompts=["p"] * 2, completions=["short", "a much longer answer"])
+        assert scores[0] == 0.5 and copy.last_routes[1] is not None
+    finally:
+        reward.client.close()
+        copy.client.close()
+    mocked = GatewayClient(trainer_gateway, transport=httpx.MockTransport(httpx.Response))
+    with pytest.raises(TypeError, match="transport"):
+        pickle.dumps(mocked)
+    mocked.close()
+
+
+@pytest.mark.slow
+def test_trl_grpo_on_two_processes_one_anchor_per_group_and_feedback(
+    trainer_gateway: str, tiny_policy: Path, tmp_path: Path
+) -> None:
+    """accelerate launch --num_processes 2 --cpu: TRL's GRPOTrainer, 2 steps of 3 groups of 2
+    (6 rows, 3 per process, so one group spans both processes)."""
+    ns = "trl-grpo-2p"
+    script = Path(__file__).with_name("grpo_two_procs.py")
+    root = Path(__file__).resolve().parents[2]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           str(script), trainer_gateway, ns, str(tiny_policy), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["calls"]) == len(ranks[1]["calls"]) == 2  # one generation per step
+    routes = 0
+    spanning = 0
+    for c0, c1 in zip(ranks[0]["calls"], ranks[1]["calls"], strict=True):
+        rows = c0["rows"] + c1["rows"]
+        texts = c0["texts"] + c1["texts"]
+        assert [r["row"] for r in rows] == list(range(6))
+        groups: dict[str, list[int]] = {}
+        for r in rows:
+            groups.setdefault(r["prompt"], []).append(r["row"])
+        assert sorted(len(g) for g in groups.values()) == [2, 2, 2]
+        for g in groups.values():
+            anchor = g[0]  # the first row of the group in TRL's global order, on every process
+            assert rows[anchor]["route"] is None and rows[anchor]["score"] == 0.5
+            for j in g[1:]:
+                if texts[j] == texts[anchor]:
+                    assert rows[j]["route"] is None  # equal texts are not routed
+                    continue
+                assert rows[j]["route"] is not None and rows[j]["anchor"] == anchor
+                routes += 1
+                spanning += (j < 3) != (anchor < 3)
+        ids = [r["route"] for r in rows if r["route"]]
+        assert len(ids) == len(set(ids))
+    assert routes > 0 and spanning > 0  # a group split over both processes still has one anchor
+    # every routed comparison got its feedback, each process posting its own routes
+    assert sum(r["feedback_posted"] for r in ranks) == routes
+    assert [r["pending"] for r in ranks] == [0, 0]
+    applied = sum(r["feedback_applied"] for r in ranks)
+    assert applied == routes
+    assert _observations(trainer_gateway, ns) == applied
