@@ -1,5 +1,5 @@
-"""TRL's GRPOTrainer on 2 processes with the gateway as its reward: run by ``accelerate launch
---num_processes 2 --cpu`` from tests/trainer/test_trl.py (not collected by pytest itself).
+"""TRL's GRPOTrainer on 2 processes with the gateway as its reward: run by ``python -m
+torch.distributed.run --nproc_per_node 2`` (gloo on CPU) from tests/trainer/test_trl.py (not collected by pytest itself).
 
 argv: gateway URL, namespace, tiny policy dir, output dir. Each process writes
 ``rank{R}.json``: the rows it scored per generation (prompt, text, global row, anchor row and
@@ -79,6 +79,14 @@ def main(url: str, ns: str, policy: str, out: str) -> None:
     trainer = make_grpo_trainer(
         model=model, reward=reward, args=args, processing_class=tok, train_dataset=ds
     )
+    posted: list[tuple[str, float]] = []
+    post = trainer._post_feedback
+
+    def recording_post() -> None:
+        posted.extend(trainer.pending_feedback)
+        post()
+
+    trainer._post_feedback = recording_post
     trainer.train()
     rank = trainer.accelerator.process_index
     Path(out, f"rank{rank}.json").write_text(
@@ -88,6 +96,7 @@ def main(url: str, ns: str, policy: str, out: str) -> None:
                 "feedback_applied": trainer.feedback_applied,
                 "feedback_posted": trainer.feedback_posted,
                 "pending": len(trainer.pending_feedback),
+                "posted": posted,
                 "world": trainer.accelerator.num_processes,
             }
         )

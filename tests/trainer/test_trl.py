@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -134,6 +135,10 @@ def test_scalar_reward_and_client_survive_pickling(trainer_gateway: str) -> None
     reward = GatewayScalarReward(GatewayClient(trainer_gateway, api_key="k"), namespace="trl-pk")
     reward(prompts=["p"] * 2, completions=["a", "a longer one"])  # a used client pickles too
     copy = pickle.loads(pickle.dumps(reward))
+    # what AsyncGRPOTrainer does: the function pickled into a spawned process, called there
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        remote = pool.apply(reward, (), {"prompts": ["q"] * 2, "completions": ["x", "xyz xyz"]})
+    assert remote[0] == 0.5 and 0.0 <= remote[1] <= 1.0
     try:
         assert copy.client is not reward.client and copy.client.base_url == trainer_gateway
         assert copy.client._http.headers["authorization"] == "Bearer k"
@@ -152,16 +157,16 @@ def test_scalar_reward_and_client_survive_pickling(trainer_gateway: str) -> None
 def test_trl_grpo_on_two_processes_one_anchor_per_group_and_feedback(
     trainer_gateway: str, tiny_policy: Path, tmp_path: Path
 ) -> None:
-    """accelerate launch --num_processes 2 --cpu: TRL's GRPOTrainer, 2 steps of 3 groups of 2
+    """torchrun --nproc_per_node 2 (gloo, CPU): TRL's GRPOTrainer, 2 steps of 3 groups of 2
     (6 rows, 3 per process, so one group spans both processes)."""
     ns = "trl-grpo-2p"
     script = Path(__file__).with_name("grpo_two_procs.py")
     root = Path(__file__).resolve().parents[2]
-    accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()),
+    # torchrun sets RANK/WORLD_SIZE; with use_cpu=True TRL's accelerate state uses gloo (accelerate
+    # launch --cpu alone starts ONE process on a single machine)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(script), trainer_gateway, ns, str(tiny_policy), str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -194,6 +199,10 @@ def test_trl_grpo_on_two_processes_one_anchor_per_group_and_feedback(
     # every routed comparison got its feedback, each process posting its own routes
     assert sum(r["feedback_posted"] for r in ranks) == routes
     assert [r["pending"] for r in ranks] == [0, 0]
+    rewards = [x for r in ranks for _, x in r["posted"]]
+    assert len(rewards) == routes and all(math.isfinite(x) and x < 0 for x in rewards)
+    # the policy stepped (lr 1e-2), so some pair's log-probabilities moved: not all at -log 2
+    assert any(abs(x + math.log(2.0)) > 1e-6 for x in rewards)
     applied = sum(r["feedback_applied"] for r in ranks)
     assert applied == routes
     assert _observations(trainer_gateway, ns) == applied
