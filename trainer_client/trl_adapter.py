@@ -13,12 +13,16 @@
   posts ``-loss`` per routed pair to ``/v1/feedback`` after every step. Feedback that fails is
   kept and sent again with the next step (the gateway applies each route id once).
 * :class:`GatewayScalarReward` for GRPO-style trainers (``reward_funcs`` returning one float per
-  completion): a score per completion from :class:`GatewayPairReward`-style routing, each
-  completion compared with the first completion of its prompt by one RM (Bradley-Terry win
-  probability in [0, 1]; the first completion scores 0.5).
+  completion): each completion compared with ONE anchor per prompt group, the group's first
+  completion in TRL's global order (the same on every process: the function gathers the
+  processes' rows under ``torch.distributed``), by one RM (Bradley-Terry win probability in
+  [0, 1]; the anchor scores 0.5). Picklable, for ``AsyncGRPOTrainer``'s spawned scorer.
+* :func:`make_grpo_trainer` (``GatewayGRPOTrainer``): TRL's GRPO posting, for each routed
+  comparison, the pair's −DPO loss with the policy before the step as the reference, once the
+  policy has stepped on it (:func:`step_feedback`).
 
-TRL is imported only inside :class:`GatewayOnlineDPOTrainer`'s factory, so importing this
-module costs nothing when TRL is not installed.
+TRL is imported only inside the trainer factories, so importing this module costs nothing when
+TRL is not installed.
 
 >>> from trainer_client import GatewayClient
 >>> reward = GatewayPairReward(GatewayClient("http://127.0.0.1:8080"), namespace="trl-run")
@@ -187,6 +191,10 @@ def step_feedback(delta_row: float, delta_anchor: float, preferred: str, beta: f
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed when a process group is up, else (0, 1).
     torch is only looked at when the trainer already imported it."""
@@ -279,7 +287,9 @@ class GatewayScalarReward(_GatewayReward):
             res = self._route(payload)
             for j, r in zip(rows, res.results, strict=True):
                 x = r.score_a - r.score_b
-                scores[j] = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+                scores[j] = (
+                    1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+                )
                 last_routes[j], last_rms[j] = r.route_id, r.rm
                 comparisons.append(
                     Comparison(r.route_id, offset + j, anchors[offset + j], r.preferred, r.rm)
@@ -424,7 +434,7 @@ def gateway_grpo_trainer_class() -> type:
             return (logps * cmask).sum(1)
 
         def _generate_and_score_completions(self, inputs: Any) -> Any:
-            training = self.model.training
+            training = bool(getattr(self.model, "training", False))
             if training:
                 self._score_held()  # the policy has taken every step on the last batch
             out = super()._generate_and_score_completions(inputs)

@@ -1,5 +1,6 @@
 """TRL's GRPOTrainer on 2 processes with the gateway as its reward: run by ``python -m
-torch.distributed.run --nproc_per_node 2`` (gloo on CPU) from tests/trainer/test_trl.py (not collected by pytest itself).
+torch.distributed.run --nproc_per_node 2`` (gloo on CPU) from tests/trainer/test_trl.py; pytest
+does not collect it.
 
 argv: gateway URL, namespace, tiny policy dir, output dir. Each process writes
 ``rank{R}.json``: the rows it scored per generation (prompt, text, global row, anchor row and
@@ -33,7 +34,7 @@ class Recording(GatewayScalarReward):
 
     def __call__(self, prompts: Any, completions: Any, **kwargs: Any) -> list[float]:
         scores = super().__call__(prompts, completions, **kwargs)
-        by_row = {c.row: c for c in self.comparisons}
+        anchor = {c.row: c.anchor for c in self.comparisons}
         self.calls.append(
             {
                 "offset": self.offset,
@@ -42,7 +43,7 @@ class Recording(GatewayScalarReward):
                         "row": self.offset + j,
                         "prompt": repr(p),
                         "route": self.last_routes[j],
-                        "anchor": by_row[self.offset + j].anchor if self.offset + j in by_row else None,
+                        "anchor": anchor.get(self.offset + j),
                         "score": s,
                     }
                     for j, (p, s) in enumerate(zip(prompts, scores, strict=True))
