@@ -461,9 +461,14 @@ def gateway_grpo_trainer_class() -> type:
             self._held = None
             delta = self.accelerator.gather(self._sequence_logps(ids, mask, keep, cmask) - before)
             d = delta.float().cpu().tolist()
-            for c in comps:
-                r = step_feedback(d[c.row], d[c.anchor], c.preferred, self.feedback_beta)
-                self.pending_feedback.append((c.route_id, r))
+            rewards = [step_feedback(d[c.row], d[c.anchor], c.preferred, self.feedback_beta)
+                       for c in comps]  # fmt: skip
+            self.pending_feedback += [(c.route_id, r) for c, r in zip(comps, rewards, strict=True)]
+            # TRL's log: the mean posted reward over all processes' comparisons of the batch
+            stats = torch.tensor([sum(rewards), len(rewards)], device=delta.device)
+            total, count = self.accelerator.gather(stats).view(-1, 2).sum(0).tolist()
+            if count:
+                self._metrics["train"]["gateway/feedback"].append(total / count)
             self._post_feedback()
 
         def _post_feedback(self) -> None:

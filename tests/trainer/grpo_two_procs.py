@@ -90,6 +90,7 @@ def main(url: str, ns: str, policy: str, out: str) -> None:
     trainer._post_feedback = recording_post
     trainer.train()
     rank = trainer.accelerator.process_index
+    key = "gateway/feedback"
     Path(out, f"rank{rank}.json").write_text(
         json.dumps(
             {
@@ -98,6 +99,7 @@ def main(url: str, ns: str, policy: str, out: str) -> None:
                 "feedback_posted": trainer.feedback_posted,
                 "pending": len(trainer.pending_feedback),
                 "posted": posted,
+                "logged": [h[key] for h in trainer.state.log_history if key in h],
                 "world": trainer.accelerator.num_processes,
             }
         )

@@ -203,6 +203,11 @@ def test_trl_grpo_on_two_processes_one_anchor_per_group_and_feedback(
     assert len(rewards) == routes and all(math.isfinite(x) and x < 0 for x in rewards)
     # the policy stepped (lr 1e-2), so some pair's log-probabilities moved: not all at -log 2
     assert any(abs(x + math.log(2.0)) > 1e-6 for x in rewards)
+    # TRL's log of step 2 holds the mean over both processes of step 1's posted rewards (its
+    # batch is measured at step 2's generation; step 2's own at the end of train, unlogged)
+    n_first = [sum(1 for w in r["calls"][0]["rows"] if w["route"]) for r in ranks]
+    first = [x for r, n in zip(ranks, n_first, strict=True) for _, x in r["posted"][:n]]
+    assert ranks[0]["logged"] == [pytest.approx(sum(first) / len(first), rel=1e-5)]
     applied = sum(r["feedback_applied"] for r in ranks)
     assert applied == routes
     assert _observations(trainer_gateway, ns) == applied
