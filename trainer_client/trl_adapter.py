@@ -286,10 +286,7 @@ class GatewayScalarReward(_GatewayReward):
         if payload:
             res = self._route(payload)
             for j, r in zip(rows, res.results, strict=True):
-                x = r.score_a - r.score_b
-                scores[j] = (
-                    1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-                )
+                scores[j] = _sigmoid(r.score_a - r.score_b)
                 last_routes[j], last_rms[j] = r.route_id, r.rm
                 comparisons.append(
                     Comparison(r.route_id, offset + j, anchors[offset + j], r.preferred, r.rm)
