@@ -401,6 +401,7 @@ def gateway_grpo_trainer_class() -> type:
     """Build the subclass lazily (TRL imports torch, transformers, datasets)."""
     import torch
     from trl import GRPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
 
     class GatewayGRPOTrainer(GRPOTrainer):
         """TRL's GRPO, posting one reward per routed comparison after the policy stepped on it.
@@ -424,9 +425,12 @@ def gateway_grpo_trainer_class() -> type:
             self.feedback_posted = 0
 
         def _sequence_logps(self, ids: Any, mask: Any, keep: int, cmask: Any) -> Any:
-            with torch.no_grad():
+            model: Any = self.model
+            kw: Any = self.args.gradient_checkpointing_kwargs
+            off = disable_gradient_checkpointing(model, kw)
+            with torch.no_grad(), off:  # as TRL does for its own no-grad forwards
                 logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, ids, mask, keep, batch_size=self.args.per_device_train_batch_size
+                    model, ids, mask, keep, batch_size=self.args.per_device_train_batch_size
                 )
             return (logps * cmask).sum(1)
 

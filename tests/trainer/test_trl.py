@@ -211,3 +211,60 @@ def test_trl_grpo_on_two_processes_one_anchor_per_group_and_feedback(
     applied = sum(r["feedback_applied"] for r in ranks)
     assert applied == routes
     assert _observations(trainer_gateway, ns) == applied
+
+
+class _FailFirstFeedback(httpx.HTTPTransport):
+    """A real connection to the gateway, whose first ``/v1/feedback`` never leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/feedback" and not self.failed:
+            self.failed += 1
+            raise httpx.ConnectError("injected: feedback not sent", request=request)
+        return super().handle_request(request)
+
+
+def test_trl_grpo_keeps_undelivered_feedback_and_sends_it_next_time(
+    trainer_gateway: str, tiny_policy: Path, tmp_path: Path
+) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    from trainer_client.client import RetryPolicy
+    from trainer_client.trl_adapter import make_grpo_trainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_policy))
+    tok = AutoTokenizer.from_pretrained(str(tiny_policy), padding_side="left")
+    ds = Dataset.from_list([{"prompt": f"what is {i} + 1?"} for i in range(8)])
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    ns = "trl-grpo-retry"
+    transport = _FailFirstFeedback()
+    with GatewayClient(trainer_gateway, transport=transport, retry=RetryPolicy(retries=0)) as gw:
+        reward = GatewayScalarReward(gw, namespace=ns)
+        trainer = make_grpo_trainer(
+            model=model, reward=reward, args=args, processing_class=tok, train_dataset=ds
+        )
+        trainer.train()
+    rms = httpx.get(f"{trainer_gateway}/v1/posteriors", params={"namespace": ns}).json()["rms"]
+    routed = sum(rm["routes"] for rm in rms)
+    # step 1's feedback failed at step 2's generation, was kept, and went with step 2's at the end
+    assert transport.failed == 1 and trainer.pending_feedback == []
+    assert 0 < trainer.feedback_applied == trainer.feedback_posted == routed <= 4
+    assert sum(rm["observations"] for rm in rms) == routed  # every routed comparison, once
