@@ -222,7 +222,8 @@ class _Base:
 class GatewayClient(_Base):
     """Blocking client of the gateway's trainer API.
 
-    ``transport`` is for tests (e.g. ``httpx.MockTransport``); leave it unset otherwise.
+    ``transport`` is for tests (e.g. ``httpx.MockTransport``); leave it unset otherwise. A client
+    pickles as its settings (URL, key, timeouts, retries); the copy opens its own connections.
 
     >>> gw = GatewayClient("http://127.0.0.1:8080", timeouts=Timeouts(read=30))
     >>> gw.base_url
@@ -240,7 +241,23 @@ class GatewayClient(_Base):
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(base_url, api_key=api_key, timeouts=timeouts, retry=retry)
+        self._api_key, self._transport = api_key, transport
         self._http = httpx.Client(transport=transport, **self._kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as its settings; the unpickled copy opens its own connection pool (TRL's
+        AsyncGRPOTrainer pickles reward functions into a spawned process)."""
+        if self._transport is not None:
+            raise TypeError("a GatewayClient with a custom transport cannot be pickled")
+        return {
+            "base_url": self.base_url,
+            "api_key": self._api_key,
+            "timeouts": self.timeouts,
+            "retry": self.retry,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
     def __enter__(self) -> GatewayClient:
         return self
