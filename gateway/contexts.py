@@ -1,19 +1,19 @@
 """Pair -> context ``h``: what the posterior regresses on, computed off the event loop.
 
 With a router artifact: the encoder and the router's MLP (+ intercept), in one worker thread;
-concurrent requests are encoded together in one batch. Without one: ``h = [1]``.
+concurrent requests are encoded together in passes of up to ``max_batch`` pairs. Without
+one: ``h = [1]``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
 
+from reward_router.batching import MicroBatcher
 from reward_router.protocol import PairIn
 
 
@@ -40,8 +40,9 @@ class Featurizer(Protocol):
 
 class Contexts:
     """Pair -> context h. With a router: encoder + MLP (+ intercept), computed in one worker
-    thread, never on the event loop; concurrent requests are encoded together in one batch
-    (up to ``max_batch`` pairs). Without a router: h = [1] (the intercept alone)."""
+    thread, never on the event loop; concurrent requests are encoded together
+    (:class:`reward_router.batching.MicroBatcher`, passes of up to ``max_batch`` pairs).
+    Without a router: h = [1] (the intercept alone)."""
 
     def __init__(
         self, router: Router | None, featurizer: Featurizer | None, max_batch: int = 64
@@ -52,8 +53,7 @@ class Contexts:
         self.prior_means = router.prior_means if router is not None else None
         self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rr-encode")
-        self._queue: asyncio.Queue[tuple[list[PairIn], asyncio.Future[np.ndarray]]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._batcher: MicroBatcher[PairIn, np.ndarray] | None = None
 
     def compute(self, pairs: Sequence[PairIn]) -> np.ndarray:
         """(B, dim) float64 contexts, synchronously (what the worker thread runs)."""
@@ -68,42 +68,23 @@ class Contexts:
         )
         return np.asarray(self.router.hidden(feats), dtype=np.float64)
 
+    def _rows(self, pairs: list[PairIn]) -> list[np.ndarray]:
+        return list(self.compute(pairs))
+
     async def __call__(self, pairs: Sequence[PairIn]) -> np.ndarray:
         if self.router is None:
             return self.compute(pairs)
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._run())
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put((list(pairs), fut))
-        return await fut
-
-    async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self._queue.get()]
-            size = len(jobs[0][0])
-            while size < self.max_batch and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-                size += len(jobs[-1][0])
-            allpairs = [p for pairs, _ in jobs for p in pairs]
-            try:
-                h = await loop.run_in_executor(self._pool, self.compute, allpairs)
-            except Exception as exc:  # handed to every waiting request, the loop lives on
-                for _, fut in jobs:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            start = 0
-            for pairs, fut in jobs:
-                if not fut.done():
-                    fut.set_result(h[start : start + len(pairs)])
-                start += len(pairs)
+        if self._batcher is None:
+            # No wait for company: a pass takes what is queued when the last one ends, so under
+            # load passes fill up by themselves and a lone request is not delayed.
+            self._batcher = MicroBatcher(
+                self._rows, max_batch=self.max_batch, max_wait_s=0.0, executor=self._pool
+            )
+            await self._batcher.start()
+        rows = await self._batcher.submit(list(pairs))
+        return np.stack(rows) if rows else np.zeros((0, self.dim))
 
     async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        if self._batcher is not None:
+            await self._batcher.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from reward_router.batching import MicroBatcher, QueueFull
 from reward_router.data import Message
 from reward_router.protocol import (
     CompareRequest,
@@ -28,7 +29,6 @@ from reward_router.protocol import (
 )
 from reward_router.protocol import Message as WireMessage
 from services.backends import Backend, Compared, PairInput, Scored, ScoreInput
-from services.batching import MicroBatcher, QueueFull
 from services.errors import (
     BatchTooLarge,
     InputTooLong,

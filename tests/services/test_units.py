@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from reward_router.answers import answers_match, final_answer
+from reward_router.batching import MicroBatcher
 from reward_router.errors import ConfigError
 from services.backends import Backend, PairInput, ScoreInput, make_backend
 from services.backends.text import fit_lengths
-from services.batching import MicroBatcher
 from services.settings import load_settings
 from tests.services.conftest import write_config
 

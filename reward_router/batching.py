@@ -1,4 +1,5 @@
-"""Micro-batching: concurrent requests share forward passes, which never block the event loop.
+"""Micro-batching: concurrent requests share forward passes, which never block the event loop
+(an RM service's model; the gateway's pair encoder).
 
 A :class:`MicroBatcher` owns one queue and one worker task. Each request submits its list of
 items and awaits a future. The worker takes the first waiting request, then keeps gathering
