@@ -71,6 +71,9 @@ def train(
         _TRAIN.freeze_layers, help="Plain fine-tuning: frozen lowest encoder layers (-1: none)."
     ),
     threads: int | None = typer.Option(None, help="torch threads."),
+    eval_every_epoch: bool = typer.Option(
+        False, help="Also score the held-out sample after every epoch (in the report)."
+    ),
     seed: int = typer.Option(0),
     data_dir: Path = typer.Option(Path("data/pairs"), help="Folder of the shipped pairs."),
     base_model: Path | None = typer.Option(
@@ -92,6 +95,7 @@ def train(
             freeze_layers=freeze_layers,
             seed=seed,
             threads=threads,
+            eval_every_epoch=eval_every_epoch,
         )
         report = train_specialist(domain, out, cfg, data_dir=data_dir, base_model=base_model)
     except RewardRouterError as exc:

@@ -101,6 +101,40 @@ def test_train_specialist_saves_a_servable_rm(tmp_path: Path, data_dir: Path) ->
     assert scores[0].score > scores[1].score
 
 
+def test_eval_every_epoch_logs_held_out_accuracy_and_leaves_training_unchanged(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    base = tiny_bert(tmp_path / "base")
+    common = {"max_pairs": 16, "batch_size": 8, "max_length": 64, "epochs": 3, "threads": 1}
+    plain = train_specialist(
+        "chat",
+        tmp_path / "a",
+        TrainConfig(**common, freeze_layers=1),
+        data_dir=data_dir,
+        base_model=base,
+        progress=False,
+    )
+    each = train_specialist(
+        "chat",
+        tmp_path / "b",
+        TrainConfig(**common, freeze_layers=1, eval_every_epoch=True),
+        data_dir=data_dir,
+        base_model=base,
+        progress=False,
+    )
+    # Epochs 1 and 2 are scored on the held-out sample; the last one is the report's figure.
+    assert [("heldout_accuracy" in e) for e in each["epochs"]] == [True, True, False]
+    assert all(0.0 <= e["heldout_accuracy"] <= 1.0 for e in each["epochs"][:2])
+    assert "heldout_accuracy" not in plain["epochs"][0]
+    # Scoring in between (from the cached frozen-layer outputs) changes nothing of the training.
+    assert [e["train_loss"] for e in each["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in plain["epochs"]], abs=1e-6
+    )
+    assert each["heldout_accuracy"] == plain["heldout_accuracy"]
+    for pair_id, scores in plain["probe"]["scores"].items():
+        assert each["probe"]["scores"][pair_id] == pytest.approx(scores, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Iterator[Path]:
     """A pool of three real services: verifier, length and a tiny-Llama judge."""
