@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.api import AuthError, Credentials, require_trainer, trainer_keys
 from gateway.chat_templates import parse_templated, strip_end_of_turn
+from gateway.namespaces import NsState
 from gateway.policy_setup import reward_kind
 from gateway.rm_client import Comparison, RMUnavailable
 from gateway.service import GatewayService
@@ -233,10 +234,11 @@ class _Scores:
 
 
 async def _sticky_routes(
-    svc: GatewayService, ns: str, gen: str, samples: list[Sample]
+    svc: GatewayService, st: NsState, samples: list[Sample]
 ) -> dict[str, StickyRoute]:
     """Each distinct prompt's sticky route: stored already, or drawn now and claimed (the first
     claim in the store wins, on any replica; a lost race takes the winner's)."""
+    ns, gen = st.meta.name, st.meta.gen
     keys = list(dict.fromkeys(s.key for s in samples))
     routes = {
         k: StickyRoute.decode(v)
@@ -246,7 +248,7 @@ async def _sticky_routes(
     leads = [next(s for s in samples if s.key == k) for k in keys if k not in routes]
     if leads:
         pairs = [PairIn.model_validate(_payload(s, s.response)) for s in leads]
-        arms = await svc.choose(ns, pairs)
+        arms = await svc.choose(st, pairs)
         for s, arm in zip(leads, arms, strict=True):
             mine = StickyRoute(svc.rm_names[arm], s.response)
             won = await svc.store.claim_sticky(
@@ -261,7 +263,7 @@ async def score_samples(svc: GatewayService, ns: str, samples: list[Sample]) -> 
     st = await svc.namespaces.state(ns)
     gen = st.meta.gen
     out = _Scores(len(samples))
-    routes = await _sticky_routes(svc, ns, gen, samples)
+    routes = await _sticky_routes(svc, st, samples)
     by_rm: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         r = routes[s.key]

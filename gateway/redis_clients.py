@@ -64,21 +64,30 @@ def _retry(retries: int) -> _Retry:
     return _Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
 
 
+def _pooled(
+    *, retries: int, timeout_s: float, pool_size: int, pool_timeout_s: float
+) -> dict[str, Any]:
+    """The blocking pool's and each connection's settings, the same on one server and Sentinel."""
+    return {
+        "max_connections": pool_size,
+        "timeout": pool_timeout_s,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": _retry(retries),
+        "retry_on_error": RETRY_ON,
+        "health_check_interval": 30,
+    }
+
+
 def url_client(
     url: str, *, retries: int, timeout_s: float, pool_size: int, pool_timeout_s: float
 ) -> aioredis.Redis:
     """One server, with a blocking pool of ``pool_size`` connections (a call waits
     ``pool_timeout_s`` for one)."""
     pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        timeout=pool_timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=_retry(retries),
-        retry_on_error=RETRY_ON,
-        health_check_interval=30,
-    )
+        url, **_pooled(retries=retries, timeout_s=timeout_s, pool_size=pool_size,
+                       pool_timeout_s=pool_timeout_s)
+    )  # fmt: skip
     return aioredis.Redis.from_pool(pool)
 
 
@@ -110,16 +119,12 @@ def sentinel_client(
     client = manager.master_for(
         master,
         connection_pool_class=_BlockingSentinelPool,
-        max_connections=pool_size,
-        timeout=pool_timeout_s,
         db=db,
         username=username,
         password=password,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=_retry(retries),
-        retry_on_error=RETRY_ON,
-        health_check_interval=30,
+        **_pooled(
+            retries=retries, timeout_s=timeout_s, pool_size=pool_size, pool_timeout_s=pool_timeout_s
+        ),
     )
     return client, manager
 

