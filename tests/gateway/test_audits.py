@@ -266,3 +266,31 @@ def test_bad_audit_settings_are_a_422_naming_the_field(
     assert r.json()["error"]["field"].split(".")[-1] == field, r.text
     listed = httpx.get(f"{gw.url}/v1/namespaces", timeout=30).json()["namespaces"]
     assert "bad-audit" not in listed
+
+
+def test_audits_and_second_opinions_share_the_calls_budget(gw: Gateway) -> None:
+    if gw.store != "memory":
+        pytest.skip("the budget is this replica's count, whatever the store")
+    ns = "budget"
+    r = _create(
+        gw.url,
+        ns,
+        policy="best-single",
+        best_rm="len-a",
+        audit_rate=0.25,
+        audit_rm="judge",
+        audit_accuracy=0.9,
+        max_calls_per_pair=1.5,
+    )
+    assert r.status_code == 200, r.text
+    # len-a ties on every one of these pairs, so each would take a second opinion.
+    tied = [
+        {"prompt": f"question #{i}", "response_a": "yes it is", "response_b": "no it isnt"}
+        for i in range(40)
+    ]
+    res = route(gw.url, tied, ns)["results"]
+    audits = _metric(gw.url, "audit_calls", namespace=ns)
+    seconds = _metric(gw.url, "second_opinions", namespace=ns)
+    assert audits == sum(x["audited_by"] == "judge" for x in res) > 0
+    assert seconds == sum(bool(x["rms"]) for x in res)
+    assert audits + seconds == 0.5 * len(tied)  # the whole extra budget, audits first
