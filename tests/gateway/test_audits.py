@@ -86,6 +86,17 @@ def _create(url: str, ns: str, **config: Any) -> httpx.Response:
     return httpx.post(f"{url}/v1/namespaces/{ns}", json=config, timeout=30)
 
 
+def _audited(url: str, ns: str, rate: float, **config: Any) -> dict[str, Any]:
+    """Create ``ns``: best-single on tiny-bert (never the auditor), audited by ``judge`` at
+    ``rate`` with the calls budget for it; ``config`` overrides. Returns its stored config."""
+    base = {"policy": "best-single", "best_rm": "tiny-bert", "audit_rm": "judge"}
+    body = {**base, "audit_rate": rate, "max_calls_per_pair": 1.0 + rate, **config}
+    r = _create(url, ns, **body)
+    assert r.status_code == 200, r.text
+    stored: dict[str, Any] = r.json()["config"]
+    return stored
+
+
 def _metric(url: str, name: str, **labels: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     total = 0.0
@@ -102,17 +113,7 @@ def _uid(route_id: str) -> str:
 
 def test_the_audited_share_is_the_seeded_hash_of_the_route_id(gw: Gateway) -> None:
     ns = "share"
-    r = _create(
-        gw.url,
-        ns,
-        policy="best-single",
-        best_rm="tiny-bert",
-        audit_rate=0.25,
-        audit_rm="judge",
-        audit_accuracy=0.9,
-        max_calls_per_pair=1.25,
-    )
-    assert r.status_code == 200, r.text
+    _audited(gw.url, ns, 0.25, audit_accuracy=0.9)
     res = [x for k in range(3) for x in route(gw.url, pairs(100, 100 * k), ns)["results"]]
     audited = {x["route_id"] for x in res if x["audited_by"] == "judge"}
     # Exactly the routes whose uid hashes (seed 0, the gateway's) below the rate.
@@ -188,17 +189,8 @@ def test_an_audit_is_a_correctness_observation_beside_the_trainers_feedback(gw: 
 
 def test_an_auditor_that_needs_a_reference_audits_only_pairs_that_have_one(gw: Gateway) -> None:
     ns = "ref-audit"
-    r = _create(
-        gw.url,
-        ns,
-        policy="best-single",
-        best_rm="tiny-bert",
-        audit_rate=1.0,
-        audit_rm="len-b",
-        max_calls_per_pair=2.0,
-    )
-    assert r.status_code == 200, r.text
-    assert r.json()["config"]["audit_accuracy"] == 1.0  # a verifier's labels are checked ones
+    # A verifier's labels are checked ones: its accuracy defaults to 1.
+    assert _audited(gw.url, ns, 1.0, audit_rm="len-b")["audit_accuracy"] == 1.0
     plain = pairs(5)
     with_ref = [{**x, "reference": "42"} for x in pairs(5, offset=5)]
     res = route(gw.url, plain + with_ref, ns)["results"]
@@ -208,17 +200,7 @@ def test_an_auditor_that_needs_a_reference_audits_only_pairs_that_have_one(gw: G
 
 def test_a_down_auditor_never_fails_the_route(gw: Gateway) -> None:
     ns = "auditor-down"
-    r = _create(
-        gw.url,
-        ns,
-        policy="best-single",
-        best_rm="tiny-bert",
-        audit_rate=1.0,
-        audit_rm="judge",
-        audit_accuracy=0.8,
-        max_calls_per_pair=2.0,
-    )
-    assert r.status_code == 200, r.text
+    _audited(gw.url, ns, 1.0, audit_accuracy=0.8)
     port = gw.judge.port
     gw.judge.kill()
     try:
@@ -272,17 +254,7 @@ def test_audits_and_second_opinions_share_the_calls_budget(gw: Gateway) -> None:
     if gw.store != "memory":
         pytest.skip("the budget is this replica's count, whatever the store")
     ns = "budget"
-    r = _create(
-        gw.url,
-        ns,
-        policy="best-single",
-        best_rm="len-a",
-        audit_rate=0.25,
-        audit_rm="judge",
-        audit_accuracy=0.9,
-        max_calls_per_pair=1.5,
-    )
-    assert r.status_code == 200, r.text
+    _audited(gw.url, ns, 0.25, best_rm="len-a", audit_accuracy=0.9, max_calls_per_pair=1.5)
     # len-a ties on every one of these pairs, so each would take a second opinion.
     tied = [
         {"prompt": f"question #{i}", "response_a": "yes it is", "response_b": "no it isnt"}
