@@ -57,7 +57,8 @@ replay: setup
 		--json results/replay-rewardbench-math-prm.json --plot results/replay-rewardbench-math-prm.png
 	$(VENV)/bin/reward-router replay --pairs data/pairs/pool-heldout.jsonl.gz \
 		--behavior data/rm_outputs/pool-heldout.jsonl.gz --policies all --folds 5 --seeds 5 \
-		--max-length 128 --json results/replay-pool-heldout.json --plot results/replay-pool-heldout.png
+		--max-length 128 --needs-reference verifier \
+		--json results/replay-pool-heldout.json --plot results/replay-pool-heldout.png
 
 bench: setup
 	$(PY) benchmarks/bench_routing_core.py

@@ -18,6 +18,7 @@ import numpy as np
 from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NsState
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
+from gateway.routing.policies import reference_last
 from reward_router.errors import RewardRouterError
 from reward_router.protocol import RouteResult
 
@@ -39,20 +40,10 @@ class Dispatcher:
         self.n_rms = len(pool.clients)
 
     def reference_last(self, ranking: np.ndarray, pairs: Sequence[Any]) -> np.ndarray:
-        """Each draw's ranking with the RMs that need a reference moved last for pairs that have
-        none: such an RM (a verifier) could only abstain, a tie that teaches the trainer nothing.
-        The choice is then the best of the other RMs under the same draw."""
-        if not self.needs_reference.any():
-            return ranking
-        out = ranking.copy()
-        for i, pair in enumerate(pairs):
-            if pair.reference:
-                continue
-            row = [int(a) for a in ranking[i]]
-            out[i] = [a for a in row if not self.needs_reference[a]] + [
-                a for a in row if self.needs_reference[a]
-            ]
-        return out
+        """Each draw's ranking with the RMs that need a reference moved last for pairs that
+        have none (:func:`gateway.routing.policies.reference_last`)."""
+        has = np.array([bool(p.reference) for p in pairs], dtype=bool)
+        return reference_last(ranking, self.needs_reference, has)
 
     def order(self, row: np.ndarray, tried: set[int]) -> list[int]:
         """Untried RMs of one ranking: available ones first, then the rest as a last resort."""

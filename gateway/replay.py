@@ -26,6 +26,7 @@ import numpy as np
 
 from gateway.routing import POLICY_NAMES, make_policy
 from gateway.routing.normalize import QuantileNormalizer
+from gateway.routing.policies import reference_last
 from gateway.routing.prior import AuditLink, RewardLink
 from gateway.routing.registry import NEEDS_PRIOR, NO_ONLINE_VARIANT, RAW_PRIOR
 from reward_router.data import BehaviorMatrix
@@ -80,6 +81,11 @@ class ReplayConfig:
     #: pair's reward instead of the ``reward`` signal
     audit_rate: float = 0.0
     audit_rm: str | None = None
+    #: RMs that judge only pairs with a reference answer (a verifier; ``needs_reference`` in
+    #: the gateway's RM list): as the gateway does, every single-RM policy ranks them last on
+    #: the pairs that have none (``Pair.reference``), so they are asked there only when nothing
+    #: else is ranked; best-single's fallback is then the next RM by training accuracy
+    needs_reference: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -356,6 +362,8 @@ class _Stream:
     train_acc: np.ndarray  # (N,) accuracy per RM on the training folds
     decisive_acc: np.ndarray  # (N,) the same where the RM did not tie (an auditor's accuracy)
     auditor: int  # the RM that audits (gold audits)
+    needs_reference: np.ndarray  # (N,) bool: the RM judges only pairs with a reference
+    has_reference: np.ndarray  # (P_total,) bool: the pair has a reference answer
 
 
 def _dpo_proxy(
@@ -398,6 +406,7 @@ def _stream_policy(
         prior_precision=fitted.prior_precision if injects and fitted else None,
         prior_sigma2=fitted.noise if injects and fitted else None,
         best_rm=stream.best_rm,
+        fallback=np.argsort(-stream.train_acc, kind="stable").tolist(),
         margin_scales=stream.scales,
         **dict(params),
     )
@@ -426,12 +435,13 @@ def _stream_policy(
             quality[sl] = np.where(combined > 0, 1.0, np.where(combined < 0, 0.0, 0.5))
             picks += asked.sum(axis=0)
             continue
-        arms = selection.ranking[:, 0].copy()
+        ranking = reference_last(
+            selection.ranking, stream.needs_reference, stream.has_reference[batch_rows]
+        )
+        arms = ranking[:, 0].copy()
         calls += len(arms)
         if config.max_calls_per_pair > 1.0 and n_rms > 1:
-            calls += _second_opinions(
-                arms, selection.ranking[:, 1], batch_rows, stream, config, calls, start
-            )
+            calls += _second_opinions(arms, ranking[:, 1], batch_rows, stream, config, calls, start)
         q = correct[batch_rows, arms]
         np.add.at(picks, arms, 1)
         rewards = q.copy()
@@ -467,14 +477,17 @@ def _audit(
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gold audits, as the gateway runs them (gateway/audits.py): on a ``config.audit_rate``
-    share of pairs not routed to the auditor, the auditor labels the pair too (one call);
+    share of pairs not routed to the auditor (and with a reference, for an auditor that needs
+    one), the auditor labels the pair too (one call);
     agreement (1, 0, 0.5 for a routed tie; an auditor's tie is skipped, weight 0 here) reaches
     the posterior through :class:`~gateway.routing.prior.AuditLink` with p the auditor's
     training accuracy where it gave a label. Returns the audited pairs' positions, their
     values and weights."""
     p = float(stream.decisive_acc[stream.auditor])
     audited = rng.random(len(arms)) < config.audit_rate
-    idx = np.flatnonzero(audited & (arms != stream.auditor))
+    # Not the auditor's own pairs, nor, for an auditor that needs a reference, pairs without one.
+    can = stream.has_reference[batch_rows] | ~stream.needs_reference[stream.auditor]
+    idx = np.flatnonzero(audited & (arms != stream.auditor) & can)
     none = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     if p <= 0.5 or not len(idx):
         return none
@@ -556,9 +569,16 @@ def _make_stream(
         auditor = matrix.rms.index(config.audit_rm)
     else:
         raise ConfigError("audit_rm", f"must be one of {matrix.rms}, got {config.audit_rm!r}")
+    unknown = sorted(set(config.needs_reference) - set(matrix.rms))
+    if unknown:
+        raise ConfigError("needs_reference", f"unknown RMs {unknown}; the matrix has {matrix.rms}")
+    needs = np.array([rm in config.needs_reference for rm in matrix.rms], dtype=bool)
+    has = np.array([p.reference is not None for p in matrix.pairs], dtype=bool)
     said = matrix.correct[train] != 0.5
     decisive = np.where(said, matrix.correct[train], 0.0).sum(axis=0) / np.maximum(said.sum(0), 1)
-    return _Stream(rows, correct, margins, scales, best, unsure, train_acc, decisive, auditor)
+    return _Stream(
+        rows, correct, margins, scales, best, unsure, train_acc, decisive, auditor, needs, has
+    )
 
 
 def run_replay(

@@ -21,6 +21,7 @@ from gateway.replay_options import (
     JsonOpt,
     MaxCallsOpt,
     MaxLengthOpt,
+    NeedsReferenceOpt,
     PoliciesOpt,
     RewardNoiseOpt,
     RewardOpt,
@@ -28,6 +29,7 @@ from gateway.replay_options import (
     SeedsOpt,
     SetOpt,
     StreamOrderOpt,
+    split_names,
 )
 from reward_router.errors import RewardRouterError
 
@@ -70,6 +72,7 @@ def replay(
     second_opinion_margin: SecondOpinionMarginOpt = None,
     audit_rate: AuditRateOpt = 0.0,
     audit_rm: AuditRmOpt = None,
+    needs_reference: NeedsReferenceOpt = "",
     encoder: EncoderOpt = "minilm",
     max_length: MaxLengthOpt = 256,
     cache_dir: CacheDirOpt = None,
@@ -87,7 +90,8 @@ def replay(
             {"reward": reward, "stream_order": stream_order,
              "max_calls_per_pair": max_calls_per_pair,
              "second_opinion_margin": second_opinion_margin,
-             "audit_rate": audit_rate, "audit_rm": audit_rm},
+             "audit_rate": audit_rate, "audit_rm": audit_rm,
+             "needs_reference": split_names(needs_reference)},
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)

@@ -56,6 +56,20 @@ AuditRateOpt = Annotated[
 AuditRmOpt = Annotated[
     str | None, typer.Option(help="The auditing RM (default: the training-best RM).")
 ]
+
+
+def split_names(spec: str) -> tuple[str, ...]:
+    """``"a, b,"`` -> ``("a", "b")``: a comma-separated option's names."""
+    return tuple(part.strip() for part in spec.split(",") if part.strip())
+
+
+NeedsReferenceOpt = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated RMs that judge only pairs with a reference answer (a verifier):"
+        " ranked last on pairs without one, as the gateway's needs_reference does.",
+    ),
+]
 EncoderOpt = Annotated[
     str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
 ]

@@ -82,6 +82,10 @@ def first_user_turn(prompt: PromptLike) -> str:
     return ""
 
 
+#: Where a pair's reference answer may sit in its ``meta`` (first found wins).
+REFERENCE_KEYS = ("reference", "ground_truth", "answer")
+
+
 @dataclass(frozen=True)
 class Pair:
     """One preference pair: ``chosen`` is the response the source labels better."""
@@ -97,6 +101,16 @@ class Pair:
     use: str = "train-or-eval"
     meta: dict[str, Any] = field(default_factory=dict)
     license: str = ""
+
+    @property
+    def reference(self) -> str | None:
+        """The pair's reference answer (``REFERENCE_KEYS`` in ``meta``), what a verifier
+        needs to judge it; ``None`` when it has none."""
+        for key in REFERENCE_KEYS:
+            value = self.meta.get(key)
+            if isinstance(value, str) and value.strip():
+                return value
+        return None
 
 
 def _require_str(obj: dict[str, Any], key: str, path: str, lineno: int) -> str:

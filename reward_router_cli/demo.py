@@ -409,7 +409,6 @@ class Demo:
 
         from reward_router.data import load_behavior, load_pairs
         from reward_router_cli.demo_label import label_summary, stream_labels
-        from services.pool import reference_of
         from trainer_client import GatewayClient
 
         cfg = self.cfg
@@ -428,7 +427,6 @@ class Demo:
                     ],
                     gw.feedback,
                     stream,
-                    reference=reference_of,
                     batch=cfg.label_batch,
                     seed=cfg.seed,
                     progress=lambda n: bar.update(task, advance=n),
@@ -437,6 +435,7 @@ class Demo:
                 rows,
                 load_behavior(pool / "behavior.jsonl.gz", load_pairs(pool / "pairs.jsonl.gz")),
                 load_behavior(pool / "stream-behavior.jsonl.gz", stream),
+                needs_reference=("verifier",),
             )
             (self.report / "label.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             rec["pairs"] = len(rows)

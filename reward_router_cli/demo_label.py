@@ -59,7 +59,6 @@ def stream_labels(
     feedback: Callable[[dict[str, float]], Any],
     stream: Sequence[Pair],
     *,
-    reference: Callable[[Pair], str | None],
     batch: int = 8,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -81,7 +80,7 @@ def stream_labels(
                 "prompt": p.prompt,
                 "response_a": p.rejected if flip else p.chosen,
                 "response_b": p.chosen if flip else p.rejected,
-                "reference": reference(p),
+                "reference": p.reference,
             }
             for p, flip in zip(chunk, flips, strict=True)
         ]
@@ -119,8 +118,32 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), se
 
 
+def _gateway_single(
+    best: str, train_acc: np.ndarray, stream: BehaviorMatrix, needs_reference: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """``{name: per-pair correctness}`` of best-single as the gateway runs it, when ``best``
+    needs a reference: it is asked only where the pair has one (else empty)."""
+    if best not in needs_reference:
+        return {}
+    rms = stream.rms
+    by_accuracy = [rms[j] for j in np.argsort(-train_acc, kind="stable")]
+    other = next((rm for rm in by_accuracy if rm not in needs_reference), None)
+    if other is None:
+        return {}
+    col = {rm: j for j, rm in enumerate(rms)}
+    asked = [col[best] if p.reference else col[other] for p in stream.pairs]
+    return {
+        f"best-single ({best} with a reference, else {other})": stream.correct[
+            np.arange(len(asked)), asked
+        ]
+    }
+
+
 def label_summary(
-    rows: Sequence[dict[str, Any]], router_part: BehaviorMatrix, stream: BehaviorMatrix
+    rows: Sequence[dict[str, Any]],
+    router_part: BehaviorMatrix,
+    stream: BehaviorMatrix,
+    needs_reference: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Label accuracy per quarter of the stream: the live policy beside best-single, majority
     (every RM asked) and oracle on the same pairs, from the matrix; routing share per domain per
@@ -128,6 +151,9 @@ def label_summary(
 
     ``router_part`` picks best-single (the RM with the best accuracy there) and the best RM per
     domain, as a user would without routing; ``stream`` must hold the rows' pairs in order.
+    When best-single is one of ``needs_reference`` (a verifier), a second line is what the
+    gateway's best-single policy gives: that RM where the pair has a reference, else the next
+    RM by accuracy on the router's part.
     """
     ids = [p.id for p in stream.pairs]
     if ids != [r["pair_id"] for r in rows]:
@@ -161,6 +187,7 @@ def label_summary(
     series = {
         "policy": live,
         f"best-single ({best})": single,
+        **_gateway_single(best, train_acc, stream, needs_reference),
         "best RM per domain": per_domain,
         f"majority ({len(rms)} calls)": majority,
         "oracle": oracle,

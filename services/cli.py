@@ -70,6 +70,12 @@ def train(
     freeze_layers: int = typer.Option(
         _TRAIN.freeze_layers, help="Plain fine-tuning: frozen lowest encoder layers (-1: none)."
     ),
+    pooling: str = typer.Option(
+        _TRAIN.pooling, help="How the head reads the encoder: cls (BERT's pooler) or mean."
+    ),
+    layers: int | None = typer.Option(
+        None, help="Keep only the base's lowest N encoder layers [default: all]."
+    ),
     threads: int | None = typer.Option(None, help="torch threads."),
     eval_every_epoch: bool = typer.Option(
         False, help="Also score the held-out sample after every epoch (in the report)."
@@ -93,6 +99,8 @@ def train(
             max_eval_pairs=max_eval_pairs,
             lora_rank=lora_rank,
             freeze_layers=freeze_layers,
+            pooling=pooling,
+            layers=layers,
             seed=seed,
             threads=threads,
             eval_every_epoch=eval_every_epoch,

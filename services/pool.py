@@ -46,9 +46,6 @@ from reward_router.errors import ConfigError
 from reward_router.readiness import is_ready
 from services.settings import ServiceSettings, load_settings, read_yaml
 
-#: Where a pair's reference answer may sit in its ``meta`` (first found wins).
-REFERENCE_KEYS = ("reference", "ground_truth", "answer")
-
 
 @dataclass(frozen=True)
 class PoolMember:
@@ -100,14 +97,6 @@ def load_pool(path: str | Path) -> list[PoolMember]:
     if len(set(names)) != len(names):
         raise ConfigError("rms", f"{p}: RM names must be unique, got {names}")
     return members
-
-
-def reference_of(pair: Pair) -> str | None:
-    for key in REFERENCE_KEYS:
-        value = pair.meta.get(key)
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
 
 
 @contextmanager
@@ -169,7 +158,7 @@ def _compare_all(
                         "prompt": p.prompt,
                         "response_a": p.chosen,
                         "response_b": p.rejected,
-                        "reference": reference_of(p),
+                        "reference": p.reference,
                     }
                     for p in chunk
                 ]

@@ -33,6 +33,7 @@ from typing import Any
 from reward_router.data import Pair, first_user_turn, load_pairs
 from reward_router.errors import ConfigError
 from reward_router.models import minilm_path
+from services.backends.hf import POOLINGS, mean_pool
 
 #: domain -> (pairs file, domains kept from it)
 DOMAINS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -134,6 +135,14 @@ class TrainConfig:
     freeze_layers: int = 4
     seed: int = 0
     threads: int | None = None
+    # How the head reads the encoder (services/backends/hf.py POOLINGS): ``cls`` is BERT's
+    # pooler over [CLS]; ``mean`` the mean of the last hidden states, as MiniLM was trained.
+    pooling: str = "cls"
+    # Keep only the base's lowest ``layers`` encoder layers (None: all of them). MiniLM's
+    # middle layers carry more of what separates the sides than its last one (a frozen probe
+    # on layer 4's mean reads 0.62-0.67 where the last layer reads 0.58-0.64), and a shorter
+    # model is cheaper to serve.
+    layers: int | None = None
     # Also score the held-out sample after every epoch (cheap with LoRA: the frozen layers'
     # outputs are cached), recorded in the report's per-epoch log.
     eval_every_epoch: bool = False
@@ -147,10 +156,25 @@ class TrainConfig:
             "max_length": self.max_length >= 16,
             "max_eval_pairs": self.max_eval_pairs >= 1,
             "lora_rank": self.lora_rank >= 0,
+            "pooling": self.pooling in POOLINGS,
+            "layers": self.layers is None or self.layers >= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(name, f"out of range: {getattr(self, name)!r}")
+
+
+def _depth(base: Path, layers: int | None) -> dict[str, int]:
+    """``from_pretrained`` arguments that keep the base's lowest ``layers`` layers (checked:
+    asking for more than it has would add random layers)."""
+    if layers is None:
+        return {}
+    from transformers import AutoConfig
+
+    have = int(AutoConfig.from_pretrained(base, trust_remote_code=False).num_hidden_layers)
+    if not 1 <= layers <= have:
+        raise ConfigError("layers", f"must be in [1, {have}] for {base}, got {layers}")
+    return {"num_hidden_layers": layers}
 
 
 def _freeze_lower(model: Any, n_layers: int) -> None:
@@ -172,10 +196,11 @@ class _SplitModel:
     output every epoch, so an epoch costs the upper layers only.
     """
 
-    def __init__(self, model: Any, k: int) -> None:
+    def __init__(self, model: Any, k: int, pooling: str = "cls") -> None:
         self.model = model
         self.bert = model.bert
         self.k = k
+        self.pooling = pooling
 
     def _mask(self, hidden: Any, attention_mask: Any) -> Any:
         from transformers.masking_utils import create_bidirectional_mask
@@ -218,7 +243,7 @@ class _SplitModel:
         mask = self._mask(h, attention)
         for layer in self.bert.encoder.layer[self.k :]:
             h = layer(h, mask)
-        pooled = self.bert.pooler(h)
+        pooled = mean_pool(h, attention) if self.pooling == "mean" else self.bert.pooler(h)
         return self.model.classifier(self.model.dropout(pooled))[:, 0]
 
 
@@ -243,6 +268,7 @@ def train_specialist(
     from transformers.utils import logging as hf_logging
 
     from services.backends.hf import encode_batch
+    from services.backends.hf import rewards as head_rewards
 
     cfg = config or TrainConfig()
     if cfg.threads:
@@ -260,10 +286,15 @@ def train_specialist(
     hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=1, trust_remote_code=False, use_safetensors=True
+            base,
+            num_labels=1,
+            trust_remote_code=False,
+            use_safetensors=True,
+            **_depth(base, cfg.layers),
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    model.config.reward_pooling = cfg.pooling  # saved in config.json: served as trained
     split: _SplitModel | None = None
     if cfg.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -283,7 +314,7 @@ def train_specialist(
             task_type="SEQ_CLS",
         )
         model = get_peft_model(model, lora)
-        split = _SplitModel(model.base_model.model, k)
+        split = _SplitModel(model.base_model.model, k, cfg.pooling)
     else:
         _freeze_lower(model, cfg.freeze_layers)
     model.train()
@@ -303,7 +334,7 @@ def train_specialist(
             prompts = [p.prompt for p in batch] * 2
             responses = [p.chosen for p in batch] + [p.rejected for p in batch]
             enc, _ = encode_batch(tok, prompts, responses, cfg.max_length)
-            r = model(**enc).logits[:, 0]
+            r = head_rewards(model, enc, cfg.pooling)
             return r[:n], r[n:]
         todo = [p for p in batch if p.id not in cache]
         if todo:
@@ -369,7 +400,7 @@ def train_specialist(
     if cfg.lora_rank:
         save_adapter(model, out / ADAPTER_DIR, model_ref(base))
         # Serve exactly what ships: the merged model is rebuilt from the saved (fp16) adapter.
-        merge_adapter(out / ADAPTER_DIR, out, base)
+        merge_adapter(out / ADAPTER_DIR, out, base, trained=asdict(cfg))
         probe = probe_scores(out, held_eval[:PROBE_PAIRS], cfg.max_length)
     else:
         model.save_pretrained(out)
@@ -420,7 +451,9 @@ def save_adapter(model: Any, folder: Path, base_ref: str) -> None:
     config.save_pretrained(str(folder))
 
 
-def merge_adapter(adapter: Path, out: Path, base: Path | None = None) -> Path:
+def merge_adapter(
+    adapter: Path, out: Path, base: Path | None = None, *, trained: dict[str, Any] | None = None
+) -> Path:
     """Merge a specialist's adapter into its base model; write a plain HF folder to ``out``.
 
     The result is an ordinary ``AutoModelForSequenceClassification`` folder (fp32), which the
@@ -435,15 +468,23 @@ def merge_adapter(adapter: Path, out: Path, base: Path | None = None) -> Path:
     if not (adapter / "adapter_model.safetensors").is_file():
         raise ConfigError("adapter", f"{adapter} has no adapter_model.safetensors")
     source = base or minilm_path()
+    # How it was trained (``trained``, else the report next to the adapter): depth, pooling.
+    settings = trained if trained is not None else trained_config(adapter)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is loaded from the adapter, not left random
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, trust_remote_code=False, use_safetensors=True
+            source,
+            num_labels=1,
+            trust_remote_code=False,
+            use_safetensors=True,
+            **_depth(source, settings.get("layers")),
         )
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     finally:
         hf_logging.set_verbosity(verbosity)
+    # The pooling the head was trained with (absent from older adapters' reports: ``cls``).
+    merged.config.reward_pooling = settings.get("pooling", "cls")
     out.mkdir(parents=True, exist_ok=True)
     merged.eval()
     merged.save_pretrained(out)
@@ -454,17 +495,27 @@ def merge_adapter(adapter: Path, out: Path, base: Path | None = None) -> Path:
     return out
 
 
+def trained_config(adapter: Path) -> dict[str, Any]:
+    """The ``rm train`` settings recorded next to an adapter (empty when there is no report)."""
+    report = adapter / "train_report.json"
+    if not report.is_file():
+        return {}
+    config = json.loads(report.read_text()).get("config", {})
+    return config if isinstance(config, dict) else {}
+
+
 def probe_scores(folder: Path, pairs: Sequence[Pair], max_length: int) -> dict[str, Any]:
     """Scores of a model folder on a few pairs: ``{pair_id: [chosen, rejected]}``."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from services.backends.hf import encode_batch
+    from services.backends.hf import encode_batch, reward_pooling, rewards
 
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, trust_remote_code=False, use_safetensors=True
     ).eval()
+    pooling = reward_pooling(model)
     enc, _ = encode_batch(
         tok,
         [p.prompt for p in pairs] * 2,
@@ -472,7 +523,7 @@ def probe_scores(folder: Path, pairs: Sequence[Pair], max_length: int) -> dict[s
         max_length,
     )
     with torch.inference_mode():
-        r = model(**enc).logits[:, 0].tolist()
+        r = rewards(model, enc, pooling).tolist()
     n = len(pairs)
     return {
         "max_length": max_length,

@@ -40,7 +40,7 @@ def test_stream_labels_hides_the_chosen_side_and_posts_correctness() -> None:
         # An RM that always answers "a": right exactly when the chosen response was put on a.
         return [{"route_id": f"r-{b['id']}", "rm": "x", "preferred": "a"} for b in bodies]
 
-    rows = stream_labels(route, posted.update, pairs, reference=lambda p: None, batch=3, seed=0)
+    rows = stream_labels(route, posted.update, pairs, batch=3, seed=0)
     assert [r["pair_id"] for r in rows] == [p.id for p in pairs]
     assert posted == {f"r-{r['pair_id']}": r["correct"] for r in rows}
     assert 0 < sum(r["correct"] for r in rows) < 10  # the coin put chosen on both sides
@@ -80,3 +80,29 @@ def test_label_summary_quarters_baselines_and_agreement() -> None:
     assert s["matrix_agreement"] == 1.0
     with pytest.raises(ValueError, match="stream order"):
         label_summary(rows[::-1], matrix(chat), matrix(stream))
+
+
+def test_label_summary_runs_a_verifier_best_single_as_the_gateway_does() -> None:
+    """On a math-heavy router part the verifier is best-single; the gateway asks it only where
+    a pair has a reference and otherwise the next RM (here chat-rm)."""
+    chat = _pairs(4, "chat")
+    math = [Pair(**{**p.__dict__, "meta": {"reference": "4"}}) for p in _pairs(12, "math")]
+    rms = ["chat-rm", "verifier", "length"]
+
+    def matrix(pairs: list[Pair]) -> BehaviorMatrix:
+        correct = np.array(
+            [[float(p.domain == "chat"), 1.0 if p.domain == "math" else 0.5, 0.0] for p in pairs]
+        )
+        return BehaviorMatrix(pairs, rms, correct, np.full(correct.shape, np.nan))
+
+    stream = chat + math[:4]
+    rows = [
+        {"pair_id": p.id, "domain": p.domain, "fallback": False, "rm": "verifier", "correct": 1.0}
+        for p in stream
+    ]
+    s = label_summary(rows, matrix(chat + math), matrix(stream), needs_reference=("verifier",))
+    assert s["best_single"] == "verifier"
+    assert s["overall"]["best-single (verifier)"][0] == pytest.approx(0.75)  # ties on chat
+    line = "best-single (verifier with a reference, else chat-rm)"
+    assert s["overall"][line][0] == pytest.approx(1.0)
+    assert line not in label_summary(rows, matrix(chat + math), matrix(stream))["overall"]

@@ -31,15 +31,26 @@ class RandomPolicy(Policy):
 
 
 class BestSinglePolicy(Policy):
-    """``best-single``: always ``best_rm`` (the RM best on the training folds); fallback order is
-    the other RMs by index."""
+    """``best-single``: always ``best_rm`` (the RM best on the training folds); the other RMs
+    follow in ``fallback`` order (by index when not given), for when it is down or, for a
+    verifier, has no reference to judge by."""
 
     name = "best-single"
 
-    def __init__(self, n_rms: int, dim: int, rng: np.random.Generator, best_rm: int) -> None:
+    def __init__(
+        self,
+        n_rms: int,
+        dim: int,
+        rng: np.random.Generator,
+        best_rm: int,
+        fallback: np.ndarray | None = None,
+    ) -> None:
         super().__init__(n_rms, dim, rng)
         self.best_rm = check_int("best_rm", best_rm, low=0, high=n_rms - 1)
-        others = [n for n in range(n_rms) if n != self.best_rm]
+        if fallback is not None and sorted(fallback.tolist()) != list(range(n_rms)):
+            raise ConfigError("fallback", f"must list each of the {n_rms} RMs once")
+        order = range(n_rms) if fallback is None else fallback.tolist()
+        others = [int(n) for n in order if n != self.best_rm]
         self._order = np.array([self.best_rm, *others], dtype=np.int64)
 
     def select(self, contexts: np.ndarray) -> Selection:

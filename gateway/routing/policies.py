@@ -63,6 +63,24 @@ def first_only(ranking: np.ndarray) -> np.ndarray:
     return asked
 
 
+def reference_last(
+    ranking: np.ndarray, needs_reference: np.ndarray, has_reference: np.ndarray
+) -> np.ndarray:
+    """``ranking`` (B, N) with the RMs that need a reference (``needs_reference``, (N,) bool)
+    moved last, in their order, for the pairs that have none (``has_reference``, (B,) bool):
+    such an RM (a verifier) could only abstain, a tie that teaches the trainer nothing. The
+    choice is then the best of the other RMs under the same draw.
+
+    >>> reference_last(np.array([[2, 0, 1], [2, 1, 0]]), np.array([False, False, True]),
+    ...                np.array([False, True])).tolist()
+    [[0, 1, 2], [2, 1, 0]]
+    """
+    if not needs_reference.any() or has_reference.all():
+        return ranking
+    demote = needs_reference[ranking] & ~has_reference[:, None]
+    return np.take_along_axis(ranking, np.argsort(demote, axis=1, kind="stable"), axis=1)
+
+
 def rank_desc(scores: np.ndarray) -> np.ndarray:
     """RM indices sorted by score, highest first; ties keep the lower index first."""
     return np.argsort(-scores, axis=1, kind="stable")

@@ -14,7 +14,7 @@ random, best-single, oracle
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +65,13 @@ class _Args:
     prior_precision: np.ndarray | None
     prior_sigma2: float | np.ndarray | None
     raw_prior_means: np.ndarray | None
+    fallback: np.ndarray | None
 
 
 def _best_single(a: _Args) -> Policy:
     if a.best_rm is None:
         raise ConfigError("best_rm", f"is required for 'best-single', in [0, {a.n_rms - 1}]")
-    return BestSinglePolicy(a.n_rms, a.dim, a.rng, a.best_rm)
+    return BestSinglePolicy(a.n_rms, a.dim, a.rng, a.best_rm, a.fallback)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def make_policy(
     prior_precision: np.ndarray | None = None,
     prior_sigma2: float | np.ndarray | None = None,
     raw_prior_means: np.ndarray | None = None,
+    fallback: Sequence[int] | None = None,
     **params: Any,
 ) -> Policy:
     """Build the policy ``name`` (one of :data:`POLICY_NAMES`) with its ``params``.
@@ -167,7 +169,9 @@ def make_policy(
     ``prior_precision`` (n_rms, dim) and ``prior_sigma2`` (one label noise variance, or one
     per RM); ``bayesian-paper`` takes
     ``raw_prior_means`` (the uncalibrated BT head; ``prior_means`` when not given);
-    ``best_rm`` is required by ``best-single``; ``margin_scales`` (n_rms,) is used by ``uwo``.
+    ``best_rm`` is required by ``best-single``, whose ``fallback`` (every RM once, best
+    first; default: by index after ``best_rm``) orders the others; ``margin_scales``
+    (n_rms,) is used by ``uwo``.
     Any bad value raises :class:`~reward_router.errors.ConfigError` naming the field.
     """
     spec = REGISTRY.get(name)
@@ -193,5 +197,6 @@ def make_policy(
         prior_precision,
         prior_sigma2,
         raw_prior_means,
+        None if fallback is None else np.asarray(fallback, dtype=np.int64),
     )
     return spec.build(args)

@@ -22,6 +22,42 @@ from typing import Any
 from reward_router.data import Message, prompt_text
 from services.backends.base import Backend, Scored, ScoreInput
 
+#: How a one-output head reads the encoder (``reward_pooling`` in a model folder's
+#: ``config.json``; absent means ``cls``): ``cls`` is the folder's own sequence-classification
+#: forward (BERT's pooler over ``[CLS]``, a decoder's last token), ``mean`` feeds the head the
+#: mean of the last hidden states over the real tokens, the pooling sentence encoders such as
+#: all-MiniLM-L6-v2 were trained for (``reward-router rm train --pooling mean``).
+POOLINGS = ("cls", "mean")
+
+
+def mean_pool(hidden: Any, attention_mask: Any) -> Any:
+    """Mean of ``hidden`` (batch, tokens, width) over the tokens where the mask is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def reward_pooling(model: Any) -> str:
+    """A loaded model's ``reward_pooling``, checked: ``mean`` needs an encoder with a
+    ``classifier`` head that takes the pooled vector (BERT-style sequence classifiers)."""
+    from reward_router.errors import ConfigError
+
+    pooling = getattr(model.config, "reward_pooling", "cls")
+    if pooling not in POOLINGS:
+        raise ConfigError("model", f"reward_pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "mean" and not hasattr(model, "classifier"):
+        raise ConfigError(
+            "model", f"reward_pooling 'mean' needs a BERT-style classifier head, not {type(model)}"
+        )
+    return str(pooling)
+
+
+def rewards(model: Any, inputs: dict[str, Any], pooling: str = "cls") -> Any:
+    """One reward per row of an encoded batch, read as the model was trained (``pooling``)."""
+    if pooling == "cls":
+        return model(**inputs).logits[:, 0]
+    hidden = model.base_model(**inputs).last_hidden_state
+    return model.classifier(mean_pool(hidden, inputs["attention_mask"]))[:, 0]
+
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -125,6 +161,7 @@ class HFBackend(Backend):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.pooling = reward_pooling(model)
         self.model = model.to(s.device).eval()
         self._torch = torch
 
@@ -147,7 +184,7 @@ class HFBackend(Backend):
         torch = self._torch
         inputs = {k: v.to(s.device) for k, v in enc.items()}
         with torch.inference_mode():
-            logits = self.model(**inputs).logits[:, 0].float().cpu().tolist()
+            logits = rewards(self.model, inputs, self.pooling).float().cpu().tolist()
         for k, score in zip(keep, logits, strict=True):
             out[k] = Scored(float(score), truncated=cut[k])
         return out

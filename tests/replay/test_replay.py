@@ -228,3 +228,40 @@ def test_gold_audits_cost_their_calls_and_feed_calibrated_agreement() -> None:
     with pytest.raises(ConfigError, match="audit_rm"):
         bad = ReplayConfig(folds=2, seeds=1, policies=policies, audit_rate=0.1, audit_rm="nope")
         run_replay(matrix, features, bad, torch_router_fitter({"epochs": 5}))
+
+
+def test_a_verifier_is_ranked_last_on_pairs_without_a_reference() -> None:
+    """RM0 (a verifier) is right on the pairs with a reference and ties on the rest; RM1 is
+    right 60% everywhere, RM2 40%. As in the gateway, ``needs_reference`` keeps every
+    single-RM policy off the verifier where it could only tie; best-single falls back to the
+    next RM by training accuracy."""
+    rng = np.random.default_rng(6)
+    n = 300
+    has = rng.random(n) < 0.5
+    correct = np.c_[np.where(has, 1.0, 0.5), rng.random(n) < 0.6, rng.random(n) < 0.4]
+    matrix = _matrix(correct.astype(float), ["x"] * n)
+    matrix = BehaviorMatrix(
+        [
+            Pair(**{**p.__dict__, "meta": {"reference": "42"}}) if h else p
+            for p, h in zip(matrix.pairs, has, strict=True)
+        ],
+        matrix.rms,
+        matrix.correct,
+        matrix.margins,
+    )
+    base = ReplayConfig(folds=3, seeds=2, policies=("best-single", "random"))
+    plain = run_replay(matrix, np.zeros((n, 1)), base, _no_router)
+    rule = ReplayConfig(**{**base.__dict__, "needs_reference": ("rm0",)})
+    ruled = run_replay(matrix, np.zeros((n, 1)), rule, _no_router)
+    for result in (plain, ruled):
+        assert result.best_single == pytest.approx(correct[:, 0].mean())  # the matrix's figure
+    # Without the rule best-single asks the verifier everywhere: 1.0 with a reference, 0.5 not.
+    assert plain.accuracy("best-single").mean() == pytest.approx(correct[:, 0].mean())
+    want = np.where(has, 1.0, correct[:, 1]).mean()
+    assert ruled.accuracy("best-single").mean() == pytest.approx(want)
+    # No single-RM policy asks the verifier about a pair without a reference.
+    share = ruled.pick_share("random")
+    assert share[0] == pytest.approx(has.mean() / 3, abs=0.05)
+    with pytest.raises(ConfigError, match="needs_reference"):
+        bad = ReplayConfig(**{**base.__dict__, "needs_reference": ("judge",)})
+        run_replay(matrix, np.zeros((n, 1)), bad, _no_router)

@@ -101,6 +101,87 @@ def test_train_specialist_saves_a_servable_rm(tmp_path: Path, data_dir: Path) ->
     assert scores[0].score > scores[1].score
 
 
+@pytest.mark.parametrize("lora_rank", [8, 0])
+def test_a_mean_pooled_head_is_served_as_it_was_trained(
+    tmp_path: Path, data_dir: Path, lora_rank: int
+) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    base = tiny_bert(tmp_path / "base")
+    out = tmp_path / "rm"
+    cfg = TrainConfig(
+        max_pairs=16,
+        batch_size=8,
+        max_length=64,
+        epochs=2,
+        threads=1,
+        freeze_layers=1,
+        lora_rank=lora_rank,
+        pooling="mean",
+    )
+    report = train_specialist("chat", out, cfg, data_dir=data_dir, base_model=base, progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.reward_pooling == "mean"
+    rm = make_backend(load_settings(None, name="chat-rm", backend="hf", model=str(out)))
+    rm.load()
+    prompt = [{"role": "user", "content": "question 1 about chat"}]
+    items = [ScoreInput(prompt, "good helpful answer"), ScoreInput(prompt, "bad")]
+    served = [s.score for s in rm.score_batch(items)]
+    assert served[0] > served[1]
+    # The service reads the mean of the hidden states, not the folder's own [CLS] forward.
+    enc = rm.tokenizer(
+        ["question 1 about chat"] * 2,
+        ["good helpful answer", "bad"],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.inference_mode():
+        cls = model(**enc).logits[:, 0].tolist()
+    assert served != pytest.approx(cls, abs=1e-4)
+    if lora_rank:
+        # The merged folder rebuilt from the shipped adapter keeps the pooling and the scores.
+        rebuilt = merge_adapter(out / "adapter", tmp_path / "rebuilt", base)
+        again = probe_scores(rebuilt, domain_split("chat", data_dir)[1], 64)["scores"]
+        for pair_id, (chosen, rejected) in report["probe"]["scores"].items():
+            assert again[pair_id] == pytest.approx([chosen, rejected], abs=1e-5)
+
+
+def test_a_specialist_can_keep_only_the_lower_layers(tmp_path: Path, data_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    base = tiny_bert(tmp_path / "base")  # two layers
+    cfg = TrainConfig(
+        max_pairs=16, batch_size=8, max_length=64, epochs=2, threads=1, freeze_layers=1,
+        layers=1, pooling="mean",
+    )  # fmt: skip
+    out = tmp_path / "rm"
+    report = train_specialist("chat", out, cfg, data_dir=data_dir, base_model=base, progress=False)
+    served = AutoModelForSequenceClassification.from_pretrained(out)
+    assert served.config.num_hidden_layers == 1 and len(served.bert.encoder.layer) == 1
+    # Rebuilt from the adapter alone (as `rm build` does), it is the same one-layer model.
+    rebuilt = merge_adapter(out / "adapter", tmp_path / "rebuilt", base)
+    assert AutoModelForSequenceClassification.from_pretrained(rebuilt).config.num_hidden_layers == 1
+    again = probe_scores(rebuilt, domain_split("chat", data_dir)[1], 64)["scores"]
+    for pair_id, (chosen, rejected) in report["probe"]["scores"].items():
+        assert again[pair_id] == pytest.approx([chosen, rejected], abs=1e-5)
+    with pytest.raises(ConfigError, match="layers"):
+        train_specialist(
+            "chat", tmp_path / "x", TrainConfig(layers=3), data_dir=data_dir, base_model=base
+        )
+
+
+def test_an_unknown_pooling_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pooling"):
+        TrainConfig(pooling="max")
+    folder = tiny_bert(tmp_path / "bad", seq_cls=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "reward_pooling": "max"}))
+    rm = make_backend(load_settings(None, name="bad", backend="hf", model=str(tmp_path / "bad")))
+    with pytest.raises(ConfigError, match="reward_pooling"):
+        rm.load()
+
+
 def test_eval_every_epoch_logs_held_out_accuracy_and_leaves_training_unchanged(
     tmp_path: Path, data_dir: Path
 ) -> None:
