@@ -104,6 +104,7 @@ class Namespaces:
         self.rm_names = rm_names
         self.n_rms = len(rm_names)
         by_name = {r.name: r for r in settings.rms}
+        #: per RM: it can only abstain without the pair's reference (a verifier)
         self.needs_reference = [bool(n in by_name and by_name[n].needs_reference) for n in rm_names]
         self._ns: dict[str, NsState] = {}
         self._locks: dict[str, asyncio.Lock] = {}

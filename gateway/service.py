@@ -128,11 +128,8 @@ class GatewayService:
         self.n_rms = len(pool.clients)
         self.durability_warning: str | None = None
         self._startup_pending = set(settings.startup_namespaces)
-        by_name = {r.name: r for r in settings.rms}
-        needs_reference = np.array(
-            [bool(by_name[n].needs_reference) if n in by_name else False for n in pool.names]
-        )
         self.namespaces = Namespaces(settings, store, contexts, metrics, pool.names)
+        needs_reference = np.array(self.namespaces.needs_reference, dtype=bool)
         self.dispatcher = Dispatcher(pool, metrics, needs_reference)
         self.audits = Audits(
             self.dispatcher, store, metrics, seed=settings.seed, route_ttl_s=settings.route_ttl_s
