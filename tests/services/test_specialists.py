@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reward_router.data import load_pairs
+from reward_router.data import iter_jsonl, load_pairs
 from services.backends import ScoreInput, make_backend
 from services.settings import load_settings
 from services.train import DOMAINS, SPECIALISTS_DIR, specialist_folder
@@ -38,9 +38,16 @@ def test_a_shipped_specialist_scores_as_trained(domain: str, tmp_path: Path) -> 
     by_id = {p.id: p for p in load_pairs(REPO / "data" / "pairs" / "pool-heldout.jsonl.gz")}
     probe = report["probe"]["scores"]
     assert len(probe) == 4
+    matrix = {
+        (row["pair_id"], row["rm"]): row["correct"]
+        for _, row in iter_jsonl(REPO / "data" / "rm_outputs" / "pool-heldout.jsonl.gz")
+    }
     for pair_id, (chosen, rejected) in probe.items():
         pair = by_id[pair_id]  # a held-out pair: part of the pool's matrix, never trained on
         got = rm.score_batch(
             [ScoreInput(pair.prompt, pair.chosen), ScoreInput(pair.prompt, pair.rejected)]
         )
         assert [got[0].score, got[1].score] == pytest.approx([chosen, rejected], abs=1e-4)
+        # The pool's behaviour matrix holds what this very model said on the pair.
+        said = 1.0 if chosen > rejected else 0.0 if chosen < rejected else 0.5
+        assert matrix[(pair_id, f"{domain}-rm")] == said
