@@ -5,6 +5,7 @@ correctness observation of the routed RM, applied exactly once beside the traine
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,13 @@ def test_a_down_auditor_never_fails_the_route(gw: Gateway) -> None:
         assert posteriors(gw.url, ns, full=False)["seq"] == 0
     finally:
         gw.judge = start_rm(gw.config.parent, "judge", backend="length", port=port)
+        # Until the gateway has the auditor back (health check, cooldown): the next tests audit.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rms = httpx.get(f"{gw.url}/readyz", timeout=30).json()["rms"]
+            if rms["judge"] is True:
+                break
+            time.sleep(0.25)
 
 
 @pytest.mark.parametrize(
