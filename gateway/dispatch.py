@@ -136,7 +136,8 @@ class Dispatcher:
         payloads: list[dict[str, Any]],
     ) -> float:
         """Ask the next RM of the same draw for pairs whose RM tied, while the namespace's
-        ``max_calls_per_pair`` budget (this replica's count) lasts; returns the RM wait."""
+        ``max_calls_per_pair`` budget (this replica's count, gold audits included) lasts;
+        returns the RM wait."""
         cap = float(st.meta.config.get("max_calls_per_pair") or 1.0)
         st.pairs_routed += len(answers)
         if cap <= 1.0 or self.n_rms < 2:
@@ -145,7 +146,7 @@ class Dispatcher:
         for i, ans in enumerate(answers):
             if len(ans) != 1 or next(iter(ans.values())).preferred != "tie":
                 continue
-            if st.second_opinions + 1 > (cap - 1.0) * st.pairs_routed:
+            if st.second_opinions + st.audits + 1 > (cap - 1.0) * st.pairs_routed:
                 break
             nxt = [a for a in self.order(ranking[i], set(ans)) if self.pool.clients[a].available()]
             if nxt:

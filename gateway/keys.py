@@ -16,6 +16,7 @@ needs no scan over the keyspace.
     {p}:ns:{ns}:g:{gen}:base            STR   entries trimmed off the log's head (compaction)
     {p}:ns:{ns}:g:{gen}:routes          HASH  rm index -> routes taken
     {p}:ns:{ns}:g:{gen}:r:{uuid}        STR   route record, TTL route_ttl_s; "A" once applied
+    {p}:ns:{ns}:g:{gen}:r:{uuid}audit   STR   a gold audit's record (gateway/audits.py), the same
     {p}:ns:{ns}:g:{gen}:snap            HASH  seq, blob: a replica's folded state at seq
     {p}:ns:{ns}:g:{gen}:s:{sha256}      STR   a prompt's sticky route (OpenRLHF), TTL route_ttl_s
 

@@ -52,6 +52,24 @@ class GatewayMetrics:
             ["namespace"],
             registry=r,
         )
+        self.audit_calls = Counter(
+            p + "audit_calls",
+            "Pairs also sent to a namespace's audit RM (gold audits), by the call's outcome.",
+            ["namespace", "outcome"],
+            registry=r,
+        )
+        self.audits = Counter(
+            p + "audits",
+            "Gold audits recorded, by the routed RM and its label's agreement with the auditor.",
+            ["namespace", "rm", "result"],
+            registry=r,
+        )
+        self.audit_skips = Counter(
+            p + "audit_skips",
+            "Pairs drawn for a gold audit that recorded none, by reason.",
+            ["namespace", "reason"],
+            registry=r,
+        )
         self.rm_latency = Histogram(
             p + "rm_request_duration_seconds",
             "Time of one /v1/compare call to an RM.",

@@ -26,7 +26,7 @@ import numpy as np
 from gateway import snapshots
 from gateway.contexts import Contexts
 from gateway.metrics import GatewayMetrics
-from gateway.policy_setup import NsPolicy, build_policy
+from gateway.policy_setup import AuditPlan, NsPolicy, build_policy, default_audit_accuracy
 from gateway.routing.fold import fold
 from gateway.routing.prior import RewardLink
 from gateway.settings import GatewaySettings
@@ -69,10 +69,13 @@ class NsState:
     normalizer: Any
     forgetting: bool
     link: RewardLink = field(default_factory=RewardLink)
+    audit: AuditPlan | None = None
     seq: int = 0
-    #: pairs routed and second opinions asked by this replica (the max_calls_per_pair budget)
+    #: pairs routed, second opinions and gold audits asked by this replica (the
+    #: max_calls_per_pair budget)
     pairs_routed: int = 0
     second_opinions: int = 0
+    audits: int = 0
     obs_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     snapshot_seq: int = 0
     # The route id of the observation at ``seq``: each read overlaps it, so a log that went
@@ -100,6 +103,9 @@ class Namespaces:
         self.metrics = metrics
         self.rm_names = rm_names
         self.n_rms = len(rm_names)
+        by_name = {r.name: r for r in settings.rms}
+        #: per RM: it can only abstain without the pair's reference (a verifier)
+        self.needs_reference = [bool(n in by_name and by_name[n].needs_reference) for n in rm_names]
         self._ns: dict[str, NsState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         d = settings.policy
@@ -133,6 +139,13 @@ class Namespaces:
             if "policy" in given and "params" not in given:
                 cfg["params"] = {}  # the defaults' params belong to the defaults' policy
             cfg.update(given)
+        if cfg.get("audit_rate") and cfg.get("audit_rm") in self.rm_names:
+            # Pinned in the stored config, so every replica (and a later router) audits alike.
+            cfg.setdefault("audit_accuracy", None)
+            if cfg["audit_accuracy"] is None:
+                cfg["audit_accuracy"] = default_audit_accuracy(
+                    cfg, self.rm_names, self.contexts.router, self.needs_reference
+                )
         cfg["rms"] = self.rm_names
         cfg["dim"] = self.contexts.dim
         return cfg
@@ -145,13 +158,14 @@ class Namespaces:
                 f"{cfg.get('dim')}, this gateway has {self.rm_names} and {self.contexts.dim}; "
                 "reset or delete it (admin) to reuse the name"
             )
-        policy, normalizer, forgetting, link = self.policy_from(meta.name, cfg)
+        built = self.policy_from(meta.name, cfg)
         return NsState(
             meta,
-            policy,
-            normalizer,
-            forgetting,
-            link,
+            built.policy,
+            built.normalizer,
+            built.forgetting,
+            built.link,
+            built.audit,
             obs_counts=np.zeros(self.n_rms, dtype=np.int64),
         )
 
@@ -369,7 +383,7 @@ class Namespaces:
         except (ValueError, KeyError, TypeError, OSError) as exc:
             # Unreadable (another version, another policy config): the log is the truth.
             log.warning("ignoring snapshot of %s: %s", st.meta.name, exc)
-            st.policy, st.normalizer, st.forgetting, st.link = self.policy_from(
+            st.policy, st.normalizer, st.forgetting, st.link, st.audit = self.policy_from(
                 st.meta.name, st.meta.config
             )
             return
@@ -400,6 +414,8 @@ def _fold(st: NsState, tail: list[Observation], n_rms: int) -> None:
         arms,
         np.stack([o.h for o in tail]),
         per_item=st.forgetting or not snapshots.snapshottable(st.policy),
+        audit=np.array([o.audit for o in tail], dtype=bool),
+        audit_link=st.audit.link if st.audit is not None else None,
     )
     st.obs_counts += np.bincount(arms, minlength=n_rms)
     st.seq = tail[-1].seq

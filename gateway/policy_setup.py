@@ -1,18 +1,20 @@
-"""A namespace's config -> its policy, reward normaliser and reward link.
+"""A namespace's config -> its policy, reward normaliser, reward link and gold audits.
 
-The config is what ``POST /v1/namespaces/{ns}`` stored (policy, params, normaliser, reward);
-the router artifact supplies the fitted prior. Every replica builds the same objects from the
-same config, so their folds of the same log agree.
+The config is what ``POST /v1/namespaces/{ns}`` stored (policy, params, normaliser, reward,
+audits); the router artifact supplies the fitted prior. Every replica builds the same objects
+from the same config, so their folds of the same log agree.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from gateway.routing.prior import RewardLink
+from gateway.routing.prior import AuditLink, RewardLink
 from reward_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -84,14 +86,81 @@ def reward_link(config: dict[str, Any], router: Any) -> RewardLink:
     return RewardLink("correct")
 
 
+@dataclass(frozen=True)
+class AuditPlan:
+    """A namespace's gold audits: a ``rate`` share of routed pairs is also asked of RM ``arm``;
+    agreement reaches the routed RM's posterior through ``link``."""
+
+    rate: float
+    arm: int
+    link: AuditLink
+
+
+def default_audit_accuracy(
+    config: dict[str, Any], rm_names: list[str], router: Any, needs_reference: Sequence[bool]
+) -> float:
+    """The auditor's accuracy a namespace is created with when ``audit_accuracy`` is not given:
+    1 for an RM that needs a reference (a verifier: it labels only pairs it can check), else the
+    router artifact's training accuracy of that RM (its prior intercept), else 1 (gold)."""
+    n = rm_names.index(config["audit_rm"])
+    fit = getattr(router, "prior_fit", None)
+    if (n < len(needs_reference) and needs_reference[n]) or fit is None:
+        return 1.0
+    acc = round(float(fit.intercepts[n]), 4)
+    if acc <= 0.5:
+        raise ConfigError(
+            "audit_accuracy",
+            f"the router's training accuracy of {config['audit_rm']!r} is {acc} <= 0.5, so "
+            "agreement with it says nothing; give audit_accuracy in (0.5, 1] or another audit_rm",
+        )
+    return acc
+
+
+def audit_plan(config: dict[str, Any], rm_names: list[str], policy: Policy) -> AuditPlan | None:
+    """A namespace's gold audits from its config (None: off), validated: a bad value is a
+    :class:`ConfigError` naming the field."""
+    rate = config.get("audit_rate") or 0.0
+    if not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+        raise ConfigError("audit_rate", f"must be in [0, 1], got {rate!r}")
+    name = config.get("audit_rm")
+    if name is not None and name not in rm_names:
+        raise ConfigError("audit_rm", f"must be one of {rm_names}, got {name!r}")
+    if rate == 0.0:
+        return None
+    if name is None:
+        raise ConfigError("audit_rm", "is needed with audit_rate > 0: the trusted RM that audits")
+    cap = float(config.get("max_calls_per_pair") or 1.0)
+    if rate > cap - 1.0 + 1e-9:
+        raise ConfigError(
+            "audit_rate",
+            f"audits count against max_calls_per_pair: audit_rate {rate} needs "
+            f"max_calls_per_pair >= {1.0 + rate:g}, got {cap:g}",
+        )
+    if policy.calls_per_pair != 1.0:
+        raise ConfigError("audit_rate", f"{policy.name!r} asks several RMs per pair already")
+    if (
+        policy.learns_online
+        and config.get("policy") != "bayesian"
+        and reward_kind(config) != "correct"
+    ):
+        raise ConfigError(
+            "audit_rate",
+            f"{policy.name!r} learns from the normalised reward, not the correctness scale an "
+            "audit is on: use policy bayesian, or reward correct",
+        )
+    acc = config.get("audit_accuracy")
+    return AuditPlan(float(rate), rm_names.index(name), AuditLink(1.0 if acc is None else acc))
+
+
 class NsPolicy(NamedTuple):
-    """What a namespace's config builds: the policy and how rewards reach it."""
+    """What a namespace's config builds: the policy, how rewards reach it, its audits."""
 
     policy: Policy
     normalizer: Any
     #: discounting (``forgetting`` < 1): folded one observation at a time
     forgetting: bool
     link: RewardLink
+    audit: AuditPlan | None = None
 
 
 def build_policy(
@@ -139,4 +208,5 @@ def build_policy(
         str(config.get("normalizer", "quantile")), dict(config.get("normalizer_params") or {})
     )
     forgetting = float(params.get("forgetting", 1.0)) < 1.0
-    return NsPolicy(policy, normalizer, forgetting, reward_link(config, router))
+    link = reward_link(config, router)
+    return NsPolicy(policy, normalizer, forgetting, link, audit_plan(config, rm_names, policy))

@@ -27,7 +27,7 @@ import numpy as np
 from gateway.routing import POLICY_NAMES, make_policy
 from gateway.routing.normalize import QuantileNormalizer
 from gateway.routing.policies import reference_last
-from gateway.routing.prior import RewardLink
+from gateway.routing.prior import AuditLink, RewardLink
 from gateway.routing.registry import NEEDS_PRIOR, NO_ONLINE_VARIANT, RAW_PRIOR
 from reward_router.data import BehaviorMatrix
 from reward_router.errors import ConfigError
@@ -360,6 +360,7 @@ class _Stream:
     best_rm: int
     unsure: np.ndarray  # (N,) scaled |margin| below which a label is worth a second opinion
     train_acc: np.ndarray  # (N,) accuracy per RM on the training folds
+    decisive_acc: np.ndarray  # (N,) the same where the RM did not tie (an auditor's accuracy)
     auditor: int  # the RM that audits (gold audits)
     needs_reference: np.ndarray  # (N,) bool: the RM judges only pairs with a reference
     has_reference: np.ndarray  # (P_total,) bool: the pair has a reference answer
@@ -454,43 +455,47 @@ def _stream_policy(
         values, weight = link.map(rewards)
         weights = np.full(len(q), weight)
         if config.audit_rate > 0 and name == "bayesian":
-            calls += _audit(values, weights, arms, batch_rows, stream, config, rng)
+            # As in the gateway: an audit is one more observation of the pair's RM, beside the
+            # trainer's reward for it.
+            idx, a_values, a_weight = _audit(arms, batch_rows, stream, config, rng)
+            calls += len(idx)
+            keep = a_weight > 0
+            ctx = np.concatenate([ctx, ctx[idx[keep]]])
+            arms = np.concatenate([arms, arms[idx[keep]]])
+            values = np.concatenate([values, a_values[keep]])
+            weights = np.concatenate([weights, a_weight[keep]])
         policy.update(ctx, arms, values, weights)
         quality[sl] = q
     return quality, calls, picks
 
 
 def _audit(
-    values: np.ndarray,
-    weights: np.ndarray,
     arms: np.ndarray,
     batch_rows: np.ndarray,
     stream: _Stream,
     config: ReplayConfig,
     rng: np.random.Generator,
-) -> int:
-    """Gold audits: on a ``config.audit_rate`` share of pairs the auditor labels the pair too;
-    where neither tied, agreement becomes the reward (in place), on the correctness scale:
-    ``E[agree | c] = p c + (1 - p)(1 - c)`` with p the auditor's training accuracy, so
-    ``(agree - (1 - p)) / (2p - 1)`` is unbiased for c, worth ``(2p - 1)²`` observations.
-    Returns the extra RM calls."""
-    p = float(stream.train_acc[stream.auditor])
-    if p <= 0.5:
-        return 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gold audits, as the gateway runs them (gateway/audits.py): on a ``config.audit_rate``
+    share of pairs not routed to the auditor (and with a reference, for an auditor that needs
+    one), the auditor labels the pair too (one call);
+    agreement (1, 0, 0.5 for a routed tie; an auditor's tie is skipped, weight 0 here) reaches
+    the posterior through :class:`~gateway.routing.prior.AuditLink` with p the auditor's
+    training accuracy where it gave a label. Returns the audited pairs' positions, their
+    values and weights."""
+    p = float(stream.decisive_acc[stream.auditor])
     audited = rng.random(len(arms)) < config.audit_rate
-    extra = 0
-    for i in np.flatnonzero(audited):
-        row, arm = batch_rows[i], arms[i]
-        if arm == stream.auditor:
-            continue  # the auditor's own label: nothing to compare with
-        extra += 1
-        mine, gold = stream.correct[row, arm], stream.correct[row, stream.auditor]
-        if mine == 0.5 or gold == 0.5:
-            continue
-        agree = float(mine == gold)
-        values[i] = (agree - (1.0 - p)) / (2.0 * p - 1.0)
-        weights[i] = (2.0 * p - 1.0) ** 2
-    return extra
+    # Not the auditor's own pairs, nor, for an auditor that needs a reference, pairs without one.
+    can = stream.has_reference[batch_rows] | ~stream.needs_reference[stream.auditor]
+    idx = np.flatnonzero(audited & (arms != stream.auditor) & can)
+    none = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+    if p <= 0.5 or not len(idx):
+        return none
+    mine = stream.correct[batch_rows[idx], arms[idx]]
+    gold = stream.correct[batch_rows[idx], stream.auditor]
+    agree = np.where(mine == 0.5, 0.5, (mine == gold).astype(np.float64))
+    values, weight = AuditLink(p).map(agree)
+    return idx, values, np.where(gold == 0.5, 0.0, weight)
 
 
 def _second_opinions(
@@ -569,7 +574,11 @@ def _make_stream(
         raise ConfigError("needs_reference", f"unknown RMs {unknown}; the matrix has {matrix.rms}")
     needs = np.array([rm in config.needs_reference for rm in matrix.rms], dtype=bool)
     has = np.array([p.reference is not None for p in matrix.pairs], dtype=bool)
-    return _Stream(rows, correct, margins, scales, best, unsure, train_acc, auditor, needs, has)
+    said = matrix.correct[train] != 0.5
+    decisive = np.where(said, matrix.correct[train], 0.0).sum(axis=0) / np.maximum(said.sum(0), 1)
+    return _Stream(
+        rows, correct, margins, scales, best, unsure, train_acc, decisive, auditor, needs, has
+    )
 
 
 def run_replay(

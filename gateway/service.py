@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.audits import Audits
 from gateway.contexts import Contexts
 from gateway.dispatch import AllRMsFailed, Dispatcher, labels
 from gateway.metrics import GatewayMetrics
@@ -127,12 +128,12 @@ class GatewayService:
         self.n_rms = len(pool.clients)
         self.durability_warning: str | None = None
         self._startup_pending = set(settings.startup_namespaces)
-        by_name = {r.name: r for r in settings.rms}
-        needs_reference = np.array(
-            [bool(by_name[n].needs_reference) if n in by_name else False for n in pool.names]
-        )
         self.namespaces = Namespaces(settings, store, contexts, metrics, pool.names)
+        needs_reference = np.array(self.namespaces.needs_reference, dtype=bool)
         self.dispatcher = Dispatcher(pool, metrics, needs_reference)
+        self.audits = Audits(
+            self.dispatcher, store, metrics, seed=settings.seed, route_ttl_s=settings.route_ttl_s
+        )
 
     @classmethod
     def build(cls, settings: GatewaySettings) -> GatewayService:
@@ -284,6 +285,9 @@ class GatewayService:
             )
         )
         payloads = [p.model_dump(exclude={"id"}, exclude_none=True) for p in req.pairs]
+        # Gold audits (gateway/audits.py): the auditor works while the routed RMs do.
+        audited = self.audits.select(st, uids, planned, req.pairs)
+        audit = asyncio.ensure_future(self.audits.ask(st, audited, payloads)) if audited else None
         try:
             answers, timing.rm_wait = await self.dispatcher.dispatch(payloads, ranking, first)
             if not ensemble:
@@ -291,6 +295,8 @@ class GatewayService:
                     st, req.namespace, ranking, answers, payloads
                 )
         except BaseException:
+            if audit is not None:
+                audit.cancel()
             with contextlib.suppress(BaseException):
                 await write
             raise
@@ -311,6 +317,11 @@ class GatewayService:
                 uids=[uids[i] for i in moved],
                 uncount=[planned[i] for i in moved],
             )
+        if audit is not None:
+            t0 = time.perf_counter()
+            audit_answers = await audit
+            timing.rm_wait += time.perf_counter() - t0
+            await self.audits.settle(st, h, audited, audit_answers, arms, results, uids)
         timing.total = time.perf_counter() - t_start
         self._update_rm_gauges()
         return RouteResponse(namespace=req.namespace, results=results), timing

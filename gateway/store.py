@@ -27,6 +27,12 @@ The contract:
 * at most ``limit`` namespaces exist when ``create_namespace`` is given one
   (:class:`NamespaceLimit` past it), checked in the same atomic step as the creation.
 
+Two kinds of entry share the log, told apart by the record's uid: a trainer's feedback (the
+route's own uid: 32 hex digits) and a gold audit (the route's uid + :data:`AUDIT_SUFFIX`, a
+record of its own that the gateway writes and applies through the same exactly-once step;
+``Observation.audit``). Logs written before audits hold feedback entries only and read as such;
+the entry format and the stores' scripts are the same for both kinds.
+
 Raw rewards go into the log, not normalised ones: every replica folds the log in sequence order
 through the same deterministic normaliser, so all replicas (and a restarted one) reach the same
 normaliser state and the same posterior. Normalising at feedback time would need the window in
@@ -62,6 +68,10 @@ from reward_router.errors import RewardRouterError
 
 _REC_HEAD = struct.Struct("<HH")  # arm, D
 _REWARD = struct.Struct("<d")
+
+#: A gold audit's record uid is its route's uid + this (not a hex digit, so no route's uid ends
+#: with it): the audit gets its own exactly-once record, and its log entry says it is an audit.
+AUDIT_SUFFIX = "audit"
 
 
 MEMORY_ONLY = (
@@ -111,6 +121,8 @@ class Observation:
     h: np.ndarray = field(repr=False)
     reward: float
     route_id: str
+    #: a gold audit's agreement (on the correctness scale), not the trainer's reward
+    audit: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,11 @@ def new_gen() -> str:
 
 def new_uid() -> str:
     return uuid.uuid4().hex
+
+
+def audit_uid(uid: str) -> str:
+    """The uid of the gold audit of route ``uid`` (:data:`AUDIT_SUFFIX`)."""
+    return uid + AUDIT_SUFFIX
 
 
 def encode_record(arm: int, h: np.ndarray, uid: str) -> bytes:
@@ -177,7 +194,8 @@ def decode_entry(seq: int, entry: bytes, ns: str, gen: str) -> Observation:
     start = 8 + _REC_HEAD.size
     h = np.frombuffer(entry, dtype="<f8", count=dim, offset=start).astype(np.float64)
     uid = entry[start + 8 * dim :].decode()
-    return Observation(seq=seq, arm=arm, h=h, reward=reward, route_id=f"{ns}:{gen}:{uid}")
+    rid = f"{ns}:{gen}:{uid}"
+    return Observation(seq, arm, h, reward, rid, audit=uid.endswith(AUDIT_SUFFIX))
 
 
 class Store(Protocol):

@@ -146,7 +146,9 @@ class RouteResult(BaseModel):
     ``rm`` is the RM that answered (after any fallback); ensemble policies (majority, uwo) ask
     several RMs: then ``rms`` lists them and ``rm`` is the first of them in the draw's ranking.
     A second opinion (``max_calls_per_pair`` > 1, the first RM tied) lists both RMs in ``rms``;
-    ``rm`` is then the one whose label is returned.
+    ``rm`` is then the one whose label is returned. ``audited_by`` names the namespace's audit
+    RM when it also labelled the pair (a gold audit: its agreement with ``preferred`` is an
+    observation of ``rm``; the label returned is still ``rm``'s).
     """
 
     id: str | None = None
@@ -157,6 +159,7 @@ class RouteResult(BaseModel):
     score_a: float
     score_b: float
     fallback: bool = False
+    audited_by: str | None = None
 
 
 class RouteResponse(BaseModel):
@@ -235,6 +238,12 @@ class NamespaceConfig(BaseModel):
     reward: Literal["dpo", "correct"] | None = None
     dpo_informativeness: float | None = Field(default=None, gt=0, le=1)
     max_calls_per_pair: float | None = Field(default=None, ge=1, le=2)
+    #: gold audits: this share of routed pairs is also labelled by ``audit_rm`` (at most
+    #: max_calls_per_pair - 1); agreement is a correctness observation of the routed RM
+    audit_rate: float | None = Field(default=None, ge=0, le=1)
+    audit_rm: Text | None = None
+    #: the auditor's accuracy where it gives a label (the calibration); default from the router
+    audit_accuracy: float | None = Field(default=None, gt=0.5, le=1)
 
 
 class NamespaceInfo(BaseModel):

@@ -295,3 +295,34 @@ class RewardLink:
         beta = self.informativeness
         weight = round(self.sigma2 * beta**2 * 12.0, 12)
         return self.center + (u - 0.5) / beta, weight
+
+
+@dataclass(frozen=True)
+class AuditLink:
+    """Maps a gold audit's agreement onto the posterior's scale (P(label right)) with its weight.
+
+    An audit compares the routed RM's label with a trusted RM's (the auditor's) on the same
+    pair: ``agree`` is 1 (same label), 0 (the other label) or 0.5 (the routed RM tied: its label
+    is worth half, as ties are scored everywhere). With ``accuracy = p`` the auditor's accuracy
+    where it gives a label, and errors independent of the routed RM's,
+    ``E[agree | c] = p c + (1 − p)(1 − c)``, so ``(agree − (1 − p)) / (2p − 1)`` is unbiased for
+    the routed label's correctness ``c``, with ``1 / (2p − 1)²`` times the variance: each audit
+    counts ``(2p − 1)²`` correctness observations. ``p = 1`` (a verifier checking a reference)
+    is agreement as is, weight 1. Like :class:`RewardLink` it depends on the namespace's config
+    only, never on the posterior, so folds commute.
+
+    >>> AuditLink(0.9).map([1.0, 0.0, 0.5])
+    (array([ 1.125, -0.125,  0.5  ]), 0.64)
+    """
+
+    accuracy: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.accuracy <= 1.0:
+            raise ConfigError("audit_accuracy", f"must be in (0.5, 1], got {self.accuracy!r}")
+
+    def map(self, agreement: Any) -> tuple[np.ndarray, float]:
+        """``(values on the correctness scale, weight of each audit)``."""
+        a = np.asarray(agreement, dtype=np.float64)
+        gap = 2.0 * self.accuracy - 1.0
+        return (a - (1.0 - self.accuracy)) / gap, round(gap**2, 12)

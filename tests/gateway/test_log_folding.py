@@ -20,7 +20,7 @@ import pytest
 from gateway.namespaces import NsState
 from gateway.service import GatewayService, InputError
 from gateway.settings import GatewaySettings
-from gateway.store import NamespaceLimit
+from gateway.store import NamespaceLimit, audit_uid, new_uid
 from gateway.store_memory import EmbeddedStore
 from reward_router.errors import ConfigError
 from reward_router.protocol import NamespaceConfig
@@ -220,3 +220,53 @@ async def test_compaction_trims_the_log_and_replicas_rebuild_from_the_snapshot(
     finally:
         await writer.aclose()
         await lagging.aclose()
+
+
+async def _feed_audits(svc: GatewayService, ns: str, n: int, seed: int) -> None:
+    """``n`` gold audit entries in ``ns``: their own records (route uid + the audit suffix)
+    applied through the same exactly-once step, agreement 1, 0 or 0.5."""
+    rng = np.random.default_rng(seed)
+    st = await svc.store.get_namespace(ns)
+    assert st is not None
+    records = [(int(rng.integers(0, 2)), np.ones(1)) for _ in range(n)]
+    uids = [audit_uid(new_uid()) for _ in range(n)]
+    ids = await svc.store.put_routes(
+        ns, st.gen, records, 600, uids=uids, uncount=[a for a, _ in records]
+    )
+    agree = rng.choice([0.0, 0.5, 1.0], size=n).tolist()
+    res = await svc.store.apply_feedback(list(zip(ids, agree, strict=True)))
+    assert all(r.outcome.value == "applied" for r in res)
+
+
+async def test_audit_entries_skip_the_normaliser_and_fold_alike_however_read(
+    svc: GatewayService,
+) -> None:
+    """A log of trainer feedback and gold audits, mixed: chunks of 7 and one read of all agree;
+    the normaliser holds exactly the state of the feedback entries alone (audits never reach
+    it); with forgetting (one observation at a time) too."""
+    whole = _service(store=svc.store, log_read_chunk=4096, snapshot_every=0)
+    audited = {"audit_rate": 0.5, "audit_rm": "b", "audit_accuracy": 0.8, "max_calls_per_pair": 1.5}
+    try:
+        for ns, params in (("mix", {}), ("mix-forget", {"forgetting": 0.95})):
+            cfg = NamespaceConfig(policy="bayesian-no-offline", reward="correct", params=params)
+            await svc.create_namespace(ns, cfg.model_copy(update=audited))
+            await svc.create_namespace(ns + "-fb", cfg)
+            for k in range(6):
+                await _feed(svc, ns, 5, seed=10 + k)
+                await _feed(svc, ns + "-fb", 5, seed=10 + k)
+                await _feed_audits(svc, ns, 3, seed=20 + k)
+                await svc.namespaces.state(ns, force_refresh=True)
+            a = await svc.namespaces.state(ns, force_refresh=True)
+            b = await whole.namespaces.state(ns, force_refresh=True)
+            fb = await whole.namespaces.state(ns + "-fb", force_refresh=True)
+            assert a.seq == b.seq == 48 and fb.seq == 30
+            assert a.audit is not None and a.audit.link.accuracy == 0.8
+            pa, pb = a.policy.posteriors, b.policy.posteriors  # type: ignore[attr-defined]
+            np.testing.assert_allclose(pa.means(), pb.means(), rtol=0, atol=1e-12)
+            assert a.normalizer.state() == fb.normalizer.state() == b.normalizer.state()
+            assert int(a.obs_counts.sum()) == 48
+            # The audits moved the posterior: it is not the feedback-only one.
+            pf = fb.policy.posteriors  # type: ignore[attr-defined]
+            assert np.abs(pa.precision - pf.precision).max() > 1.0
+    finally:
+        await whole.aclose()

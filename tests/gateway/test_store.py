@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.store import Outcome, RouteId, Store
+from gateway.store import AUDIT_SUFFIX, Outcome, RouteId, Store, audit_uid
 from gateway.store_memory import EmbeddedStore
 from gateway.store_redis import RedisStore
 from gateway.store_sqlite import SqliteStore
@@ -277,3 +277,29 @@ async def test_memory_only_stores_say_so(redis_url: str) -> None:
         assert await st.durability_warning() is None
     finally:
         await st.aclose()
+
+
+async def test_an_audit_is_an_entry_of_its_own_kind_applied_once(store: Store) -> None:
+    """A gold audit's record (route uid + AUDIT_SUFFIX) goes through the same exactly-once
+    step; its log entry reads as an audit, the route's own feedback still applies, and the
+    audit's record is no route (the counts are taken back)."""
+    meta, _ = await store.create_namespace("ns", {})
+    (rid,) = await store.put_routes("ns", meta.gen, [(1, _h(0))], ttl_s=60)
+    uid = audit_uid(RouteId.parse(rid).uid)  # type: ignore[union-attr]
+    (aid,) = await store.put_routes("ns", meta.gen, [(1, _h(0))], 60, uids=[uid], uncount=[1])
+    assert aid == rid + AUDIT_SUFFIX and RouteId.parse(aid) is not None
+    res = await store.apply_feedback([(aid, 1.0), (aid, 0.0), (rid, -0.3), (rid, -0.3)])
+    assert [r.outcome for r in res] == [
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+    ]
+    _, log, length = await store.read_tail("ns", meta.gen, 0)
+    assert length == 2
+    assert [(o.audit, o.reward, o.arm, o.route_id) for o in log] == [
+        (True, 1.0, 1, aid),
+        (False, -0.3, 1, rid),
+    ]
+    np.testing.assert_array_equal(log[0].h, _h(0))
+    assert await store.route_counts("ns", meta.gen) in ({1: 1}, {1: 1, 0: 0})
