@@ -16,6 +16,7 @@ from gateway.replay_options import (
     BatchSizeOpt,
     CacheDirOpt,
     CalibrateOpt,
+    EncoderBackendOpt,
     EncoderOpt,
     FoldsOpt,
     JsonOpt,
@@ -71,6 +72,7 @@ def replay(
     audit_rate: AuditRateOpt = 0.0,
     audit_rm: AuditRmOpt = None,
     encoder: EncoderOpt = "minilm",
+    encoder_backend: EncoderBackendOpt = "torch",
     max_length: MaxLengthOpt = 256,
     cache_dir: CacheDirOpt = None,
     set_: SetOpt = None,
@@ -88,6 +90,7 @@ def replay(
              "max_calls_per_pair": max_calls_per_pair,
              "second_opinion_margin": second_opinion_margin,
              "audit_rate": audit_rate, "audit_rm": audit_rm},
+            encoder_backend=encoder_backend,
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
@@ -111,6 +114,7 @@ def _replay(
     json_out: Path | None,
     plot: Path | None,
     options: dict[str, Any],
+    encoder_backend: str = "torch",
 ) -> None:
     from rich.progress import Progress
 
@@ -134,7 +138,7 @@ def _replay(
         f"{behavior_path.name}: {matrix.n_pairs} pairs with behaviour lines "
         f"({matrix.skipped_pairs} of {len(pairs)} in the pairs file skipped), {matrix.n_rms} RMs"
     )
-    features = _features(matrix, encoder_ref, max_length, cache_dir)
+    features = _features(matrix, encoder_ref, max_length, cache_dir, encoder_backend)
     fitter = torch_router_fitter(router_params, calibrate=calibrate)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("replay", total=seeds * folds)
@@ -155,11 +159,13 @@ def _replay(
         console.print(f"wrote {plot}")
 
 
-def _features(matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | None) -> Any:
-    from gateway.features import PairFeaturizer, load_encoder
+def _features(
+    matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | None, backend: str = "torch"
+) -> Any:
+    from gateway.features import PairFeaturizer, load_backend_encoder
     from reward_router.models import cache_root
 
-    encoder = load_encoder(encoder_ref, max_length=max_length)
+    encoder = load_backend_encoder(encoder_ref, backend=backend, max_length=max_length)
     featurizer = PairFeaturizer(encoder, cache_dir=cache_dir or cache_root() / "embeddings")
     return featurizer.featurize(
         [p.prompt for p in matrix.pairs],
