@@ -188,10 +188,9 @@ def row(name: str, res: dict[str, Any]) -> str:
     )
 
 
-def encode_alone(router: Any, backend: str, pairs: list[dict[str, Any]]) -> tuple[float, float]:
-    """(wall ms, CPU ms) per pair of the router's featurizer on ``backend``, one thread,
-    batches of 32, after a warm-up batch."""
-    featurizer = router.load_featurizer(backend=backend, threads=1)
+def encode_alone(featurizer: Any, pairs: list[dict[str, Any]]) -> tuple[float, float]:
+    """(wall ms, CPU ms) per pair of ``featurizer`` in this process, one thread, batches of
+    32 (the encoder stage alone, while the servers idle)."""
 
     def run(chunk: list[dict[str, Any]]) -> None:
         featurizer.featurize(
@@ -200,7 +199,6 @@ def encode_alone(router: Any, backend: str, pairs: list[dict[str, Any]]) -> tupl
             [p["response_b"] for p in chunk],
         )
 
-    run(pairs[:32])
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(pairs), 32):
         run(pairs[i : i + 32])
@@ -219,15 +217,24 @@ def backends_available(wanted: list[str]) -> list[str]:
 
 
 def run_gateway(
-    gw: Proc, rm: Proc, store: str, bench_pairs: list[dict[str, Any]], conc: int
+    gw: Proc,
+    rm: Proc,
+    store: str,
+    bench_pairs: list[dict[str, Any]],
+    conc: int,
+    featurizer: Any,
+    sample: list[dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """Direct, then through the gateway, at ``conc`` in flight: both results and CPU/pair."""
+    """Each stage alone, then the pipeline, back to back at ``conc`` in flight: the RM direct,
+    the encoder alone (this process), then through the gateway; results and CPU per pair."""
     n = len(bench_pairs)
     direct_bodies = [{"pairs": [{k: v for k, v in p.items() if k != "id"}]} for p in bench_pairs]
     gw_bodies = [{"namespace": f"bench-{store}", "pairs": [p]} for p in bench_pairs]
     c0 = cpu_seconds(rm.popen.pid)
     direct = asyncio.run(load(rm.url, "/v1/compare", direct_bodies, conc))
     cpu = {"rm_direct": (cpu_seconds(rm.popen.pid) - c0) * 1000 / n}
+    enc_wall, cpu["encoder_alone"] = encode_alone(featurizer, sample)
+    cpu["encoder_rate"] = 1000 / enc_wall
     r0, t0 = cpu_seconds(rm.popen.pid), thread_cpu_seconds(gw.popen.pid)
     via = asyncio.run(load(gw.url, "/v1/route", gw_bodies, conc))
     t1 = thread_cpu_seconds(gw.popen.pid)
@@ -239,8 +246,9 @@ def run_gateway(
 
 
 def report(
-    tag: str, direct: dict[str, Any], via: dict[str, Any], cpu: dict[str, float], enc_rate: float
+    tag: str, direct: dict[str, Any], via: dict[str, Any], cpu: dict[str, float]
 ) -> dict[str, float]:
+    enc_rate = cpu["encoder_rate"]
     print(row(f"{tag} RM direct", direct))
     print(row(f"{tag} through gateway", via))
     ov = via["overhead"]
@@ -252,7 +260,8 @@ def report(
     )
     print(
         f"{tag}   gateway CPU/pair: event loop {cpu['loop']:.2f} ms (excl. encoding; target "
-        f"<= 1.5), encoder threads {cpu['encoder']:.2f} ms; RM CPU/pair direct "
+        f"<= 1.5), encoder threads {cpu['encoder']:.2f} ms (alone {cpu['encoder_alone']:.2f} "
+        f"ms); RM CPU/pair direct "
         f"{cpu['rm_direct']:.2f} ms, via the gateway {cpu['rm_via']:.2f} ms (merged calls)"
     )
     print(
@@ -275,6 +284,9 @@ def main() -> None:
     ap.add_argument("--encoder", default="tiny", help="'tiny' (random tiny BERT) or 'minilm'")
     ap.add_argument("--backends", default="torch,onnx-int8")
     ap.add_argument("--stores", default="embedded,redis")
+    ap.add_argument(
+        "--encode-sample", type=int, default=256, help="pairs of each encoder-alone run"
+    )
     args = ap.parse_args()
     concs = [int(c) for c in args.concurrency.split(",")]
     in_flight = 2 * max(concs)
@@ -288,8 +300,14 @@ def main() -> None:
         bench_pairs = load_bench_pairs(args.pairs)
         router_dir, router = build_router(root, args.encoder)
         backends = backends_available(args.backends.split(","))
-        sample = bench_pairs[: min(256, len(bench_pairs))]
-        alone = {b: encode_alone(router, b, sample) for b in backends}
+        # The encoder alone: a sample of the pairs, warmed up first (an ONNX session's first
+        # runs allocate), repeated next to every gateway run below.
+        sample = bench_pairs[: min(args.encode_sample, len(bench_pairs))]
+        featurizers = {b: router.load_featurizer(backend=b, threads=1) for b in backends}
+        alone = {}
+        for b, fz in featurizers.items():
+            encode_alone(fz, sample[:32])
+            alone[b] = encode_alone(fz, sample)
         print(
             f"# {args.pairs} one-pair requests at {concs} in flight, encoder {args.encoder}, "
             f"length RM; load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
@@ -322,11 +340,11 @@ def main() -> None:
                 procs.append(gw)
                 ns = f"{gw.url}/v1/namespaces/bench-{store}"
                 httpx.post(ns, timeout=60).raise_for_status()
-                run_gateway(gw, rm, store, bench_pairs[:200], min(concs))  # warm-up
+                fz = featurizers[backend]
+                run_gateway(gw, rm, store, bench_pairs[:200], min(concs), fz, sample[:32])
                 for conc in concs:
-                    direct, via, cpu = run_gateway(gw, rm, store, bench_pairs, conc)
-                    tag = f"[{store} {backend} {conc}]"
-                    report(tag, direct, via, cpu, 1000 / alone[backend][0])
+                    direct, via, cpu = run_gateway(gw, rm, store, bench_pairs, conc, fz, sample)
+                    report(f"[{store} {backend} {conc}]", direct, via, cpu)
                 gw.kill(signal.SIGTERM)
             if redis is not None:
                 redis.kill()
