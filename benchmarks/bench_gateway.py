@@ -167,11 +167,12 @@ def start_gateway(
         "port": port,
         "rms": [{"name": "len", "url": rm_url}],
         "router_path": str(router),
-        "encoder_backend": backend,
         "max_in_flight": in_flight,
         "seed": 0,
         "policy": {"name": "bayesian"},
     }
+    if backend != "torch":  # set only when needed: the torch default runs older gateways too
+        cfg["encoder_backend"] = backend
     if redis_url:
         cfg["redis_url"] = redis_url
     path = root / f"gw-{port}.yaml"
