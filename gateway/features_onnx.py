@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 ONNX_FORMAT = 1
 #: The token tensors an exported encoder may take, in this order.
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Weights load from safetensors only, as everywhere (no pickles).
+_WEIGHT_FILES = ("model.safetensors",)
 
 
 class OnnxEncoder(BatchedEncoder):
@@ -108,7 +109,8 @@ def _model_folder(ref: str) -> Path:
 
 
 def weights_hash(folder: Path) -> str:
-    """sha256 of an encoder folder's weight file(s) and config, and of :data:`ONNX_FORMAT`."""
+    """sha256 of an encoder folder's weights (safetensors) and config, and of
+    :data:`ONNX_FORMAT`."""
     digest = hashlib.sha256(f"onnx-int8:{ONNX_FORMAT}".encode())
     files = [folder / "config.json", *(folder / n for n in _WEIGHT_FILES)]
     found = [f for f in files if f.exists()]
@@ -131,7 +133,7 @@ def export_int8(folder: Path, out: Path, max_length: int) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     model = AutoModel.from_pretrained(
-        str(folder), trust_remote_code=False, use_safetensors=None, attn_implementation="eager"
+        str(folder), trust_remote_code=False, use_safetensors=True, attn_implementation="eager"
     ).eval()
     sample = tokenizer(
         ["a prompt", "another, longer prompt"],
