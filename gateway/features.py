@@ -371,7 +371,7 @@ def load_encoder(
 
 
 #: How the encoder runs: torch (any encoder, CPU or GPU) or ONNX Runtime with int8 weights
-#: (mean-pooling encoders on the CPU, ~3.5x less CPU per pair; the ``onnx`` extra).
+#: (mean-pooling encoders on the CPU, ~3.4x less CPU per pair; the ``onnx`` extra).
 EncoderBackend = Literal["torch", "onnx-int8"]
 ENCODER_BACKENDS: tuple[str, ...] = ("torch", "onnx-int8")
 

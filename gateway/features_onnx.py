@@ -1,5 +1,5 @@
 """The pair encoder on ONNX Runtime with int8 weights: the same texts, tokeniser, truncation and
-pooling as the torch encoder (:class:`gateway.features.HFEncoder`), ~3.5x less CPU per pair.
+pooling as the torch encoder (:class:`gateway.features.HFEncoder`), ~3.4x less CPU per pair.
 
 The encoder (mean pooling and L2 normalisation included) is exported once with ``torch.onnx``
 (eager attention, so the graph is plain MatMuls that ONNX Runtime fuses), its weights quantised
@@ -9,8 +9,8 @@ neither torch nor the export. A forward pass is one ``InferenceSession.run`` cal
 GIL, so the gateway's event loop keeps serving while a batch is encoded.
 
 What int8 costs in quality: on hh-rlhf pairs at 256 tokens the embeddings are within cosine
-0.990 (mean 0.995) of the torch ones; replay accuracy on the shipped matrices moves by less than
-±0.005 (docs/benchmarks.md). Activations are quantised with one scale per batch, so a pair's
+0.990 (mean 0.995) of the torch ones; replay accuracy on the three shipped matrices moves by
+0.001 at most (docs/benchmarks.md). Activations are quantised with one scale per batch, so a pair's
 embedding moves slightly (~1e-4) with the pairs it is batched with; the gateway stores each
 route's ``h`` with its record, so feedback is applied with the features that were routed on.
 Embeddings are cached under their own id (``onnx-int8#<hash>``), never mixed with the torch
