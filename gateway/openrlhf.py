@@ -336,7 +336,7 @@ async def _post_audits(
     await svc.feedback(FeedbackRequest(feedback=items))
 
 
-def require_path_key(
+async def require_path_key(
     request: Request,
     api_key: Annotated[str, Path(max_length=512)],
     creds: Credentials,

@@ -16,6 +16,7 @@ from gateway.replay_options import (
     BatchSizeOpt,
     CacheDirOpt,
     CalibrateOpt,
+    EncoderBackendOpt,
     EncoderOpt,
     FoldsOpt,
     JsonOpt,
@@ -74,6 +75,7 @@ def replay(
     audit_rm: AuditRmOpt = None,
     needs_reference: NeedsReferenceOpt = "",
     encoder: EncoderOpt = "minilm",
+    encoder_backend: EncoderBackendOpt = "torch",
     max_length: MaxLengthOpt = 256,
     cache_dir: CacheDirOpt = None,
     set_: SetOpt = None,
@@ -92,6 +94,7 @@ def replay(
              "second_opinion_margin": second_opinion_margin,
              "audit_rate": audit_rate, "audit_rm": audit_rm,
              "needs_reference": split_names(needs_reference)},
+            encoder_backend=encoder_backend,
         )  # fmt: skip
     except RewardRouterError as exc:
         console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
@@ -115,6 +118,7 @@ def _replay(
     json_out: Path | None,
     plot: Path | None,
     options: dict[str, Any],
+    encoder_backend: str = "torch",
 ) -> None:
     from rich.progress import Progress
 
@@ -138,7 +142,7 @@ def _replay(
         f"{behavior_path.name}: {matrix.n_pairs} pairs with behaviour lines "
         f"({matrix.skipped_pairs} of {len(pairs)} in the pairs file skipped), {matrix.n_rms} RMs"
     )
-    features = _features(matrix, encoder_ref, max_length, cache_dir)
+    features = _features(matrix, encoder_ref, max_length, cache_dir, encoder_backend)
     fitter = torch_router_fitter(router_params, calibrate=calibrate)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("replay", total=seeds * folds)
@@ -159,11 +163,13 @@ def _replay(
         console.print(f"wrote {plot}")
 
 
-def _features(matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | None) -> Any:
-    from gateway.features import PairFeaturizer, load_encoder
+def _features(
+    matrix: Any, encoder_ref: str, max_length: int, cache_dir: Path | None, backend: str = "torch"
+) -> Any:
+    from gateway.features import PairFeaturizer, load_backend_encoder
     from reward_router.models import cache_root
 
-    encoder = load_encoder(encoder_ref, max_length=max_length)
+    encoder = load_backend_encoder(encoder_ref, backend=backend, max_length=max_length)
     featurizer = PairFeaturizer(encoder, cache_dir=cache_dir or cache_root() / "embeddings")
     return featurizer.featurize(
         [p.prompt for p in matrix.pairs],

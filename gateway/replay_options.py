@@ -73,6 +73,13 @@ NeedsReferenceOpt = Annotated[
 EncoderOpt = Annotated[
     str, typer.Option(help="Pair encoder: minilm, smollm2 or a local HF folder.")
 ]
+EncoderBackendOpt = Annotated[
+    str,
+    typer.Option(
+        help="How the encoder runs: torch, or onnx-int8 (ONNX Runtime, int8 weights; mean-pooling"
+        " encoders such as minilm; needs the onnx extra).",
+    ),
+]
 MaxLengthOpt = Annotated[int, typer.Option(help="Encoder token limit per side.")]
 CacheDirOpt = Annotated[
     Path | None, typer.Option(help="Embedding cache (default: the project cache).")

@@ -50,6 +50,8 @@ def load_router(settings: GatewaySettings) -> tuple[OfflineRouter | None, Any]:
         settings.feature_cache_dir,
         device=settings.encoder_device,
         batch_size=settings.encoder_batch_size,
+        backend=settings.encoder_backend,
+        threads=settings.torch_threads,
     )
     return loaded, featurizer
 

@@ -256,18 +256,27 @@ class OfflineRouter:
         return np.argmax(self.scores(pair_feats), axis=1)
 
     def load_featurizer(
-        self, cache_dir: Path | None = None, *, device: str = "cpu", batch_size: int = 32
+        self,
+        cache_dir: Path | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        backend: str = "torch",
+        threads: int = 1,
     ) -> PairFeaturizer:
-        """The featurizer this router was trained with (same encoder and max_length)."""
-        from gateway.features import PairFeaturizer, load_encoder
+        """The featurizer this router was trained with (same encoder and max_length), its
+        encoder run by ``backend`` (:func:`gateway.features.load_backend_encoder`)."""
+        from gateway.features import PairFeaturizer, load_backend_encoder
 
         if self.encoder is not None:
             return PairFeaturizer(self.encoder, cache_dir)
-        enc = load_encoder(
+        enc = load_backend_encoder(
             self.resolved_encoder_ref(),
+            backend=backend,
             max_length=self.max_length,
             device=device,
             batch_size=batch_size,
+            threads=threads,
         )
         if 2 * enc.dim != self.input_dim:
             raise ConfigError(
