@@ -128,6 +128,8 @@ class Audits:
             res = got if isinstance(got, list) else None
         except RMRejected as exc:
             log.warning("audit RM refused %d pairs: %s", len(idx), exc)
+        except Exception:  # the auditor's failure, whatever it is, is not the route's
+            log.exception("audit RM failed on %d pairs", len(idx))
         self.metrics.audit_calls.labels(label, "error" if res is None else "ok").inc(len(idx))
         if res is None:
             self._skip(st.meta.name, "unavailable", len(idx))

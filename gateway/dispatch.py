@@ -42,7 +42,7 @@ class Dispatcher:
     def reference_last(self, ranking: np.ndarray, pairs: Sequence[Any]) -> np.ndarray:
         """Each draw's ranking with the RMs that need a reference moved last for pairs that
         have none (:func:`gateway.routing.policies.reference_last`)."""
-        has = np.array([bool(p.reference) for p in pairs], dtype=bool)
+        has = np.array([bool(p.reference and p.reference.strip()) for p in pairs], dtype=bool)
         return reference_last(ranking, self.needs_reference, has)
 
     def order(self, row: np.ndarray, tried: set[int]) -> list[int]:

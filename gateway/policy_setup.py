@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from gateway.routing.policies import BayesianPolicy
 from gateway.routing.prior import AuditLink, RewardLink
 from reward_router.errors import ConfigError
 
@@ -138,6 +139,9 @@ def audit_plan(config: dict[str, Any], rm_names: list[str], policy: Policy) -> A
         )
     if policy.calls_per_pair != 1.0:
         raise ConfigError("audit_rate", f"{policy.name!r} asks several RMs per pair already")
+    if policy.learns_online and not isinstance(policy, BayesianPolicy):
+        # An audit is worth (2p − 1)² observations; laser counts every reward fully.
+        raise ConfigError("audit_rate", f"{policy.name!r} cannot weigh an audit's observation")
     if (
         policy.learns_online
         and config.get("policy") != "bayesian"
@@ -187,6 +191,10 @@ def build_policy(
         best_idx = rm_names.index(best)
     rng = np.random.default_rng(None if seed is None else [seed, zlib.crc32(ns.encode())])
     params = dict(config.get("params") or {})
+    # best-single's fallback (an RM down, a verifier without a reference): the next RM by the
+    # router's per-RM training accuracy, as replay measures it; by index without a router.
+    fit = getattr(router, "prior_fit", None)
+    fallback = None if fit is None else np.argsort(-np.asarray(fit.intercepts), kind="stable")
     # The router's fitted prior (means, precision, label variance) reaches the policy as
     # arguments; a namespace's own lambda0 / sigma2 in params override them.
     policy = make_policy(
@@ -195,6 +203,7 @@ def build_policy(
         dim=dim,
         rng=rng,
         best_rm=best_idx,
+        fallback=None if fallback is None else fallback.tolist(),
         **prior_kwargs(router),
         **params,
     )

@@ -45,7 +45,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NamespaceConflict, Namespaces, NsState, UnknownNamespace
 from gateway.rm_client import RMPool
 from gateway.settings import NAMESPACE_RE, OPENRLHF_NAMESPACE, GatewaySettings
-from gateway.store import Outcome, Store, new_uid
+from gateway.store import AUDIT_SUFFIX, FeedbackResult, Outcome, RouteId, Store, new_uid
 from gateway.wiring import load_router, make_store, rm_clients
 from reward_router.errors import RewardRouterError
 from reward_router.protocol import (
@@ -155,8 +155,7 @@ class GatewayService:
         # the cyclic GC's view: it is never garbage, yet every full collection walked it, a
         # 0.2-2 s pause of the event loop (every request in flight waits) each time ~25 % more
         # long-lived objects (route records, folded states) had piled up.
-        gc.collect()
-        gc.freeze()
+        _freeze_startup_heap()
 
     async def _create_startup_namespaces(self) -> None:
         """Create ``startup_namespaces`` that are missing, once per process (retried from
@@ -316,14 +315,19 @@ class GatewayService:
             self.metrics.routes.labels(ns_label, self.rm_names[arm]).inc()
         moved = [i for i, arm in enumerate(arms) if arm != planned[i]]
         if moved:
-            await self.store.put_routes(
-                req.namespace,
-                st.meta.gen,
-                [(arms[i], h[i]) for i in moved],
-                self.settings.route_ttl_s,
-                uids=[uids[i] for i in moved],
-                uncount=[planned[i] for i in moved],
-            )
+            try:
+                await self.store.put_routes(
+                    req.namespace,
+                    st.meta.gen,
+                    [(arms[i], h[i]) for i in moved],
+                    self.settings.route_ttl_s,
+                    uids=[uids[i] for i in moved],
+                    uncount=[planned[i] for i in moved],
+                )
+            except BaseException:
+                if audit is not None:
+                    audit.cancel()
+                raise
         if audit is not None:
             t0 = time.perf_counter()
             audit_answers = await audit
@@ -364,7 +368,12 @@ class GatewayService:
         if len(req.feedback) > self.settings.max_feedback:
             raise InputError("feedback", f"at most {self.settings.max_feedback} items per request")
         items = [(f.route_id, f.reward) for f in req.feedback]
-        results = await self.store.apply_feedback(items)
+        # A gold audit's id is the gateway's own to apply: a trainer's post of one is unknown.
+        own = [i for i, (rid, _) in enumerate(items) if not _is_audit_id(rid)]
+        applied = await self.store.apply_feedback([items[i] for i in own])
+        results = [FeedbackResult(Outcome.UNKNOWN)] * len(items)
+        for i, r in zip(own, applied, strict=True):
+            results[i] = r
         counts = {o: 0 for o in Outcome}
         touched: set[str] = set()
         for (_, reward), r in zip(items, results, strict=True):
@@ -428,3 +437,22 @@ class GatewayService:
             rms=rms,
             params=params,
         )
+
+
+def _is_audit_id(route_id: str) -> bool:
+    """Whether ``route_id`` names a gold audit's entry (its uid ends in ``AUDIT_SUFFIX``)."""
+    rid = RouteId.parse(route_id)
+    return rid is not None and rid.uid.endswith(AUDIT_SUFFIX)
+
+
+_HEAP_FROZEN = False
+
+
+def _freeze_startup_heap() -> None:
+    """``gc.collect(); gc.freeze()`` once per process: a second service started in the same
+    process (tests) must not pin whatever the first left alive."""
+    global _HEAP_FROZEN
+    if not _HEAP_FROZEN:
+        gc.collect()
+        gc.freeze()
+        _HEAP_FROZEN = True

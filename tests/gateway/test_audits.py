@@ -168,10 +168,15 @@ def test_an_audit_is_a_correctness_observation_beside_the_trainers_feedback(gw: 
     assert moved.any()
     np.testing.assert_allclose(d_audit[moved] / d_dpo[moved], (2 * p - 1) ** 2 / w_dpo, rtol=1e-6)
     assert np.all(d_audit[~moved] == 0)
-    # Exactly once: the trainer's feedback again, and the audit records' own ids, are duplicates.
+    # Exactly once: the trainer's feedback again is a duplicate; an audit's own id is the
+    # gateway's to apply, never a trainer's (unknown, whatever the value).
     again = [(x["route_id"], -0.4) for x in recorded]
     again += [(x["route_id"] + AUDIT_SUFFIX, 1.0) for x in recorded]
-    assert feedback(gw.url, again) == {"applied": 0, "duplicate": 2 * len(recorded), "unknown": 0}
+    assert feedback(gw.url, again) == {
+        "applied": 0,
+        "duplicate": len(recorded),
+        "unknown": len(recorded),
+    }
     post = posteriors(gw.url, ns)
     assert sum(x["observations"] for x in post["rms"]) == 2 * len(recorded)
     assert post["seq"] == 2 * len(recorded)
@@ -244,6 +249,11 @@ def test_a_down_auditor_never_fails_the_route(gw: Gateway) -> None:
              "audit_rm": "judge", "max_calls_per_pair": 1.05, "audit_accuracy": 0.9},
             "audit_rate",
         ),
+        (
+            {"policy": "laser", "reward": "correct", "audit_rate": 0.05,
+             "audit_rm": "judge", "max_calls_per_pair": 1.05, "audit_accuracy": 0.9},
+            "audit_rate",
+        ),  # laser counts every reward fully: it cannot weigh an audit
     ],
 )  # fmt: skip
 def test_bad_audit_settings_are_a_422_naming_the_field(
