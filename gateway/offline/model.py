@@ -269,6 +269,12 @@ class OfflineRouter:
         from gateway.features import PairFeaturizer, load_backend_encoder
 
         if self.encoder is not None:
+            if backend != "torch":
+                raise ConfigError(
+                    "encoder_backend",
+                    f"{backend!r} runs a packaged encoder; this router carries its own "
+                    "(in-memory) encoder, which runs on torch only",
+                )
             return PairFeaturizer(self.encoder, cache_dir)
         enc = load_backend_encoder(
             self.resolved_encoder_ref(),

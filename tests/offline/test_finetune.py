@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from gateway.features import HFEncoder, load_encoder, weights_fingerprint
 from gateway.offline.cli import app
 from gateway.offline.finetune import finetune_router
 from gateway.offline.model import OfflineRouter, RouterConfig
+from reward_router.errors import ConfigError
 from tests.offline.test_cli import train_args, write_data
 
 N = 40
@@ -45,6 +47,10 @@ def test_finetuned_encoder_routes_and_round_trips(llama_dir: Path, tmp_path: Pat
 
     loaded = OfflineRouter.load(tmp_path / "art")
     fz_mem = router.load_featurizer()
+    # The in-memory fine-tuned encoder runs on torch only: another backend is refused, not
+    # silently ignored.
+    with pytest.raises(ConfigError, match="encoder_backend"):
+        router.load_featurizer(backend="onnx-int8")
     fz_disk = loaded.load_featurizer(tmp_path / "cache")
     assert isinstance(fz_disk.encoder, HFEncoder) and fz_disk.encoder.pooling == "last"
     # The loaded encoder keys the cache by its weights, so it finds the fine-tuned features.
