@@ -34,6 +34,7 @@ from gateway.feature_cache import CACHE_FORMAT, EmbeddingCache
 from reward_router.data import PromptLike, prompt_text
 from reward_router.errors import ConfigError
 from reward_router.files import atomic_write
+from reward_router.pooling import mean_pool
 
 if TYPE_CHECKING:
     import torch
@@ -247,8 +248,7 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.T
     import torch
 
     if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return mean_pool(hidden, mask)
     # The last real token, wherever padding sits (left or right).
     pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = (pos * mask.long()).argmax(dim=1)

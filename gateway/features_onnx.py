@@ -41,6 +41,7 @@ import numpy as np
 
 from gateway.features import ENCODER_INFO_FILE, BatchedEncoder, _effective_max_length
 from reward_router.errors import ConfigError
+from reward_router.pooling import mean_pool
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,7 @@ def export_int8(folder: Path, out: Path, max_length: int) -> Path:
         def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
             batch = dict(zip(names, tensors, strict=True))
             hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = mean_pool(hidden, batch["attention_mask"])
             return torch.nn.functional.normalize(pooled, dim=-1)
 
     out.parent.mkdir(parents=True, exist_ok=True)

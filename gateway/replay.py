@@ -121,6 +121,11 @@ class ReplayConfig:
                 raise ConfigError("policies", f"unknown policy {name!r}; known: {POLICY_NAMES}")
 
 
+def split_names(spec: str) -> tuple[str, ...]:
+    """``"a, b,"`` -> ``("a", "b")``: a comma-separated option's names."""
+    return tuple(part.strip() for part in spec.split(",") if part.strip())
+
+
 def parse_policies(spec: str) -> tuple[str, ...]:
     """``"all"`` or a comma-separated list of policy names, validated.
 
@@ -129,7 +134,7 @@ def parse_policies(spec: str) -> tuple[str, ...]:
     """
     if spec.strip() == "all":
         return POLICY_NAMES
-    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    names = split_names(spec)
     for name in names:
         if name not in POLICY_NAMES:
             raise ConfigError("policies", f"unknown policy {name!r}; known: all, {POLICY_NAMES}")
@@ -531,6 +536,17 @@ def _second_opinions(
     return extra
 
 
+def _reference_masks(matrix: BehaviorMatrix, config: ReplayConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) which RMs need a reference (``config.needs_reference``, checked against the
+    matrix), (P,) which pairs have one."""
+    unknown = sorted(set(config.needs_reference) - set(matrix.rms))
+    if unknown:
+        raise ConfigError("needs_reference", f"unknown RMs {unknown}; the matrix has {matrix.rms}")
+    needs = np.array([rm in config.needs_reference for rm in matrix.rms], dtype=bool)
+    has = np.array([p.reference is not None for p in matrix.pairs], dtype=bool)
+    return needs, has
+
+
 def _make_stream(
     matrix: BehaviorMatrix,
     margins: np.ndarray,
@@ -538,6 +554,7 @@ def _make_stream(
     test: np.ndarray,
     config: ReplayConfig,
     rng: np.random.Generator,
+    references: tuple[np.ndarray, np.ndarray],
 ) -> _Stream:
     order = config.stream_order
     correct = matrix.correct
@@ -569,11 +586,7 @@ def _make_stream(
         auditor = matrix.rms.index(config.audit_rm)
     else:
         raise ConfigError("audit_rm", f"must be one of {matrix.rms}, got {config.audit_rm!r}")
-    unknown = sorted(set(config.needs_reference) - set(matrix.rms))
-    if unknown:
-        raise ConfigError("needs_reference", f"unknown RMs {unknown}; the matrix has {matrix.rms}")
-    needs = np.array([rm in config.needs_reference for rm in matrix.rms], dtype=bool)
-    has = np.array([p.reference is not None for p in matrix.pairs], dtype=bool)
+    needs, has = references
     said = matrix.correct[train] != 0.5
     decisive = np.where(said, matrix.correct[train], 0.0).sum(axis=0) / np.maximum(said.sum(0), 1)
     return _Stream(
@@ -597,6 +610,7 @@ def run_replay(
     if features.shape[0] != matrix.n_pairs:
         raise ConfigError("features", f"{features.shape[0]} rows for {matrix.n_pairs} pairs")
     margins = oriented_margins(matrix)
+    references = _reference_masks(matrix, config)
     groups = [p.group for p in matrix.pairs]
     traces = {name: PolicyTrace() for name in config.policies}
     need_router = bool(NEEDS_PRIOR & set(config.policies))
@@ -616,7 +630,7 @@ def run_replay(
         for k in range(config.folds):
             train = np.flatnonzero(fold_of != k)
             stream = _make_stream(
-                matrix, margins, train, np.flatnonzero(fold_of == k), config, split_rng
+                matrix, margins, train, np.flatnonzero(fold_of == k), config, split_rng, references
             )
             fitted: FittedRouter | None = None
             if need_router:

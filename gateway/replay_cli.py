@@ -30,7 +30,6 @@ from gateway.replay_options import (
     SeedsOpt,
     SetOpt,
     StreamOrderOpt,
-    split_names,
 )
 from reward_router.errors import RewardRouterError
 
@@ -93,7 +92,7 @@ def replay(
              "max_calls_per_pair": max_calls_per_pair,
              "second_opinion_margin": second_opinion_margin,
              "audit_rate": audit_rate, "audit_rm": audit_rm,
-             "needs_reference": split_names(needs_reference)},
+             "needs_reference": needs_reference},
             encoder_backend=encoder_backend,
         )  # fmt: skip
     except RewardRouterError as exc:
@@ -122,7 +121,13 @@ def _replay(
 ) -> None:
     from rich.progress import Progress
 
-    from gateway.replay import ReplayConfig, parse_policies, run_replay, torch_router_fitter
+    from gateway.replay import (
+        ReplayConfig,
+        parse_policies,
+        run_replay,
+        split_names,
+        torch_router_fitter,
+    )
     from reward_router.data import load_behavior, load_pairs
 
     policy_params, router_params = _parse_settings(settings)
@@ -134,7 +139,7 @@ def _replay(
         policies=parse_policies(policies_spec),
         policy_params=policy_params,
         seed=seed,
-        **options,
+        **{**options, "needs_reference": split_names(options["needs_reference"])},
     )
     pairs = load_pairs(pairs_path)
     matrix = load_behavior(behavior_path, pairs)

@@ -58,11 +58,6 @@ AuditRmOpt = Annotated[
 ]
 
 
-def split_names(spec: str) -> tuple[str, ...]:
-    """``"a, b,"`` -> ``("a", "b")``: a comma-separated option's names."""
-    return tuple(part.strip() for part in spec.split(",") if part.strip())
-
-
 NeedsReferenceOpt = Annotated[
     str,
     typer.Option(

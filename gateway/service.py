@@ -45,7 +45,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NamespaceConflict, Namespaces, NsState, UnknownNamespace
 from gateway.rm_client import RMPool
 from gateway.settings import NAMESPACE_RE, OPENRLHF_NAMESPACE, GatewaySettings
-from gateway.store import AUDIT_SUFFIX, FeedbackResult, Outcome, RouteId, Store, new_uid
+from gateway.store import FeedbackResult, Outcome, RouteId, Store, is_audit_uid, new_uid
 from gateway.wiring import load_router, make_store, rm_clients
 from reward_router.errors import RewardRouterError
 from reward_router.protocol import (
@@ -440,9 +440,9 @@ class GatewayService:
 
 
 def _is_audit_id(route_id: str) -> bool:
-    """Whether ``route_id`` names a gold audit's entry (its uid ends in ``AUDIT_SUFFIX``)."""
+    """Whether ``route_id`` names a gold audit's entry (:func:`gateway.store.is_audit_uid`)."""
     rid = RouteId.parse(route_id)
-    return rid is not None and rid.uid.endswith(AUDIT_SUFFIX)
+    return rid is not None and is_audit_uid(rid.uid)
 
 
 _HEAP_FROZEN = False

@@ -159,6 +159,19 @@ def audit_uid(uid: str) -> str:
     return uid + AUDIT_SUFFIX
 
 
+def is_audit_uid(uid: str) -> bool:
+    """Whether ``uid`` is a gold audit's (:func:`audit_uid`), not a route's."""
+    return uid.endswith(AUDIT_SUFFIX)
+
+
+def route_uids(records: Sequence[Any], uids: Sequence[str] | None) -> list[str]:
+    """``put_routes``' uids: the given ones (a rewrite keeps its id), else new ones."""
+    given = list(uids) if uids is not None else [new_uid() for _ in records]
+    if len(given) != len(records):
+        raise ValueError("uids and records differ in length")
+    return given
+
+
 def encode_record(arm: int, h: np.ndarray, uid: str) -> bytes:
     """A route record: RM index, D, h as little-endian float64, the uid (for the log's audit)."""
     h64 = np.ascontiguousarray(h, dtype="<f8").ravel()
@@ -195,7 +208,7 @@ def decode_entry(seq: int, entry: bytes, ns: str, gen: str) -> Observation:
     h = np.frombuffer(entry, dtype="<f8", count=dim, offset=start).astype(np.float64)
     uid = entry[start + 8 * dim :].decode()
     rid = f"{ns}:{gen}:{uid}"
-    return Observation(seq, arm, h, reward, rid, audit=uid.endswith(AUDIT_SUFFIX))
+    return Observation(seq, arm, h, reward, rid, audit=is_audit_uid(uid))
 
 
 class Store(Protocol):

@@ -23,12 +23,13 @@ from gateway.store import (
     Observation,
     Outcome,
     RouteId,
+    count_deltas,
     decode_entry,
     encode_record,
     encode_reward,
     new_gen,
-    new_uid,
     record_arm,
+    route_uids,
 )
 
 
@@ -118,15 +119,12 @@ class EmbeddedStore:
         ids = []
         st = self._ns.get(ns)
         counting = st is not None and st.meta.gen == gen
-        given = list(uids) if uids is not None else [new_uid() for _ in records]
-        for (arm, h), uid in zip(records, given, strict=True):
+        for (arm, h), uid in zip(records, route_uids(records, uids), strict=True):
             self._routes[(ns, gen, uid)] = (now + ttl_s, encode_record(arm, h, uid))
-            if st is not None and counting:
-                st.routes[arm] = st.routes.get(arm, 0) + 1
             ids.append(f"{ns}:{gen}:{uid}")
         if st is not None and counting:
-            for arm in uncount:
-                st.routes[arm] = st.routes.get(arm, 0) - 1
+            for arm, c in count_deltas(records, uncount).items():
+                st.routes[arm] = st.routes.get(arm, 0) + c
         return ids
 
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]:

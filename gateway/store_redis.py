@@ -54,7 +54,7 @@ from gateway.store import (
     encode_record,
     encode_reward,
     new_gen,
-    new_uid,
+    route_uids,
 )
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ class RedisStore:
         uncount: Sequence[int] = (),
     ) -> list[str]:
         ttl_ms = max(1, round(ttl_s * 1000))
-        uids = list(uids) if uids is not None else [new_uid() for _ in records]
+        uids = route_uids(records, uids)
         counts = count_deltas(records, uncount)
 
         async def run() -> None:

@@ -58,8 +58,8 @@ from gateway.store import (
     encode_record,
     encode_reward,
     new_gen,
-    new_uid,
     record_arm,
+    route_uids,
 )
 
 T = TypeVar("T")
@@ -234,9 +234,7 @@ class SqliteStore:
         uids: Sequence[str] | None = None,
         uncount: Sequence[int] = (),
     ) -> list[str]:
-        given = list(uids) if uids is not None else [new_uid() for _ in records]
-        if len(given) != len(records):
-            raise ValueError("uids and records differ in length")
+        given = route_uids(records, uids)
         counts = count_deltas(records, uncount)
         self._puts += 1
         sweep = self._puts % _SWEEP_EVERY == 0

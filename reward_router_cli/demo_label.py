@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.routing.policies import reference_last
 from reward_router.data import BehaviorMatrix, Pair
 
 #: Share of the matrix's prompt groups kept for the stream (never seen by the router).
@@ -123,15 +124,14 @@ def _gateway_single(
 ) -> dict[str, np.ndarray]:
     """``{name: per-pair correctness}`` of best-single as the gateway runs it, when ``best``
     needs a reference: it is asked only where the pair has one (else empty)."""
-    if best not in needs_reference:
-        return {}
     rms = stream.rms
-    by_accuracy = [rms[j] for j in np.argsort(-train_acc, kind="stable")]
-    other = next((rm for rm in by_accuracy if rm not in needs_reference), None)
-    if other is None:
+    order = np.argsort(-train_acc, kind="stable")  # best first, as the gateway's fallback
+    needs = np.array([rm in needs_reference for rm in rms], dtype=bool)
+    if best not in needs_reference or needs.all():
         return {}
-    col = {rm: j for j, rm in enumerate(rms)}
-    asked = [col[best] if p.reference else col[other] for p in stream.pairs]
+    has = np.array([p.reference is not None for p in stream.pairs], dtype=bool)
+    asked = reference_last(np.tile(order, (len(has), 1)), needs, has)[:, 0]
+    other = rms[next(int(j) for j in order if not needs[j])]
     return {
         f"best-single ({best} with a reference, else {other})": stream.correct[
             np.arange(len(asked)), asked

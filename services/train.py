@@ -33,7 +33,8 @@ from typing import Any
 from reward_router.data import Pair, first_user_turn, load_pairs
 from reward_router.errors import ConfigError
 from reward_router.models import minilm_path
-from services.backends.hf import POOLINGS, mean_pool
+from reward_router.pooling import mean_pool
+from services.backends.hf import POOLINGS
 
 #: domain -> (pairs file, domains kept from it)
 DOMAINS: dict[str, list[tuple[str, tuple[str, ...]]]] = {

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from reward_router.data import Message, prompt_text
+from reward_router.pooling import mean_pool
 from services.backends.base import Backend, Scored, ScoreInput
 
 #: How a one-output head reads the encoder (``reward_pooling`` in a model folder's
@@ -28,12 +29,6 @@ from services.backends.base import Backend, Scored, ScoreInput
 #: mean of the last hidden states over the real tokens, the pooling sentence encoders such as
 #: all-MiniLM-L6-v2 were trained for (``reward-router rm train --pooling mean``).
 POOLINGS = ("cls", "mean")
-
-
-def mean_pool(hidden: Any, attention_mask: Any) -> Any:
-    """Mean of ``hidden`` (batch, tokens, width) over the tokens where the mask is 1."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def reward_pooling(model: Any) -> str:
