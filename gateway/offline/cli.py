@@ -150,6 +150,7 @@ def _train(**opt: Any) -> None:
     chosen = [p.chosen for p in matrix.pairs]
     rejected = [p.rejected for p in matrix.pairs]
     groups = [p.group for p in matrix.pairs]
+    domains = [p.domain for p in matrix.pairs]
     if opt["finetune_encoder"]:
         from gateway.offline.finetune import finetune_router
 
@@ -170,6 +171,7 @@ def _train(**opt: Any) -> None:
             valid_fraction=opt["valid_fraction"],
             cache_dir=cache,
             progress=True,
+            domains=domains,
         )
         feats = router.load_featurizer(cache).featurize(prompts, chosen, rejected)
     else:
@@ -197,6 +199,7 @@ def _train(**opt: Any) -> None:
             encoder_ref=enc.ref,
             max_length=enc.max_length,
             progress=True,
+            domains=domains,
         )
     router.info["data"] = {
         "pairs": str(opt["pairs"]),

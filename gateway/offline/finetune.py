@@ -33,6 +33,7 @@ from gateway.offline.train import (
     _standardiser,
     _validate_inputs,
     calibration_split,
+    fit_domain_head,
     holdout_split,
 )
 from reward_router.data import PromptLike, prompt_text
@@ -61,8 +62,10 @@ def finetune_router(
     valid_fraction: float = 0.2,
     cache_dir: Path | None = None,
     progress: bool = False,
+    domains: Sequence[str] | None = None,
 ) -> tuple[OfflineRouter, TrainReport]:
-    """Train the router and fine-tune its encoder end to end; returns what train_router does.
+    """Train the router and fine-tune its encoder end to end; returns what train_router does
+    (``domains``: as there, the domain head fitted on the fine-tuned encoder's features).
 
     ``cache_dir`` serves the frozen encoder's features (for the standardiser) and receives the
     fine-tuned encoder's final features under its own fingerprint.
@@ -124,6 +127,14 @@ def finetune_router(
     final = PairFeaturizer(enc, cache_dir)
     e = final.embed_sides([*prompts, *prompts], [*responses_a, *responses_b])
     x1 = pair_features(e[: len(prompts)], e[len(prompts) :])
+    head = None
+    if cfg.domain_head and domains is not None:
+        x1_std = torch.from_numpy((np.asarray(x1, dtype=np.float32) - in_mean) / in_std)
+        head = fit_domain_head(
+            x1_std[torch.from_numpy(tr)],
+            [str(domains[i]) for i in tr],
+            (x1_std[torch.from_numpy(va)], [str(domains[i]) for i in va]),
+        )
     router, report = _finish(
         fit,
         cfg,
@@ -138,6 +149,7 @@ def finetune_router(
         enc.max_length,
         start,
         calib=cal,
+        domain_head=head,
     )
     router.encoder = enc
     router.info["finetune"] = {"base_encoder": enc.ref, "encoder_lr": encoder_lr}

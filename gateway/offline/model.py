@@ -15,8 +15,14 @@ untrained router (epoch 0) already routes everything to the training-best RM, an
 selection by held-out routing accuracy can only keep a router that does at least as well
 there.
 
-For the online phase, ``hidden()`` returns ``[h ; 1]`` (D = d+1) and ``prior_means`` is
-``[E_bt[n] ; b_n]`` (N, D), so ``hidden() @ prior_means.T`` equals ``scores()``.
+A *domain head* (when the training pairs name two or more domains, ``RouterConfig.domain_head``)
+is a multinomial logistic regression ``q = softmax(W_dom x + c_dom)`` on the same standardised
+features, trained on the pairs' ``domain`` labels: which domain a pair is from, as K
+probabilities, where the skill of RMs differs most plainly. No label is needed at serving time.
+
+For the online phase, ``hidden()`` returns ``[h ; q ; 1]`` (D = d+K+1; K = 0 without a domain
+head) and ``bt_means`` is ``[E_bt[n] ; 0 ; b_n]`` (N, D), so ``hidden() @ bt_means.T`` equals
+``scores()``; ``prior_means`` puts each RM's per-domain accuracy on the ``q`` coordinates.
 
 Inference is plain numpy (the gateway needs no torch, and no training code: that is
 :mod:`gateway.offline.train`). The artifact is ``model.safetensors`` + ``config.json`` (no
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.routing.prior import PriorFit
+from gateway.routing.prior import Evidence, PriorFit
 from reward_router.errors import ConfigError, DataFormatError
 from reward_router.files import atomic_path, atomic_write
 
@@ -101,6 +107,8 @@ class RouterConfig:
     #: a checkpoint replaces the untrained router (= the training-best RM) only if its held-out
     #: routing accuracy is higher by this many paired standard errors (0 = any gain).
     select_margin: float = 1.0
+    #: learn a domain head when the training pairs name two or more domains (see module doc).
+    domain_head: bool = True
 
     def __post_init__(self) -> None:
         hs = self.hidden_sizes
@@ -123,6 +131,8 @@ class RouterConfig:
         check_int("seed", self.seed, 0)
         check_int("num_threads", self.num_threads, 1)
         check_float("select_margin", self.select_margin, 0.0, 10.0)
+        if not isinstance(self.domain_head, bool):
+            raise ConfigError("domain_head", f"must be true or false, got {self.domain_head!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -165,6 +175,10 @@ class OfflineRouter:
         bt_bias: np.ndarray,
         info: Mapping[str, Any] | None = None,
         prior_fit: PriorFit | None = None,
+        evidence: Evidence | None = None,
+        domains: Sequence[str] = (),
+        domain_weights: np.ndarray | None = None,
+        domain_bias: np.ndarray | None = None,
     ) -> None:
         self.rms = list(rms)
         self.encoder_ref = encoder_ref
@@ -180,13 +194,40 @@ class OfflineRouter:
         #: calibration of the BT prior onto the reward scale and its fitted strength
         #: (``gateway.routing.prior``), measured on the held-out rows; None = inject E_bt raw.
         self.prior_fit = prior_fit
+        #: the held-out rows as observations of every RM, folded into the online posteriors
+        #: before the stream (``gateway.routing.prior.Evidence``); None = the prior alone.
+        self.evidence = evidence
         #: a fine-tuned encoder held in memory (``encoder_ref`` is then ``./encoder``, a folder
         #: inside the artifact that :meth:`save` writes).
         self.encoder: HFEncoder | None = None
         #: the folder this router was loaded from (resolves a relative ``encoder_ref``).
         self.directory: Path | None = None
         self.input_dim = int(self.in_mean.shape[0])
+        #: the domain head's domains (K) and weights (K, input_dim) / bias (K,); K = 0: none
+        self.domains = [str(name) for name in domains]
+        k = len(self.domains)
+        self.domain_weights = np.asarray(
+            np.zeros((k, self.input_dim)) if domain_weights is None else domain_weights,
+            dtype=np.float32,
+        )
+        self.domain_bias = np.asarray(
+            np.zeros(k) if domain_bias is None else domain_bias, dtype=np.float32
+        )
+        if (
+            k == 1
+            or self.domain_weights.shape != (k, self.input_dim)
+            or self.domain_bias.shape != (k,)
+        ):
+            raise ValueError(
+                f"domain head {self.domain_weights.shape} / {self.domain_bias.shape} does not "
+                f"match {k} domains (0 or >= 2) and input dim {self.input_dim}"
+            )
         d = config.dim
+        if evidence is not None and (evidence.n_rms, evidence.dim) != (len(self.rms), d + k + 1):
+            raise ValueError(
+                f"evidence is for {evidence.n_rms} rms of dim {evidence.dim}, not "
+                f"{len(self.rms)} of {d + k + 1}"
+            )
         if self.bt_embeddings.shape != (len(self.rms), d) or self.bt_bias.shape != (len(self.rms),):
             raise ValueError(
                 f"E_bt {self.bt_embeddings.shape} / bias {self.bt_bias.shape} do not match "
@@ -195,8 +236,9 @@ class OfflineRouter:
 
     @property
     def dim(self) -> int:
-        """D = d + 1: the size of the online context (h with the intercept column)."""
-        return self.config.dim + 1
+        """D = d + K + 1: the size of the online context (h, the K domain probabilities, the
+        intercept column)."""
+        return self.config.dim + len(self.domains) + 1
 
     @property
     def n_rms(self) -> int:
@@ -217,26 +259,44 @@ class OfflineRouter:
         norm = np.linalg.norm(x, axis=1, keepdims=True)
         return (x / np.maximum(norm, 1e-12)).astype(np.float64)
 
+    def domain_probs(self, pair_feats: np.ndarray) -> np.ndarray:
+        """The domain head's probabilities per pair (B, K), float64; (B, 0) without one."""
+        x = np.asarray(pair_feats, dtype=np.float32)
+        if not self.domains:
+            return np.zeros((x.shape[0], 0))
+        z = ((x - self.in_mean) / self.in_std) @ self.domain_weights.T + self.domain_bias
+        z = z.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
+
     def hidden(self, pair_feats: np.ndarray) -> np.ndarray:
-        """The online context ``[h ; 1]`` (B, d+1), float64."""
+        """The online context ``[h ; q ; 1]`` (B, D), float64 (``q``: :meth:`domain_probs`)."""
         h = self._h(pair_feats)
-        return np.concatenate([h, np.ones((h.shape[0], 1))], axis=1)
+        q = self.domain_probs(pair_feats)
+        return np.concatenate([h, q, np.ones((h.shape[0], 1))], axis=1)
 
     @property
     def bt_means(self) -> np.ndarray:
-        """``[E_bt[n] ; b_n]`` per RM (N, d+1), float64: the Bradley-Terry head as trained."""
+        """``[E_bt[n] ; 0 ; b_n]`` per RM (N, D), float64: the Bradley-Terry head as trained
+        (it reads h only; the domain coordinates carry no BT weight)."""
         return np.concatenate(
-            [self.bt_embeddings.astype(np.float64), self.bt_bias.astype(np.float64)[:, None]],
+            [
+                self.bt_embeddings.astype(np.float64),
+                np.zeros((self.n_rms, len(self.domains))),
+                self.bt_bias.astype(np.float64)[:, None],
+            ],
             axis=1,
         )
 
     @property
     def prior_means(self) -> np.ndarray:
-        """The online posteriors' prior means (N, d+1), float64, on the correctness scale.
+        """The online posteriors' prior means (N, D), float64, on the correctness scale.
 
-        ``bt_means`` mapped by ``prior_fit`` (per-RM overall accuracy plus a calibrated,
-        monotone share of the BT head's pair-level scores, :mod:`gateway.routing.prior`);
-        ``bt_means`` itself when the router has no prior fit (no held-out rows at training).
+        ``bt_means`` mapped by ``prior_fit`` (per-RM overall accuracy, its accuracy per domain
+        on the domain coordinates, plus a calibrated, monotone share of the BT head's
+        pair-level scores, :mod:`gateway.routing.prior`); ``bt_means`` itself when the router
+        has no prior fit (no held-out rows at training).
         """
         if self.prior_fit is None:
             return self.bt_means
@@ -244,7 +304,7 @@ class OfflineRouter:
 
     @property
     def prior_precision(self) -> np.ndarray | None:
-        """The diagonal prior precision per RM (N, d+1) from ``prior_fit``, or None."""
+        """The diagonal prior precision per RM (N, D) from ``prior_fit``, or None."""
         return None if self.prior_fit is None else self.prior_fit.precision(self.dim)
 
     def scores(self, pair_feats: np.ndarray) -> np.ndarray:
@@ -308,6 +368,11 @@ class OfflineRouter:
         for i, (w, b) in enumerate(self.layers):
             out[f"mlp.{i}.weight"], out[f"mlp.{i}.bias"] = w, b
         out["bt.embeddings"], out["bt.bias"] = self.bt_embeddings, self.bt_bias
+        if self.domains:
+            out["domain.weight"], out["domain.bias"] = self.domain_weights, self.domain_bias
+        if self.evidence is not None:
+            out["evidence.gram"] = self.evidence.gram
+            out["evidence.moments"] = self.evidence.moments
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
     def config_json(self) -> dict[str, Any]:
@@ -321,6 +386,8 @@ class OfflineRouter:
             "dim": self.dim,
             "router": self.config.to_dict(),
             "prior": self.prior_fit.to_dict() if self.prior_fit is not None else None,
+            "evidence_rows": self.evidence.rows if self.evidence is not None else None,
+            "domains": self.domains,
             "info": self.info,
         }
 
@@ -379,6 +446,14 @@ class OfflineRouter:
                 prior_fit=(
                     PriorFit.from_dict(cfg["prior"], len(cfg["rms"])) if cfg.get("prior") else None
                 ),
+                evidence=(
+                    Evidence(t["evidence.gram"], t["evidence.moments"], cfg["evidence_rows"])
+                    if cfg.get("evidence_rows") is not None
+                    else None
+                ),
+                domains=cfg.get("domains") or (),
+                domain_weights=t["domain.weight"] if cfg.get("domains") else None,
+                domain_bias=t["domain.bias"] if cfg.get("domains") else None,
             )
         except KeyError as exc:
             raise DataFormatError(str(folder), None, str(exc.args[0]), "missing") from exc

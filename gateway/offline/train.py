@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.offline.model import OfflineRouter, RouterConfig, check_float
-from gateway.routing.prior import fit_prior
+from gateway.routing.prior import Evidence, fit_prior
 from reward_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -278,8 +278,13 @@ def train_router(
     encoder_ref: str = "",
     max_length: int = 256,
     progress: bool = False,
+    domains: Sequence[str] | None = None,
 ) -> tuple[OfflineRouter, TrainReport]:
     """Train an offline router on pair features and per-RM correctness.
+
+    ``domains`` (one per pair, e.g. ``Pair.domain``): with ``config.domain_head`` and two or
+    more of them among the training rows, a domain head is fitted on the training rows
+    (:func:`fit_domain_head`) and the prior learns each RM's accuracy per domain.
 
     Keeps the checkpoint with the best held-out routing accuracy (ties: lower held-out loss,
     then the earlier epoch), among those that beat the untrained router (which routes
@@ -298,12 +303,21 @@ def train_router(
 
     cfg = config if config is not None else RouterConfig()
     x, c = _validate_inputs(features, correct, rms, groups, valid_fraction)
+    if domains is not None and len(domains) != len(x):
+        raise ConfigError("domains", f"need one domain per pair ({len(x)}), got {len(domains)}")
     tr, va = holdout_split(len(x), groups, valid_fraction, cfg.seed)
     tr, cal = calibration_split(tr, groups, cfg.seed) if len(va) else (tr, va[:0])
     start = time.perf_counter()
     in_mean, in_std = _standardiser(x[tr])
     xs = torch.from_numpy((x - in_mean) / in_std)
     with _torch_threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
+        head = None
+        if cfg.domain_head and domains is not None:
+            head = fit_domain_head(
+                xs[torch.from_numpy(tr)],
+                [str(domains[i]) for i in tr],
+                (xs[torch.from_numpy(va)], [str(domains[i]) for i in va]),
+            )
         fit = _fit(
             cfg,
             c,
@@ -315,8 +329,88 @@ def train_router(
             progress,
         )
     return _finish(
-        fit, cfg, rms, x, c, tr, va, in_mean, in_std, encoder_ref, max_length, start, calib=cal
+        fit,
+        cfg,
+        rms,
+        x,
+        c,
+        tr,
+        va,
+        in_mean,
+        in_std,
+        encoder_ref,
+        max_length,
+        start,
+        calib=cal,
+        domain_head=head,
     )
+
+
+#: Inverse L2 strengths the domain head chooses from (as scikit-learn's C: the loss is the mean
+#: cross-entropy plus ``||W||² / (2 C n)``), by log-loss on the held-out rows.
+DOMAIN_HEAD_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
+#: The strength without held-out rows to choose on.
+DOMAIN_HEAD_C = 1e-2
+
+
+def fit_domain_head(
+    x_std: Any,
+    labels: Sequence[str],
+    valid: tuple[Any, Sequence[str]] | None = None,
+    steps: int = 200,
+) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """A multinomial logistic regression of the domain on standardised features (torch, full
+    batch L-BFGS): ``(domains, W (K, F), c (K,))``, or None with fewer than two domains.
+
+    Its L2 strength is the one of :data:`DOMAIN_HEAD_GRID` with the lowest log-loss on the
+    ``valid`` rows (standardised features, domains), else :data:`DOMAIN_HEAD_C`; a domain the
+    training rows lack counts as the least likely one there.
+
+    >>> import torch
+    >>> x = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]])
+    >>> names, w, b = fit_domain_head(x, ["a", "a", "b", "b"])
+    >>> names, bool(w[1, 0] > w[0, 0])
+    (['a', 'b'], True)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    names = sorted(set(labels))
+    if len(names) < 2:
+        return None
+    index = {name: k for k, name in enumerate(names)}
+    y = torch.tensor([index[name] for name in labels])
+    x = torch.as_tensor(x_std, dtype=torch.float32)
+
+    def fit(c: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.zeros((len(names), x.shape[1]), requires_grad=True)
+        b = torch.zeros(len(names), requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+        l2 = 1.0 / (2.0 * c * len(labels))
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return w.detach(), b.detach()
+
+    known = [i for i, name in enumerate(valid[1]) if name in index] if valid else []
+    if not known or valid is None:
+        w, b = fit(DOMAIN_HEAD_C)
+        return names, w.numpy(), b.numpy()
+    xv = torch.as_tensor(valid[0], dtype=torch.float32)[known]
+    yv = torch.tensor([index[valid[1][i]] for i in known])
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for c in DOMAIN_HEAD_GRID:
+        w, b = fit(c)
+        loss = float(F.cross_entropy(xv @ w.T + b, yv))
+        if best is None or loss < best[0]:
+            best = (loss, w, b)
+    assert best is not None
+    return names, best[1].numpy(), best[2].numpy()
 
 
 def _standardiser(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -448,6 +542,7 @@ def _finish(
     start: float,
     *,
     calib: np.ndarray | None = None,
+    domain_head: tuple[list[str], np.ndarray, np.ndarray] | None = None,
 ) -> tuple[OfflineRouter, TrainReport]:
     """The numpy router from a fitted net, and the report measured with that router on ``x``.
 
@@ -468,6 +563,9 @@ def _finish(
         layers=[(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in linears],
         bt_embeddings=net.bt_embeddings.detach().numpy(),
         bt_bias=net.bt_bias.detach().numpy(),
+        domains=domain_head[0] if domain_head else (),
+        domain_weights=domain_head[1] if domain_head else None,
+        domain_bias=domain_head[2] if domain_head else None,
     )
     train_best = int(np.argmax(c[tr].mean(axis=0)))
     valid_c = c[va]
@@ -501,7 +599,11 @@ def _finish(
             c[acc_rows],
             router.scores(x[cal]),
             c[cal],
+            train_domains=router.domain_probs(x[acc_rows]) if router.domains else None,
         )
+        # The rows the weights were not trained on are also observations of every RM.
+        held_out = np.concatenate([va, cal])
+        router.evidence = Evidence.from_rows(router.hidden(x[held_out]), c[held_out])
     router.info = {"train": report.summary()}
     return router, report
 

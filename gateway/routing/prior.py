@@ -20,12 +20,20 @@ a labelled stream) as is, and the trainer's −DPO loss through :class:`RewardLi
   (positive-part James-Stein): a BT head whose scores do not predict held-out correctness gets
   ``k = 0``, and the prior is then exactly "each RM at its overall accuracy" — the best single
   RM, honestly, not by accident.
+* with a domain head (the router's ``q(h)``: K domain probabilities in the context, see
+  :mod:`gateway.offline.model`), ``Σ_k q_k δ_nk`` is added: ``δ_nk`` is RM n's accuracy on
+  domain k (training rows weighed by their ``q_k``, shrunk toward ``a_n`` by
+  :data:`DOMAIN_SHRINK_ROWS` rows; :func:`domain_accuracy`) minus ``a_n``. As ``Σ_k q_k = 1``,
+  ``a_n + Σ_k q_k δ_nk`` is RM n's accuracy mixed over the domains the pair may be from: where
+  the skill of RMs differs by domain, the prior knows it before any pair-level signal.
 
 **The prior strength** is stated as pseudo-observations (rows of evidence), per part:
 
 * the intercept of RM n is worth ``intercept_obs[n] = min(rows, INTERCEPT_OBS_CAP)``
   observations: what the training rows really measured, capped so that a stream of a few
   hundred pairs can still overrule it (a deployment is never quite the training distribution);
+* each domain effect is worth the rows of its domain (``domain_obs``, capped like the
+  intercept);
 * the pair weights are worth ``weight_obs = sigma2 / PAIR_SD²`` observations per direction:
   a prior standard deviation of :data:`PAIR_SD` on any pair's score beyond the prior mean.
   Small on purpose: Thompson sampling explores in proportion to it on every pair, and on the
@@ -35,6 +43,14 @@ a labelled stream) as is, and the trainer's −DPO loss through :class:`RewardLi
   observations of a domain move its score halfway from the prior.
 
 Precisions follow as ``obs / sigma2`` with ``sigma2`` the pooled Bernoulli variance of a label.
+
+**The offline evidence** (:class:`Evidence`). The rows the router's weights were not trained on
+(checkpoint choice and calibration) are also observations: every RM's correctness is known
+there, at contexts from the same encoder. Folded into each RM's posterior before the stream
+(as sums ``Σ h hᵀ`` and ``Σ c_n h``, on top of the prior above), they make the starting
+posterior mean a ridge regression of correctness on ``h`` that shrinks toward the calibrated
+prior, and shrink its spread where the offline data already measured an RM, so Thompson sampling
+explores where the offline data was silent. Forgetting decays them like any observation.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -65,6 +81,8 @@ PAIR_SD = 0.02
 SIGMA2_RANGE = (0.02, 0.25)
 #: Pseudo-rows pulling each RM's accuracy toward the pool's mean (a Beta-prior-like shrink).
 _ACCURACY_SHRINK_ROWS = 2.0
+#: Pseudo-rows pulling an RM's accuracy on one domain toward its overall accuracy.
+DOMAIN_SHRINK_ROWS = 8.0
 
 
 @dataclass(frozen=True)
@@ -87,9 +105,15 @@ class PriorFit:
     noise: tuple[float, ...] | None = None
     #: slopes act on scores relative to the mean over RMs (False: a version-1 fit, absolute)
     relative: bool = True
+    #: per RM and domain of the router's domain head (N, K): the RM's accuracy there minus
+    #: its overall accuracy (``None``: no domain head)
+    domain_effects: tuple[tuple[float, ...], ...] | None = None
+    #: per RM and domain (N, K): how many rows (pseudo-observations) each effect is worth
+    domain_obs: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.slopes)
+        self._check_domains(n)
         if self.noise is None:
             object.__setattr__(self, "noise", (self.sigma2,) * n)
         for name in ("intercepts", "centers", "intercept_obs", "noise"):
@@ -102,9 +126,28 @@ class PriorFit:
         if self.sigma2 <= 0 or self.weight_obs <= 0 or min(self.intercept_obs, default=1) <= 0:
             raise ConfigError("prior", "sigma2, weight_obs and intercept_obs must be > 0")
 
+    def _check_domains(self, n: int) -> None:
+        if (self.domain_effects is None) != (self.domain_obs is None):
+            raise ConfigError("domain_obs", "domain_effects and domain_obs go together")
+        if self.domain_effects is None or self.domain_obs is None:
+            return
+        effects = np.asarray(self.domain_effects, dtype=np.float64)
+        obs = np.asarray(self.domain_obs, dtype=np.float64)
+        if effects.ndim != 2 or effects.shape[0] != n or obs.shape != effects.shape:
+            raise ConfigError("domain_effects", f"must be (N={n}, K), with domain_obs alike")
+        if not (np.isfinite(effects).all() and (obs > 0).all()):
+            raise ConfigError("domain_obs", "effects must be finite and observations > 0")
+        for name, arr in (("domain_effects", effects), ("domain_obs", obs)):
+            object.__setattr__(self, name, tuple(tuple(float(v) for v in row) for row in arr))
+
     @property
     def n_rms(self) -> int:
         return len(self.slopes)
+
+    @property
+    def n_domains(self) -> int:
+        """K, the domain head's domains (0 without one)."""
+        return 0 if self.domain_effects is None else len(self.domain_effects[0])
 
     def apply(self, raw_means: np.ndarray) -> np.ndarray:
         """Prior means (N, D) on the correctness scale from raw ``[E_n; b_n]`` rows.
@@ -118,6 +161,8 @@ class PriorFit:
         rel = raw - raw.mean(axis=0) if self.relative else raw  # s_n(h) - mean_m s_m(h)
         out = k * rel
         out[:, -1] = np.asarray(self.intercepts) + k[:, 0] * (rel[:, -1] - np.asarray(self.centers))
+        if self.domain_effects is not None:  # the K columns before the intercept
+            out[:, -1 - self.n_domains : -1] = np.asarray(self.domain_effects)
         return out
 
     def precision(self, dim: int) -> np.ndarray:
@@ -126,11 +171,17 @@ class PriorFit:
         ``intercept_obs[n] / noise[n]`` on the intercept (the last one): the precision of an
         accuracy measured on that many rows of that RM's label noise."""
         out = np.full((self.n_rms, dim), self.weight_obs / self.sigma2)
-        out[:, -1] = np.asarray(self.intercept_obs) / np.asarray(self.noise)
+        noise = np.asarray(self.noise)
+        out[:, -1] = np.asarray(self.intercept_obs) / noise
+        if self.domain_obs is not None:
+            out[:, -1 - self.n_domains : -1] = np.asarray(self.domain_obs) / noise[:, None]
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {
+            k: [list(r) if isinstance(r, tuple) else r for r in v] if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+        }
         return {"version": 2, **out}
 
     @classmethod
@@ -218,9 +269,13 @@ def fit_prior(
     train_correct: np.ndarray,
     calib_scores: np.ndarray,
     calib_correct: np.ndarray,
+    train_domains: np.ndarray | None = None,
 ) -> PriorFit:
     """Fit :class:`PriorFit`: accuracies and score centres on the training rows, calibration
-    slopes on the calibration rows (never the rows that chose the checkpoint)."""
+    slopes on the calibration rows (never the rows that chose the checkpoint).
+
+    ``train_domains`` (P_train, K), the domain head's probabilities on the training rows, adds
+    each RM's accuracy per domain (:func:`domain_accuracy`)."""
     ts, tc = np.asarray(train_scores, float), np.asarray(train_correct, float)
     cs, cc = np.asarray(calib_scores, float), np.asarray(calib_correct, float)
     if ts.ndim != 2 or ts.shape != tc.shape or ts.shape[0] < 1:
@@ -241,6 +296,15 @@ def fit_prior(
     effects = slopes * (rel_train - centers)
     weight_obs = sigma2 / PAIR_SD**2
     predicted = acc + effects
+    domain_effects = domain_obs = None
+    if train_domains is not None:
+        q = np.asarray(train_domains, dtype=np.float64)
+        if q.ndim != 2 or q.shape[0] != ts.shape[0] or q.shape[1] < 2:
+            raise ConfigError("train_domains", f"need (P={ts.shape[0]}, K >= 2), got {q.shape}")
+        per_domain, weight = domain_accuracy(q, tc, acc)
+        domain_effects = per_domain - acc[:, None]
+        domain_obs = np.broadcast_to(np.minimum(weight, INTERCEPT_OBS_CAP), per_domain.shape)
+        predicted = q @ per_domain.T + effects
     fit = PriorFit(
         slopes=tuple(slopes),
         intercepts=tuple(acc),
@@ -250,8 +314,87 @@ def fit_prior(
         sigma2=sigma2,
         stream_accuracy=float(np.clip(predicted.max(axis=1).mean(), 0.0, 1.0)),
         noise=tuple(float(v) for v in noise),
+        domain_effects=None if domain_effects is None else tuple(map(tuple, domain_effects)),
+        domain_obs=None if domain_obs is None else tuple(map(tuple, domain_obs)),
     )
     return fit
+
+
+def domain_accuracy(
+    probs: np.ndarray, correct: np.ndarray, overall: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each RM's accuracy per domain (N, K), weighing row i by its domain probability
+    ``probs[i, k]``, shrunk toward the RM's ``overall`` accuracy by
+    :data:`DOMAIN_SHRINK_ROWS` pseudo-rows; and the rows each domain holds (K,).
+
+    >>> q = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    >>> acc, rows = domain_accuracy(q, np.array([[1.0], [1.0], [0.0], [0.0]]), np.array([0.5]))
+    >>> acc.round(3).tolist(), rows.tolist()
+    ([[0.6, 0.4]], [2.0, 2.0])
+    """
+    q = np.asarray(probs, dtype=np.float64)
+    c = np.asarray(correct, dtype=np.float64)
+    rows = q.sum(axis=0)
+    per = (c.T @ q + DOMAIN_SHRINK_ROWS * np.asarray(overall)[:, None]) / (
+        rows + DOMAIN_SHRINK_ROWS
+    )
+    return per, rows
+
+
+@dataclass(frozen=True, eq=False)
+class Evidence:
+    """Offline rows as observations of every RM: the sufficient statistics of a Bayesian linear
+    regression of correctness on the online context ``[h; 1]``.
+
+    ``gram`` (D, D) is ``Σ h hᵀ`` over the rows (the same for every RM: each was asked on each
+    row), ``moments`` (N, D) is ``Σ c_n h`` per RM, ``rows`` how many rows. Added to a posterior
+    with each RM's label noise (``GaussianPosteriors.add_evidence``), it counts one
+    observation per row and RM, exactly as if the stream had begun with those rows.
+
+    >>> ev = Evidence.from_rows(np.array([[1.0, 1.0], [0.0, 1.0]]), np.array([[1.0], [0.0]]))
+    >>> ev.gram.tolist(), ev.moments.tolist(), ev.rows
+    ([[1.0, 1.0], [1.0, 2.0]], [[1.0, 1.0]], 2)
+    """
+
+    gram: np.ndarray
+    moments: np.ndarray
+    rows: int
+
+    def __post_init__(self) -> None:
+        gram = np.asarray(self.gram, dtype=np.float64)
+        moments = np.asarray(self.moments, dtype=np.float64)
+        if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+            raise ConfigError("evidence.gram", f"must be square (D, D), got {gram.shape}")
+        if moments.ndim != 2 or moments.shape[1] != gram.shape[0]:
+            raise ConfigError(
+                "evidence.moments", f"must be (N, {gram.shape[0]}), got {moments.shape}"
+            )
+        if not (np.isfinite(gram).all() and np.isfinite(moments).all()):
+            raise ConfigError("evidence", "must be finite")
+        if int(self.rows) < 0:
+            raise ConfigError("evidence.rows", f"must be >= 0, got {self.rows}")
+        object.__setattr__(self, "gram", gram)
+        object.__setattr__(self, "moments", moments)
+        object.__setattr__(self, "rows", int(self.rows))
+
+    @classmethod
+    def from_rows(cls, contexts: np.ndarray, correct: np.ndarray) -> Evidence:
+        """From contexts ``[h; 1]`` (P, D) and every RM's correctness on them (P, N)."""
+        h = np.asarray(contexts, dtype=np.float64)
+        c = np.asarray(correct, dtype=np.float64)
+        if h.ndim != 2 or c.ndim != 2 or h.shape[0] != c.shape[0]:
+            raise ConfigError(
+                "evidence", f"need (P, D) contexts and (P, N) correctness, got {h.shape}, {c.shape}"
+            )
+        return cls(gram=h.T @ h, moments=c.T @ h, rows=h.shape[0])
+
+    @property
+    def n_rms(self) -> int:
+        return int(self.moments.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.gram.shape[0])
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def pairs(n: int, offset: int = 0) -> list[dict[str, Any]]:
 
 
 def build_router(root: Path, rms: Sequence[str], *, seed: int = 0) -> Path:
-    """A tiny real router artifact: tiny BERT encoder folder + a router trained on random data."""
+    """A tiny real router artifact: tiny BERT encoder folder + a router trained on random data,
+    with a domain head (two domains), so the gateway serves a context of d + 2 + 1 dims."""
     from gateway.offline.model import RouterConfig
     from gateway.offline.train import train_router
 
@@ -49,8 +50,16 @@ def build_router(root: Path, rms: Sequence[str], *, seed: int = 0) -> Path:
     correct = rng.integers(0, 2, size=(64, len(rms))).astype(np.float64)
     cfg = RouterConfig(hidden_sizes=(16,), dim=6, epochs=3, patience=0, seed=seed)
     router, _ = train_router(
-        feats, correct, list(rms), cfg, valid_fraction=0.0, encoder_ref=str(enc), max_length=64
+        feats,
+        correct,
+        list(rms),
+        cfg,
+        valid_fraction=0.0,
+        encoder_ref=str(enc),
+        max_length=64,
+        domains=["chat" if v > 0 else "math" for v in feats[:, 0]],
     )
+    assert router.domains == ["chat", "math"]
     out = root / "router"
     router.save(out)
     return out

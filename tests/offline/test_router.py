@@ -12,6 +12,7 @@ import torch
 
 from gateway.offline.model import OfflineRouter, RouterConfig
 from gateway.offline.train import _losses, holdout_split, routing_accuracy, train_router
+from gateway.routing.prior import PriorFit
 from reward_router.errors import ConfigError, DataFormatError
 
 RMS = ["math-rm", "chat-rm", "generalist"]
@@ -187,6 +188,78 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.prior_means, router.prior_means)
     np.testing.assert_array_equal(loaded.scores(x), router.scores(x))
     assert loaded.prior_fit == router.prior_fit is not None
+    assert loaded.evidence is not None and router.evidence is not None
+    assert loaded.evidence.rows == router.evidence.rows == report.n_valid + report.n_calib
+    np.testing.assert_array_equal(loaded.evidence.gram, router.evidence.gram)
+    np.testing.assert_array_equal(loaded.evidence.moments, router.evidence.moments)
+
+
+def test_evidence_is_the_held_out_rows_at_their_contexts() -> None:
+    x, c, groups = specialist_problem(300)
+    router, report = train_router(x, c, RMS, FAST, groups=groups)
+    ev = router.evidence
+    assert ev is not None and ev.rows == report.n_valid + report.n_calib > 0
+    # the gram of the held-out contexts: its intercept corner counts the rows, and each RM's
+    # intercept moment counts its right answers there (well short of all the rows)
+    assert ev.gram[-1, -1] == pytest.approx(ev.rows)
+    assert ev.gram.shape == (router.dim, router.dim) and ev.moments.shape == (3, router.dim)
+    assert (ev.moments[:, -1] <= ev.rows).all() and ev.rows < len(x)
+    np.testing.assert_allclose(ev.gram, ev.gram.T)
+
+
+def test_a_domain_head_puts_each_rms_domain_accuracy_in_the_prior(tmp_path: Path) -> None:
+    # The specialists' regions are the two domains: the head learns them from the features,
+    # and the prior alone (BT slopes off, as if the BT head had learned nothing) routes each
+    # domain to its specialist.
+    x, c, groups = specialist_problem(400)
+    domains = ["pos" if v > 0 else "neg" for v in x[:, 0]]
+    router, _ = train_router(x, c, RMS, FAST, groups=groups, domains=domains)
+    assert router.domains == ["neg", "pos"]
+    assert router.dim == FAST.dim + 2 + 1
+    h = router.hidden(x)
+    q = h[:, FAST.dim : FAST.dim + 2]
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-6)
+    assert (q.argmax(axis=1) == (x[:, 0] > 0)).mean() > 0.95
+    np.testing.assert_allclose(router.scores(x), h @ router.bt_means.T, rtol=1e-5, atol=1e-6)
+    fit = router.prior_fit
+    assert fit is not None and fit.domain_effects is not None
+    effects = np.asarray(fit.domain_effects)  # (RM, domain): math-rm is right where x0 > 0
+    assert effects[0, 1] > 0.2 > -0.2 > effects[0, 0]
+    assert effects[1, 0] > 0.2 > -0.2 > effects[1, 1]
+    flat = PriorFit(**{**fit.__dict__, "slopes": (0.0,) * 3})
+    picks = (h @ flat.apply(router.bt_means).T).argmax(axis=1)
+    assert (picks == np.where(x[:, 0] > 0, 0, 1)).mean() > 0.9
+    prec = router.prior_precision
+    assert prec is not None
+    np.testing.assert_allclose(prec[:, -3:-1] * np.asarray(fit.noise)[:, None], fit.domain_obs)
+    router.save(tmp_path / "art")
+    loaded = OfflineRouter.load(tmp_path / "art")
+    assert loaded.domains == router.domains and loaded.prior_fit == fit
+    np.testing.assert_array_equal(loaded.hidden(x), h)
+    np.testing.assert_array_equal(loaded.prior_means, router.prior_means)
+
+
+def test_no_domain_head_from_one_domain_or_when_turned_off() -> None:
+    x, c, groups = specialist_problem(200)
+    one, _ = train_router(x, c, RMS, FAST, groups=groups, domains=["chat"] * 200)
+    two = ["a" if v > 0 else "b" for v in x[:, 0]]
+    off, _ = train_router(
+        x, c, RMS, RouterConfig(**{**FAST.to_dict(), "domain_head": False}), domains=two
+    )
+    for router in (one, off):
+        assert router.domains == [] and router.dim == FAST.dim + 1
+        assert router.prior_fit is None or router.prior_fit.domain_effects is None
+    with pytest.raises(ConfigError) as info:
+        train_router(x, c, RMS, FAST, domains=two[:10])
+    assert info.value.field == "domains"
+
+
+def test_an_artifact_without_evidence_still_loads(tmp_path: Path) -> None:
+    x, c, groups = specialist_problem(200)
+    router, _ = train_router(x, c, RMS, FAST, groups=groups)
+    router.evidence = None
+    router.save(tmp_path / "art")
+    assert OfflineRouter.load(tmp_path / "art").evidence is None
 
 
 def test_damaged_artifacts_raise_data_format_errors(tmp_path: Path) -> None:

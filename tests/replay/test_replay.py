@@ -178,7 +178,12 @@ def test_drift_breaks_the_training_best_rm_halfway() -> None:
 
 def test_online_learning_catches_a_drift_that_the_frozen_prior_misses() -> None:
     """Two specialists that are decent elsewhere, and a poor RM; halfway the training-best
-    specialist starts answering like the poor one: only the online phase moves off it."""
+    specialist starts answering like the poor one: only the online phase moves off it.
+
+    The pairs carry one domain label, so the router has no domain head: with the two regions
+    named as domains the frozen prior already routes each region to its specialist, and the
+    drift costs it only the degraded specialist's region (measured on this matrix: no-online
+    0.76 with the head, 0.62 without; the online phase's last-quarter gain 0.01 with it)."""
     rng = np.random.default_rng(2)
     n = 600
     domain = rng.integers(0, 2, n)
@@ -186,7 +191,7 @@ def test_online_learning_catches_a_drift_that_the_frozen_prior_misses() -> None:
     correct = (rng.random((n, 3)) < p_right).astype(np.float64)
     features = rng.normal(0, 0.3, (n, 16)).astype(np.float32)
     features[:, 0] += np.where(domain == 0, 1.0, -1.0)
-    matrix = _matrix(correct, ["x" if d == 0 else "y" for d in domain])
+    matrix = _matrix(correct, ["mixed"] * n)
     config = ReplayConfig(
         folds=2,
         seeds=2,

@@ -123,3 +123,32 @@ def test_dpo_link_is_unbiased_and_weighs_less() -> None:
         RewardLink("loss")
     with pytest.raises(ConfigError, match="dpo_informativeness"):
         RewardLink("dpo", informativeness=0.0)
+
+
+def test_domain_effects_are_each_rms_accuracy_per_domain() -> None:
+    # RM 0 right 0.9 on domain a and 0.3 on b, RM 1 the other way round; the domain head's
+    # probabilities are sure of the domain. The prior's domain columns hold accuracy − overall.
+    rng = np.random.default_rng(3)
+    n = 800
+    is_a = rng.random(n) < 0.5
+    p = np.where(is_a[:, None], [0.9, 0.3], [0.3, 0.9])
+    c = (rng.random((n, 2)) < p).astype(float)
+    q = np.stack([is_a, ~is_a], axis=1).astype(float)
+    s = rng.normal(size=(n, 2))  # BT scores that say nothing
+    fit = fit_prior(s[:600], c[:600], s[600:], c[600:], train_domains=q[:600])
+    effects = np.asarray(fit.domain_effects)
+    overall = np.asarray(fit.intercepts)
+    np.testing.assert_allclose(effects + overall[:, None], [[0.9, 0.3], [0.3, 0.9]], atol=0.06)
+    np.testing.assert_allclose(np.asarray(fit.domain_obs), min(300, INTERCEPT_OBS_CAP), rtol=0.15)
+    # contexts [h (1 dim); q; 1]: the prior mean at a sure domain-a pair is RM 0's accuracy there
+    raw = np.zeros((2, 4))
+    mu = fit.apply(raw)
+    ctx = np.array([[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    np.testing.assert_allclose(ctx @ mu.T, [[0.9, 0.3], [0.3, 0.9]], atol=0.06)
+    assert PriorFit.from_dict(fit.to_dict(), 2) == fit
+    with pytest.raises(ConfigError) as info:
+        fit_prior(s[:600], c[:600], s[600:], c[600:], train_domains=q[:10])
+    assert info.value.field == "train_domains"
+    with pytest.raises(ConfigError) as info:
+        PriorFit(**{**fit.__dict__, "domain_obs": None})
+    assert info.value.field == "domain_obs"
