@@ -45,8 +45,7 @@ def make_normalizer(kind: str, params: dict[str, Any]) -> Any:
 
 def prior_kwargs(router: Any) -> dict[str, Any]:
     """``make_policy`` keyword arguments from a router artifact: the calibrated prior means,
-    their fitted precision and label variance, the held-out rows' evidence, and the raw BT
-    head (``bayesian-paper``)."""
+    their fitted precision and label variance, and the raw BT head (``bayesian-paper``)."""
     if router is None:
         return {}
     fit = getattr(router, "prior_fit", None)
@@ -55,7 +54,6 @@ def prior_kwargs(router: Any) -> dict[str, Any]:
         "prior_precision": getattr(router, "prior_precision", None),
         "prior_sigma2": None if fit is None else np.asarray(fit.noise),
         "raw_prior_means": getattr(router, "bt_means", None),
-        "prior_evidence": getattr(router, "evidence", None),
     }
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from gateway.routing import POLICY_NAMES, make_policy
 from gateway.routing.normalize import QuantileNormalizer
 from gateway.routing.policies import reference_last
-from gateway.routing.prior import AuditLink, Evidence, RewardLink
+from gateway.routing.prior import AuditLink, RewardLink
 from gateway.routing.registry import NEEDS_PRIOR, NO_ONLINE_VARIANT, RAW_PRIOR
 from reward_router.data import BehaviorMatrix
 from reward_router.errors import ConfigError
@@ -348,8 +348,6 @@ class FittedRouter:
     noise: np.ndarray | None = None
     raw_means: np.ndarray | None = None
     stream_accuracy: float = 0.5
-    #: the router's held-out rows as observations (``bayesian`` starts from them)
-    evidence: Evidence | None = None
 
 
 #: Fits an offline router on (features, correct, groups, seed, domains) of the training rows.
@@ -412,7 +410,6 @@ def _stream_policy(
         raw_prior_means=fitted.raw_means if injects and fitted and name in RAW_PRIOR else None,
         prior_precision=fitted.prior_precision if injects and fitted else None,
         prior_sigma2=fitted.noise if injects and fitted else None,
-        prior_evidence=fitted.evidence if injects and fitted else None,
         best_rm=stream.best_rm,
         fallback=np.argsort(-stream.train_acc, kind="stable").tolist(),
         margin_scales=stream.scales,
@@ -735,7 +732,6 @@ def torch_router_fitter(
             noise=np.asarray(prior.noise) if prior is not None else None,
             raw_means=router.bt_means,
             stream_accuracy=prior.stream_accuracy if prior is not None else 0.5,
-            evidence=router.evidence if prior is not None else None,
         )
 
     return fit

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.routing.prior import Evidence, PriorFit
+from gateway.routing.prior import PriorFit
 from reward_router.errors import ConfigError, DataFormatError
 from reward_router.files import atomic_path, atomic_write
 
@@ -175,7 +175,6 @@ class OfflineRouter:
         bt_bias: np.ndarray,
         info: Mapping[str, Any] | None = None,
         prior_fit: PriorFit | None = None,
-        evidence: Evidence | None = None,
         domains: Sequence[str] = (),
         domain_weights: np.ndarray | None = None,
         domain_bias: np.ndarray | None = None,
@@ -194,9 +193,6 @@ class OfflineRouter:
         #: calibration of the BT prior onto the reward scale and its fitted strength
         #: (``gateway.routing.prior``), measured on the held-out rows; None = inject E_bt raw.
         self.prior_fit = prior_fit
-        #: the held-out rows as observations of every RM, folded into the online posteriors
-        #: before the stream (``gateway.routing.prior.Evidence``); None = the prior alone.
-        self.evidence = evidence
         #: a fine-tuned encoder held in memory (``encoder_ref`` is then ``./encoder``, a folder
         #: inside the artifact that :meth:`save` writes).
         self.encoder: HFEncoder | None = None
@@ -223,11 +219,6 @@ class OfflineRouter:
                 f"match {k} domains (0 or >= 2) and input dim {self.input_dim}"
             )
         d = config.dim
-        if evidence is not None and (evidence.n_rms, evidence.dim) != (len(self.rms), d + k + 1):
-            raise ValueError(
-                f"evidence is for {evidence.n_rms} rms of dim {evidence.dim}, not "
-                f"{len(self.rms)} of {d + k + 1}"
-            )
         if self.bt_embeddings.shape != (len(self.rms), d) or self.bt_bias.shape != (len(self.rms),):
             raise ValueError(
                 f"E_bt {self.bt_embeddings.shape} / bias {self.bt_bias.shape} do not match "
@@ -370,9 +361,6 @@ class OfflineRouter:
         out["bt.embeddings"], out["bt.bias"] = self.bt_embeddings, self.bt_bias
         if self.domains:
             out["domain.weight"], out["domain.bias"] = self.domain_weights, self.domain_bias
-        if self.evidence is not None:
-            out["evidence.gram"] = self.evidence.gram
-            out["evidence.moments"] = self.evidence.moments
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
     def config_json(self) -> dict[str, Any]:
@@ -386,7 +374,6 @@ class OfflineRouter:
             "dim": self.dim,
             "router": self.config.to_dict(),
             "prior": self.prior_fit.to_dict() if self.prior_fit is not None else None,
-            "evidence_rows": self.evidence.rows if self.evidence is not None else None,
             "domains": self.domains,
             "info": self.info,
         }
@@ -445,11 +432,6 @@ class OfflineRouter:
                 info=cfg.get("info") or {},
                 prior_fit=(
                     PriorFit.from_dict(cfg["prior"], len(cfg["rms"])) if cfg.get("prior") else None
-                ),
-                evidence=(
-                    Evidence(t["evidence.gram"], t["evidence.moments"], cfg["evidence_rows"])
-                    if cfg.get("evidence_rows") is not None
-                    else None
                 ),
                 domains=cfg.get("domains") or (),
                 domain_weights=t["domain.weight"] if cfg.get("domains") else None,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.offline.model import OfflineRouter, RouterConfig, check_float
-from gateway.routing.prior import Evidence, fit_prior
+from gateway.routing.prior import fit_prior
 from reward_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -601,9 +601,6 @@ def _finish(
             c[cal],
             train_domains=router.domain_probs(x[acc_rows]) if router.domains else None,
         )
-        # The rows the weights were not trained on are also observations of every RM.
-        held_out = np.concatenate([va, cal])
-        router.evidence = Evidence.from_rows(router.hidden(x[held_out]), c[held_out])
     router.info = {"train": report.summary()}
     return router, report
 

@@ -31,7 +31,6 @@ from gateway.routing.config import (
     check_int,
 )
 from gateway.routing.posterior import GaussianPosteriors
-from gateway.routing.prior import Evidence
 from reward_router.errors import ConfigError
 
 
@@ -188,67 +187,11 @@ class Policy(ABC):
         return f"{type(self).__name__}(name={self.name!r}, n_rms={self.n_rms}, dim={self.dim})"
 
 
-def label_noise(
-    n_rms: int, config: BayesianConfig, prior_sigma2: float | np.ndarray | None
-) -> np.ndarray:
-    """The noise variance of one correctness reward per RM (N,): the config's ``sigma2`` for
-    every RM when it sets one, else the fitted ``prior_sigma2``, else the default."""
-    if config.sigma2 is not None or prior_sigma2 is None:
-        return np.full(n_rms, config.noise)
-    noise = np.broadcast_to(np.asarray(prior_sigma2, dtype=np.float64), (n_rms,))
-    noise = check_array("prior_sigma2", noise, (n_rms,)).copy()
-    if (noise <= 0).any():
-        raise ConfigError("prior_sigma2", "noise variances must all be > 0")
-    return noise
-
-
-def offline_posterior(
-    means: np.ndarray,
-    config: BayesianConfig,
-    noise: np.ndarray,
-    prior_precision: np.ndarray | None = None,
-    evidence: Evidence | None = None,
-) -> GaussianPosteriors:
-    """What the offline phase hands the online one, per RM: the prior ``N(mu0_n, P_n^-1)``
-    (``lambda0 I`` when the config sets lambda0 or no fitted precision is given) with the
-    offline ``evidence`` rows folded in at each RM's label ``noise``
-    (:class:`~gateway.routing.prior.Evidence`; not with a hand-set lambda0, which states the
-    whole strength of the offline phase).
-
-    Four offline rows at one context, the RM right on three, against a prior mean of 0:
-
-    >>> from gateway.routing.prior import Evidence
-    >>> h = np.ones((4, 2))
-    >>> ev = Evidence.from_rows(h, np.array([[1.0], [1.0], [1.0], [0.0]]))
-    >>> post = offline_posterior(np.zeros((1, 2)), BayesianConfig(), np.array([0.25]),
-    ...                          np.ones((1, 2)), ev)
-    >>> round(float(post.mean_scores(h[:1])[0, 0]), 3)
-    0.727
-    """
-    n_rms, dim = means.shape
-    if config.lambda0 is not None or prior_precision is None:
-        lambda0 = config.lambda0 if config.lambda0 is not None else DEFAULT_LAMBDA0
-        return GaussianPosteriors.from_prior(means, lambda0)
-    precision = check_array("prior_precision", prior_precision, (n_rms, dim))
-    post = GaussianPosteriors.from_prior(
-        means, float(precision[:, :-1].mean()), prior_precision=precision
-    )
-    if evidence is not None:
-        if (evidence.n_rms, evidence.dim) != (n_rms, dim):
-            raise ConfigError(
-                "prior_evidence",
-                f"is for {evidence.n_rms} RMs of dim {evidence.dim}, not {n_rms} of {dim}",
-            )
-        post.add_evidence(evidence.gram, evidence.moments, noise)
-    return post
-
-
 class BayesianPolicy(Policy):
     """``bayesian``: the full method. Prior ``N(mu0_n, P_n^-1)`` per RM from the offline router
     (``prior_means`` on the correctness scale, ``prior_precision`` the diagonal of ``P_n``, both
     from :class:`~gateway.routing.prior.PriorFit`; ``lambda0 I`` when the config sets lambda0 or
-    no fitted precision is given) and the offline rows' ``prior_evidence`` folded in
-    (:func:`offline_posterior`), one Thompson draw of h^T w_n per pair among the RMs that can
+    no fitted precision is given), one Thompson draw of h^T w_n per pair among the RMs that can
     still beat the leader (``explore_z``), posterior updated online.
 
     ``posteriors`` is the :class:`GaussianPosteriors` (assignable, so a gateway can restore a
@@ -268,19 +211,29 @@ class BayesianPolicy(Policy):
         *,
         prior_precision: np.ndarray | None = None,
         prior_sigma2: float | np.ndarray | None = None,
-        prior_evidence: Evidence | None = None,
     ) -> None:
         super().__init__(n_rms, dim, rng)
         self.config = config or BayesianConfig()
         means = require_prior(self.name, prior_means, n_rms, dim)
+        if self.config.lambda0 is not None or prior_precision is None:
+            lambda0 = self.config.lambda0 if self.config.lambda0 is not None else DEFAULT_LAMBDA0
+            self._posteriors = GaussianPosteriors.from_prior(means, lambda0)
+        else:
+            precision = check_array("prior_precision", prior_precision, (n_rms, dim))
+            self._posteriors = GaussianPosteriors.from_prior(
+                means, float(precision[:, :-1].mean()), prior_precision=precision
+            )
         #: the noise variance of one correctness reward per RM (N,): the config's for all RMs,
         #: else the fitted one (an RM right 97% of the time is a far less noisy coin than one
         #: right 60%), else the default
-        self.noise = label_noise(n_rms, self.config, prior_sigma2)
+        if self.config.sigma2 is not None or prior_sigma2 is None:
+            self.noise = np.full(n_rms, self.config.noise)
+        else:
+            noise = np.broadcast_to(np.asarray(prior_sigma2, dtype=np.float64), (n_rms,))
+            self.noise = check_array("prior_sigma2", noise, (n_rms,)).copy()
+            if (self.noise <= 0).any():
+                raise ConfigError("prior_sigma2", "noise variances must all be > 0")
         self.sigma2 = float(self.noise.mean())
-        self._posteriors = offline_posterior(
-            means, self.config, self.noise, prior_precision, prior_evidence
-        )
 
     @property
     def posteriors(self) -> GaussianPosteriors:
@@ -402,32 +355,17 @@ class NoOfflinePolicy(BayesianPolicy):
 
 
 class NoOnlinePolicy(Policy):
-    """``bayesian-no-online``: the offline phase alone, never updated. Deterministic: ranks RMs by
-    the mean score h^T mu_n of what ``bayesian`` starts from (:func:`offline_posterior`: the
-    prior mean, with the offline evidence folded in when the prior carries its fitted strength;
-    no draw: without updates, sampling would only add noise around that ranking)."""
+    """``bayesian-no-online``: the offline prior alone, never updated. Deterministic: ranks RMs by
+    the prior-mean score h^T mu0_n (no draw: without updates, sampling would only add noise
+    around that ranking)."""
 
     name = "bayesian-no-online"
 
     def __init__(
-        self,
-        n_rms: int,
-        dim: int,
-        rng: np.random.Generator,
-        prior_means: np.ndarray | None,
-        *,
-        prior_precision: np.ndarray | None = None,
-        prior_sigma2: float | np.ndarray | None = None,
-        prior_evidence: Evidence | None = None,
+        self, n_rms: int, dim: int, rng: np.random.Generator, prior_means: np.ndarray | None
     ) -> None:
         super().__init__(n_rms, dim, rng)
-        means = require_prior(self.name, prior_means, n_rms, dim)
-        if prior_evidence is not None and prior_precision is not None:
-            config = BayesianConfig()
-            noise = label_noise(n_rms, config, prior_sigma2)
-            post = offline_posterior(means, config, noise, prior_precision, prior_evidence)
-            means = post.means()
-        self.prior_means = means
+        self.prior_means = require_prior(self.name, prior_means, n_rms, dim)
 
     def select(self, contexts: np.ndarray) -> Selection:
         ranking = rank_desc(self._check_contexts(contexts) @ self.prior_means.T)

@@ -251,29 +251,6 @@ class GaussianPosteriors:
             self.counts[arm] += int(rows.sum())
             self._dirty[arm] = True
 
-    def add_evidence(self, gram: np.ndarray, moments: np.ndarray, noise: np.ndarray) -> None:
-        """Fold offline rows in as observations of every RM, before the stream:
-        ``Lambda[n] += gram / noise[n]``, ``eta[n] += moments[n] / noise[n]`` with ``gram``
-        (D, D) ``= Σ h hᵀ`` and ``moments`` (N, D) ``= Σ r_n h`` over the same rows (every RM
-        observed on each). Not counted in ``counts`` (those are the stream's observations);
-        the prior that :meth:`forget` returns to stays the one given at construction.
-
-        >>> post = GaussianPosteriors.from_prior(np.zeros((1, 1)), lambda0=1.0)
-        >>> post.add_evidence(np.array([[3.0]]), np.array([[3.0]]), np.array([1.0]))
-        >>> post.means().ravel().tolist(), post.counts.tolist()
-        ([0.75], [0])
-        """
-        gram = check_array("evidence.gram", gram, (self.dim, self.dim))
-        moments = check_array("evidence.moments", moments, (self.n_rms, self.dim))
-        noise = check_array("noise", noise, (self.n_rms,))
-        if (noise <= 0).any():
-            raise ConfigError("noise", "must all be > 0")
-        if not np.allclose(gram, gram.T):
-            raise ConfigError("evidence.gram", "must be symmetric")
-        self.precision += gram[None, :, :] / noise[:, None, None]
-        self.eta += moments / noise[:, None]
-        self._dirty[:] = True
-
     def forget(self, gamma: float) -> None:
         """Exponential forgetting toward the prior, for drifting RMs. For every RM:
         ``Lambda = gamma Lambda + (1 - gamma) P``, ``eta = gamma eta + (1 - gamma) eta0``.

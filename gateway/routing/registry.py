@@ -48,7 +48,6 @@ from gateway.routing.policies import (
     Policy,
     WeightedScorePolicy,
 )
-from gateway.routing.prior import Evidence
 from reward_router.errors import ConfigError
 
 
@@ -67,23 +66,12 @@ class _Args:
     prior_sigma2: float | np.ndarray | None
     raw_prior_means: np.ndarray | None
     fallback: np.ndarray | None
-    prior_evidence: Evidence | None
 
 
 def _best_single(a: _Args) -> Policy:
     if a.best_rm is None:
         raise ConfigError("best_rm", f"is required for 'best-single', in [0, {a.n_rms - 1}]")
     return BestSinglePolicy(a.n_rms, a.dim, a.rng, a.best_rm, a.fallback)
-
-
-def _offline_phase(a: _Args) -> dict[str, Any]:
-    """What ``bayesian`` starts from beyond the prior means (and ``bayesian-no-online`` ranks
-    by): the fitted strength, the label noise and the offline evidence."""
-    return {
-        "prior_precision": a.prior_precision,
-        "prior_sigma2": a.prior_sigma2,
-        "prior_evidence": a.prior_evidence,
-    }
 
 
 @dataclass(frozen=True)
@@ -111,7 +99,8 @@ REGISTRY: dict[str, PolicySpec] = {
             a.rng,
             a.prior_means,
             a.config,
-            **_offline_phase(a),
+            prior_precision=a.prior_precision,
+            prior_sigma2=a.prior_sigma2,
         ),
         needs_prior=True,
         no_online="bayesian-no-online",
@@ -132,9 +121,7 @@ REGISTRY: dict[str, PolicySpec] = {
         NoOfflineConfig, lambda a: NoOfflinePolicy(a.n_rms, a.dim, a.rng, None, a.config)
     ),
     "bayesian-no-online": PolicySpec(
-        NoParams,
-        lambda a: NoOnlinePolicy(a.n_rms, a.dim, a.rng, a.prior_means, **_offline_phase(a)),
-        needs_prior=True,
+        NoParams, lambda a: NoOnlinePolicy(a.n_rms, a.dim, a.rng, a.prior_means), needs_prior=True
     ),
     "weighted-score": PolicySpec(
         WeightedScoreConfig,
@@ -173,7 +160,6 @@ def make_policy(
     prior_sigma2: float | np.ndarray | None = None,
     raw_prior_means: np.ndarray | None = None,
     fallback: Sequence[int] | None = None,
-    prior_evidence: Evidence | None = None,
     **params: Any,
 ) -> Policy:
     """Build the policy ``name`` (one of :data:`POLICY_NAMES`) with its ``params``.
@@ -181,8 +167,7 @@ def make_policy(
     ``prior_means`` (n_rms, dim) is required by the policies of :data:`NEEDS_PRIOR` (ignored by
     the others, but checked when given); ``bayesian`` also takes the fitted
     ``prior_precision`` (n_rms, dim) and ``prior_sigma2`` (one label noise variance, or one
-    per RM) and the offline rows' ``prior_evidence`` (:class:`~gateway.routing.prior.Evidence`;
-    ``bayesian-no-online`` ranks by the same starting posterior); ``bayesian-paper`` takes
+    per RM); ``bayesian-paper`` takes
     ``raw_prior_means`` (the uncalibrated BT head; ``prior_means`` when not given);
     ``best_rm`` is required by ``best-single``, whose ``fallback`` (every RM once, best
     first; default: by index after ``best_rm``) orders the others; ``margin_scales``
@@ -213,6 +198,5 @@ def make_policy(
         prior_sigma2,
         raw_prior_means,
         None if fallback is None else np.asarray(fallback, dtype=np.int64),
-        prior_evidence,
     )
     return spec.build(args)

@@ -188,23 +188,6 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.prior_means, router.prior_means)
     np.testing.assert_array_equal(loaded.scores(x), router.scores(x))
     assert loaded.prior_fit == router.prior_fit is not None
-    assert loaded.evidence is not None and router.evidence is not None
-    assert loaded.evidence.rows == router.evidence.rows == report.n_valid + report.n_calib
-    np.testing.assert_array_equal(loaded.evidence.gram, router.evidence.gram)
-    np.testing.assert_array_equal(loaded.evidence.moments, router.evidence.moments)
-
-
-def test_evidence_is_the_held_out_rows_at_their_contexts() -> None:
-    x, c, groups = specialist_problem(300)
-    router, report = train_router(x, c, RMS, FAST, groups=groups)
-    ev = router.evidence
-    assert ev is not None and ev.rows == report.n_valid + report.n_calib > 0
-    # the gram of the held-out contexts: its intercept corner counts the rows, and each RM's
-    # intercept moment counts its right answers there (well short of all the rows)
-    assert ev.gram[-1, -1] == pytest.approx(ev.rows)
-    assert ev.gram.shape == (router.dim, router.dim) and ev.moments.shape == (3, router.dim)
-    assert (ev.moments[:, -1] <= ev.rows).all() and ev.rows < len(x)
-    np.testing.assert_allclose(ev.gram, ev.gram.T)
 
 
 def test_a_domain_head_puts_each_rms_domain_accuracy_in_the_prior(tmp_path: Path) -> None:
@@ -252,14 +235,6 @@ def test_no_domain_head_from_one_domain_or_when_turned_off() -> None:
     with pytest.raises(ConfigError) as info:
         train_router(x, c, RMS, FAST, domains=two[:10])
     assert info.value.field == "domains"
-
-
-def test_an_artifact_without_evidence_still_loads(tmp_path: Path) -> None:
-    x, c, groups = specialist_problem(200)
-    router, _ = train_router(x, c, RMS, FAST, groups=groups)
-    router.evidence = None
-    router.save(tmp_path / "art")
-    assert OfflineRouter.load(tmp_path / "art").evidence is None
 
 
 def test_damaged_artifacts_raise_data_format_errors(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ MODULES = [
     "gateway.routing.normalize",
     "gateway.routing.policies",
     "gateway.routing.posterior",
+    "gateway.routing.prior",
+    "gateway.routing.fold",
     "gateway.routing.registry",
 ]
 

@@ -19,7 +19,6 @@ from gateway.routing import (
     make_policy,
     with_intercept,
 )
-from gateway.routing.prior import Evidence
 from reward_router.errors import ConfigError
 
 N, D = 4, 6
@@ -438,40 +437,3 @@ def test_paper_preset_injects_the_raw_head_with_plain_thompson() -> None:
     )
     assert policy.config.explore_z is None and policy.config.lambda0 == 10.0  # type: ignore[attr-defined]
     np.testing.assert_allclose(policy.posteriors.means(), raw)  # type: ignore[attr-defined]
-
-
-def test_offline_evidence_starts_bayesian_where_the_stream_would_have_taken_it() -> None:
-    # Offline rows where RM 0 is right and RM 1 wrong at the same contexts: folded in as
-    # evidence, they count exactly as those rows streamed as observations of every RM would,
-    # and bayesian-no-online ranks by that same starting posterior.
-    h = contexts(11, b=40)
-    correct = np.zeros((40, N))
-    correct[:, 0] = 1.0
-    precision = np.full((N, D), 1.0)
-    noise = np.full(N, 0.2)
-    evidence = Evidence.from_rows(h, correct)
-    kwargs = {"prior_precision": precision, "prior_sigma2": noise}
-    with_ev = build_bayes(prior_evidence=evidence, **kwargs)
-    streamed = build_bayes(**kwargs)
-    for n in range(N):
-        streamed.update(h, np.full(40, n), correct[:, n])
-    np.testing.assert_allclose(with_ev.posteriors.means(), streamed.posteriors.means(), atol=1e-9)
-    np.testing.assert_allclose(with_ev.posteriors.precision, streamed.posteriors.precision)
-    assert with_ev.posteriors.counts.tolist() == [0] * N  # the stream has not begun
-    assert (with_ev.posteriors.mean_scores(h).argmax(axis=1) == 0).all()
-    no_online = build("bayesian-no-online", prior_evidence=evidence, **kwargs)
-    np.testing.assert_array_equal(no_online.select(h).ranking[:, 0], np.zeros(40))
-    # without evidence, no-online keeps ranking by the prior means alone
-    plain = build("bayesian-no-online", **kwargs).select(h).ranking
-    np.testing.assert_array_equal(plain, np.argsort(-(h @ prior().T), axis=1, kind="stable"))
-    # forgetting returns to the prior without the evidence
-    forget = build_bayes(prior_evidence=evidence, forgetting=1e-9, **kwargs)
-    forget.update(h[:1], np.zeros(1, dtype=int), np.ones(1))
-    assert np.abs(forget.posteriors.means()[1] - prior()[1]).max() < 1e-6
-
-
-def test_evidence_of_another_shape_is_refused_naming_the_field() -> None:
-    evidence = Evidence.from_rows(np.ones((3, D + 1)), np.ones((3, N)))
-    with pytest.raises(ConfigError) as info:
-        build_bayes(prior_evidence=evidence, prior_precision=np.ones((N, D)))
-    assert info.value.field == "prior_evidence"
