@@ -33,7 +33,7 @@ from gateway.offline.train import (
     _standardiser,
     _validate_inputs,
     calibration_split,
-    fit_domain_head,
+    domain_head,
     holdout_split,
 )
 from reward_router.data import PromptLike, prompt_text
@@ -127,14 +127,7 @@ def finetune_router(
     final = PairFeaturizer(enc, cache_dir)
     e = final.embed_sides([*prompts, *prompts], [*responses_a, *responses_b])
     x1 = pair_features(e[: len(prompts)], e[len(prompts) :])
-    head = None
-    if cfg.domain_head and domains is not None:
-        x1_std = torch.from_numpy((np.asarray(x1, dtype=np.float32) - in_mean) / in_std)
-        head = fit_domain_head(
-            x1_std[torch.from_numpy(tr)],
-            [str(domains[i]) for i in tr],
-            (x1_std[torch.from_numpy(va)], [str(domains[i]) for i in va]),
-        )
+    head = domain_head(cfg, (np.asarray(x1, dtype=np.float32) - in_mean) / in_std, domains, tr, va)
     router, report = _finish(
         fit,
         cfg,

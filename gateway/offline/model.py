@@ -235,14 +235,18 @@ class OfflineRouter:
     def n_rms(self) -> int:
         return len(self.rms)
 
-    def _h(self, pair_feats: np.ndarray) -> np.ndarray:
+    def _standardised(self, pair_feats: np.ndarray) -> np.ndarray:
         x = np.asarray(pair_feats, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(
                 f"pair features must have shape (B, {self.input_dim}) for encoder "
                 f"{self.encoder_ref!r}, got {x.shape}"
             )
-        x = (x - self.in_mean) / self.in_std
+        return np.asarray((x - self.in_mean) / self.in_std)
+
+    def _h(self, xs: np.ndarray) -> np.ndarray:
+        """h from standardised features (:meth:`_standardised`)."""
+        x = xs
         for i, (w, b) in enumerate(self.layers):
             x = x @ w.T + b
             if i < len(self.layers) - 1:
@@ -252,19 +256,20 @@ class OfflineRouter:
 
     def domain_probs(self, pair_feats: np.ndarray) -> np.ndarray:
         """The domain head's probabilities per pair (B, K), float64; (B, 0) without one."""
-        x = np.asarray(pair_feats, dtype=np.float32)
+        return self._domain_probs(self._standardised(pair_feats))
+
+    def _domain_probs(self, xs: np.ndarray) -> np.ndarray:
         if not self.domains:
-            return np.zeros((x.shape[0], 0))
-        z = ((x - self.in_mean) / self.in_std) @ self.domain_weights.T + self.domain_bias
-        z = z.astype(np.float64)
+            return np.zeros((xs.shape[0], 0))
+        z = (xs @ self.domain_weights.T + self.domain_bias).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return np.asarray(e / e.sum(axis=1, keepdims=True))
 
     def hidden(self, pair_feats: np.ndarray) -> np.ndarray:
         """The online context ``[h ; q ; 1]`` (B, D), float64 (``q``: :meth:`domain_probs`)."""
-        h = self._h(pair_feats)
-        q = self.domain_probs(pair_feats)
+        xs = self._standardised(pair_feats)  # once, for both heads
+        h, q = self._h(xs), self._domain_probs(xs)
         return np.concatenate([h, q, np.ones((h.shape[0], 1))], axis=1)
 
     @property

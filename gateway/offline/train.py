@@ -311,13 +311,7 @@ def train_router(
     in_mean, in_std = _standardiser(x[tr])
     xs = torch.from_numpy((x - in_mean) / in_std)
     with _torch_threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
-        head = None
-        if cfg.domain_head and domains is not None:
-            head = fit_domain_head(
-                xs[torch.from_numpy(tr)],
-                [str(domains[i]) for i in tr],
-                (xs[torch.from_numpy(va)], [str(domains[i]) for i in va]),
-            )
+        head = domain_head(cfg, xs, domains, tr, va)
         fit = _fit(
             cfg,
             c,
@@ -351,6 +345,24 @@ def train_router(
 DOMAIN_HEAD_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
 #: The strength without held-out rows to choose on.
 DOMAIN_HEAD_C = 1e-2
+
+
+def domain_head(
+    cfg: RouterConfig, x_std: Any, domains: Sequence[str] | None, tr: np.ndarray, va: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """The router's domain head (:func:`fit_domain_head` on the training rows ``tr``, its
+    strength chosen on ``va``; standardised features ``x_std`` of every row), or None when
+    ``cfg.domain_head`` is off or no ``domains`` are given."""
+    import torch
+
+    if not cfg.domain_head or domains is None:
+        return None
+    x = torch.as_tensor(x_std, dtype=torch.float32)
+    return fit_domain_head(
+        x[torch.from_numpy(tr)],
+        [str(domains[i]) for i in tr],
+        (x[torch.from_numpy(va)], [str(domains[i]) for i in va]),
+    )
 
 
 def fit_domain_head(
@@ -398,19 +410,15 @@ def fit_domain_head(
         return w.detach(), b.detach()
 
     known = [i for i, name in enumerate(valid[1]) if name in index] if valid else []
-    if not known or valid is None:
+    if not known:
         w, b = fit(DOMAIN_HEAD_C)
         return names, w.numpy(), b.numpy()
+    assert valid is not None
     xv = torch.as_tensor(valid[0], dtype=torch.float32)[known]
     yv = torch.tensor([index[valid[1][i]] for i in known])
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    for c in DOMAIN_HEAD_GRID:
-        w, b = fit(c)
-        loss = float(F.cross_entropy(xv @ w.T + b, yv))
-        if best is None or loss < best[0]:
-            best = (loss, w, b)
-    assert best is not None
-    return names, best[1].numpy(), best[2].numpy()
+    fits = [fit(c) for c in DOMAIN_HEAD_GRID]
+    w, b = min(fits, key=lambda wb: float(F.cross_entropy(xv @ wb[0].T + wb[1], yv)))
+    return names, w.numpy(), b.numpy()
 
 
 def _standardiser(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

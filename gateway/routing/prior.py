@@ -141,6 +141,12 @@ class PriorFit:
         """K, the domain head's domains (0 without one)."""
         return 0 if self.domain_effects is None else len(self.domain_effects[0])
 
+    @property
+    def domain_columns(self) -> slice:
+        """Where the domain coordinates sit in a context ``[h; q; 1]``: the K before the
+        intercept."""
+        return slice(-1 - self.n_domains, -1)
+
     def apply(self, raw_means: np.ndarray) -> np.ndarray:
         """Prior means (N, D) on the correctness scale from raw ``[E_n; b_n]`` rows.
 
@@ -153,8 +159,8 @@ class PriorFit:
         rel = raw - raw.mean(axis=0) if self.relative else raw  # s_n(h) - mean_m s_m(h)
         out = k * rel
         out[:, -1] = np.asarray(self.intercepts) + k[:, 0] * (rel[:, -1] - np.asarray(self.centers))
-        if self.domain_effects is not None:  # the K columns before the intercept
-            out[:, -1 - self.n_domains : -1] = np.asarray(self.domain_effects)
+        if self.domain_effects is not None:
+            out[:, self.domain_columns] = np.asarray(self.domain_effects)
         return out
 
     def precision(self, dim: int) -> np.ndarray:
@@ -166,7 +172,7 @@ class PriorFit:
         noise = np.asarray(self.noise)
         out[:, -1] = np.asarray(self.intercept_obs) / noise
         if self.domain_obs is not None:
-            out[:, -1 - self.n_domains : -1] = np.asarray(self.domain_obs) / noise[:, None]
+            out[:, self.domain_columns] = np.asarray(self.domain_obs) / noise[:, None]
         return out
 
     def to_dict(self) -> dict[str, Any]:
