@@ -119,7 +119,8 @@ def test_the_audited_share_is_the_seeded_hash_of_the_route_id(gw: Gateway) -> No
     audited = {x["route_id"] for x in res if x["audited_by"] == "judge"}
     # Exactly the routes whose uid hashes (seed 0, the gateway's) below the rate.
     assert audited == {x["route_id"] for x in res if share(0, _uid(x["route_id"])) < 0.25}
-    assert 0.18 <= len(audited) / len(res) <= 0.32
+    # Route uids are random, so the share is Binomial(300, 0.25)/300 (sd 0.025): ±4.4 sd.
+    assert 0.14 <= len(audited) / len(res) <= 0.36
     assert all(x["rm"] == "tiny-bert" and x["audited_by"] in (None, "judge") for x in res)
     assert _metric(gw.url, "audit_calls", namespace=ns, outcome="ok") == len(audited)
     recorded = sum(
