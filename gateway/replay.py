@@ -18,6 +18,7 @@ re-draws the folds, the stream order and the policies' randomness.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,10 @@ class ReplayConfig:
     #: the pairs that have none (``Pair.reference``), so they are asked there only when nothing
     #: else is ranked; best-single's fallback is then the next RM by training accuracy
     needs_reference: tuple[str, ...] = ()
+    #: share of each fold's training groups the offline stage sees (the router, best-single's
+    #: RM, margin scales), in (0, 1]: below 1 the offline data is scarce against the stream, as
+    #: when a run labels far more pairs than its offline preference set holds
+    offline_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -114,6 +119,8 @@ class ReplayConfig:
             raise ConfigError(
                 "second_opinion_margin", f"must be in [0, 10], got {self.second_opinion_margin}"
             )
+        if not 0.0 < self.offline_share <= 1.0:
+            raise ConfigError("offline_share", f"must be in (0, 1], got {self.offline_share}")
         if not self.policies:
             raise ConfigError("policies", "at least one policy is needed")
         for name in (*self.policies, *self.policy_params):
@@ -161,6 +168,21 @@ def group_folds(groups: Sequence[str], folds: int, rng: np.random.Generator) -> 
         fold_of[g] = k
         load[k] += sizes[g]
     return np.array([fold_of[g] for g in groups], dtype=np.int64)
+
+
+def offline_rows(
+    train: np.ndarray, groups: Sequence[str], share: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The training rows of a random ``share`` of their groups (at least two groups).
+
+    >>> rows = offline_rows(np.arange(8), list("aabbccdd"), 0.5, np.random.default_rng(0))
+    >>> len(rows), len({"aabbccdd"[r] for r in rows})
+    (4, 2)
+    """
+    names = sorted({groups[r] for r in train})
+    keep = max(2, math.ceil(share * len(names)))
+    chosen = {names[i] for i in rng.permutation(len(names))[:keep]}
+    return np.array([r for r in train if groups[r] in chosen], dtype=np.int64)
 
 
 def oriented_margins(matrix: BehaviorMatrix) -> np.ndarray:
@@ -296,6 +318,7 @@ class ReplayResult:
             "reward": cfg.reward if cfg else "correct",
             "stream_order": cfg.stream_order if cfg else "shuffled",
             "max_calls_per_pair": cfg.max_calls_per_pair if cfg else 1.0,
+            "offline_share": cfg.offline_share if cfg else 1.0,
             "matrix": {
                 "best_single": self.best_single,
                 "best_per_domain": self.best_per_domain,
@@ -629,6 +652,8 @@ def run_replay(
         seed_picks = {name: np.zeros(matrix.n_rms, dtype=np.int64) for name in config.policies}
         for k in range(config.folds):
             train = np.flatnonzero(fold_of != k)
+            if config.offline_share < 1.0:
+                train = offline_rows(train, groups, config.offline_share, split_rng)
             stream = _make_stream(
                 matrix, margins, train, np.flatnonzero(fold_of == k), config, split_rng, references
             )

@@ -23,6 +23,7 @@ from gateway.replay_options import (
     MaxCallsOpt,
     MaxLengthOpt,
     NeedsReferenceOpt,
+    OfflineShareOpt,
     PoliciesOpt,
     RewardNoiseOpt,
     RewardOpt,
@@ -68,6 +69,7 @@ def replay(
     reward_noise: RewardNoiseOpt = 0.0,
     reward: RewardOpt = "correct",
     stream_order: StreamOrderOpt = "shuffled",
+    offline_share: OfflineShareOpt = 1.0,
     max_calls_per_pair: MaxCallsOpt = 1.0,
     second_opinion_margin: SecondOpinionMarginOpt = None,
     audit_rate: AuditRateOpt = 0.0,
@@ -89,6 +91,7 @@ def replay(
             pairs, behavior, policies, folds, seeds, batch_size, reward_noise, encoder,
             max_length, cache_dir, set_ or [], calibrate, seed, json_out, plot,
             {"reward": reward, "stream_order": stream_order,
+             "offline_share": offline_share,
              "max_calls_per_pair": max_calls_per_pair,
              "second_opinion_margin": second_opinion_margin,
              "audit_rate": audit_rate, "audit_rm": audit_rm,
@@ -190,6 +193,7 @@ def _print_table(result: Any) -> None:
     table = Table(
         title=f"replay: {result.n_pairs} pairs, {result.folds} folds x {result.seeds} seeds, "
         f"reward {js['reward']}, stream {js['stream_order']}"
+        + (f", offline share {js['offline_share']:g}" if js["offline_share"] < 1 else "")
     )
     table.add_column("policy")
     table.add_column("accuracy", justify="right")

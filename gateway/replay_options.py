@@ -58,6 +58,13 @@ AuditRmOpt = Annotated[
 ]
 
 
+OfflineShareOpt = Annotated[
+    float,
+    typer.Option(
+        help="Share of each fold's training groups the offline stage sees, (0, 1]: below 1,"
+        " scarce offline data against a long stream.",
+    ),
+]
 NeedsReferenceOpt = Annotated[
     str,
     typer.Option(

@@ -608,6 +608,7 @@ def _finish(
             router.scores(x[cal]),
             c[cal],
             train_domains=router.domain_probs(x[acc_rows]) if router.domains else None,
+            calib_domains=router.domain_probs(x[cal]) if router.domains else None,
         )
     router.info = {"train": report.summary()}
     return router, report

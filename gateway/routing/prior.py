@@ -19,7 +19,9 @@ a labelled stream) as is, and the trainer's −DPO loss through :class:`RewardLi
   checkpoint), shrunk toward the pooled slope, then toward 0 by how sure the pooled slope is
   (positive-part James-Stein): a BT head whose scores do not predict held-out correctness gets
   ``k = 0``, and the prior is then exactly "each RM at its overall accuracy" — the best single
-  RM, honestly, not by accident.
+  RM, honestly, not by accident. With a domain head the slopes regress what the domain term
+  leaves unexplained (correctness minus ``Σ_k q_k (a_n + δ_nk)`` on the calibration rows): a BT
+  head learns the domain too, and a slope fitted on raw correctness counts that share twice.
 * with a domain head (the router's ``q(h)``: K domain probabilities in the context, see
   :mod:`gateway.offline.model`), ``Σ_k q_k δ_nk`` is added: ``δ_nk`` is RM n's accuracy on
   domain k (training rows weighed by their ``q_k``, shrunk toward ``a_n`` by
@@ -268,12 +270,16 @@ def fit_prior(
     calib_scores: np.ndarray,
     calib_correct: np.ndarray,
     train_domains: np.ndarray | None = None,
+    calib_domains: np.ndarray | None = None,
 ) -> PriorFit:
     """Fit :class:`PriorFit`: accuracies and score centres on the training rows, calibration
     slopes on the calibration rows (never the rows that chose the checkpoint).
 
     ``train_domains`` (P_train, K), the domain head's probabilities on the training rows, adds
-    each RM's accuracy per domain (:func:`domain_accuracy`)."""
+    each RM's accuracy per domain (:func:`domain_accuracy`). ``calib_domains`` (P_calib, K), the
+    same on the calibration rows: the slopes then calibrate what the BT score says *beyond* the
+    domain effects (they regress the correctness the domain term leaves unexplained). A BT head
+    also learns the domain, so a slope fitted on raw correctness counts that share twice."""
     ts, tc = np.asarray(train_scores, float), np.asarray(train_correct, float)
     cs, cc = np.asarray(calib_scores, float), np.asarray(calib_correct, float)
     if ts.ndim != 2 or ts.shape != tc.shape or ts.shape[0] < 1:
@@ -284,7 +290,19 @@ def fit_prior(
     pool = float(np.concatenate([tc, cc]).mean())
     raw_acc = np.concatenate([tc, cc]).mean(axis=0)
     acc = (raw_acc * rows + _ACCURACY_SHRINK_ROWS * pool) / (rows + _ACCURACY_SHRINK_ROWS)
-    slopes = calibrate_slopes(cs, cc) if cs.shape[0] >= 3 else np.zeros(ts.shape[1])
+    domain_effects = domain_obs = None
+    explained = np.zeros_like(cc)  # what the domain term predicts on the calibration rows
+    if train_domains is not None:
+        q = _domain_probs("train_domains", train_domains, ts.shape[0])
+        per_domain, weight = domain_accuracy(q, tc, acc)
+        domain_effects = per_domain - acc[:, None]
+        domain_obs = np.broadcast_to(np.minimum(weight, INTERCEPT_OBS_CAP), per_domain.shape)
+        if calib_domains is not None:
+            q_cal = _domain_probs("calib_domains", calib_domains, cs.shape[0], q.shape[1])
+            explained = q_cal @ per_domain.T
+    elif calib_domains is not None:
+        raise ConfigError("calib_domains", "needs train_domains")
+    slopes = calibrate_slopes(cs, cc - explained) if cs.shape[0] >= 3 else np.zeros(ts.shape[1])
     rel_train = relative(ts)
     centers = rel_train.mean(axis=0)
     low, high = SIGMA2_RANGE
@@ -294,14 +312,7 @@ def fit_prior(
     effects = slopes * (rel_train - centers)
     weight_obs = sigma2 / PAIR_SD**2
     predicted = acc + effects
-    domain_effects = domain_obs = None
     if train_domains is not None:
-        q = np.asarray(train_domains, dtype=np.float64)
-        if q.ndim != 2 or q.shape[0] != ts.shape[0] or q.shape[1] < 2:
-            raise ConfigError("train_domains", f"need (P={ts.shape[0]}, K >= 2), got {q.shape}")
-        per_domain, weight = domain_accuracy(q, tc, acc)
-        domain_effects = per_domain - acc[:, None]
-        domain_obs = np.broadcast_to(np.minimum(weight, INTERCEPT_OBS_CAP), per_domain.shape)
         predicted = q @ per_domain.T + effects
     fit = PriorFit(
         slopes=tuple(slopes),
@@ -316,6 +327,14 @@ def fit_prior(
         domain_obs=None if domain_obs is None else tuple(map(tuple, domain_obs)),
     )
     return fit
+
+
+def _domain_probs(field: str, probs: np.ndarray, rows: int, k: int | None = None) -> np.ndarray:
+    q = np.asarray(probs, dtype=np.float64)
+    if q.ndim != 2 or q.shape[0] != rows or q.shape[1] < 2 or (k is not None and q.shape[1] != k):
+        want = "K >= 2" if k is None else f"K={k}"
+        raise ConfigError(field, f"need (P={rows}, {want}), got {q.shape}")
+    return q
 
 
 def domain_accuracy(

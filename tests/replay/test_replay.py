@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -89,7 +89,7 @@ def test_json_shape_calls_and_bounds() -> None:
     out = result.to_json()
     assert set(out) == {
         "pairs", "rms", "folds", "seeds", "policies", "reward", "stream_order",
-        "max_calls_per_pair", "matrix",
+        "max_calls_per_pair", "offline_share", "matrix",
     }  # fmt: skip
     assert out["pairs"] == 120 and out["rms"] == ["rm0", "rm1", "rm2"]
     assert set(out["policies"]) == set(POLICY_NAMES)
@@ -159,6 +159,31 @@ def test_second_opinions_stay_within_the_budget_and_fix_ties() -> None:
     gain = second.accuracy("best-single").mean() - single.accuracy("best-single").mean()
     # A fifth of the pairs are re-asked, all ties (worth 0.5): the second RM is right on 70%.
     assert gain == pytest.approx(0.2 * 0.2, abs=0.02)
+
+
+def test_an_offline_share_fits_the_router_on_that_share_of_the_training_groups() -> None:
+    """The offline stage sees a quarter of each fold's training groups, whole; the stream is
+    the held-out fold as before, so every pair is still evaluated once per seed."""
+    matrix, features = _specialists(n_pairs=240, seed=6)
+    groups = [p.group for p in matrix.pairs]
+    fitter = torch_router_fitter({"epochs": 5})
+    seen: list[list[str]] = []
+
+    def recording(*args: Any) -> Any:
+        seen.append(list(args[2]))
+        return fitter(*args)
+
+    config = ReplayConfig(folds=3, seeds=1, policies=("bayesian",), offline_share=0.25)
+    result = run_replay(matrix, features, config, recording)
+    assert len(seen) == 3
+    for fold_groups in seen:
+        # 160 training rows of one group each: a quarter of them
+        assert len(fold_groups) == 40 and len(set(fold_groups)) == 40
+        assert set(fold_groups) <= set(groups)
+    assert sorted(result.traces["bayesian"].rows[0].tolist()) == list(range(240))
+    assert result.to_json()["offline_share"] == 0.25
+    with pytest.raises(ConfigError, match="offline_share"):
+        ReplayConfig(offline_share=0.0)
 
 
 def test_drift_breaks_the_training_best_rm_halfway() -> None:

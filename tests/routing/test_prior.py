@@ -125,16 +125,21 @@ def test_dpo_link_is_unbiased_and_weighs_less() -> None:
         RewardLink("dpo", informativeness=0.0)
 
 
+def _two_domains(n: int, skill: list[float], seed: int) -> tuple:
+    """Rows of domain a or b at random; RM 0 right with ``skill[0]`` on a and ``skill[1]`` on
+    b, RM 1 the other way round. Returns (is_a, correct (n, 2), sure domain probabilities)."""
+    rng = np.random.default_rng(seed)
+    is_a = rng.random(n) < 0.5
+    p = np.where(is_a[:, None], skill, skill[::-1])
+    c = (rng.random((n, 2)) < p).astype(float)
+    return is_a, c, np.stack([is_a, ~is_a], axis=1).astype(float)
+
+
 def test_domain_effects_are_each_rms_accuracy_per_domain() -> None:
     # RM 0 right 0.9 on domain a and 0.3 on b, RM 1 the other way round; the domain head's
     # probabilities are sure of the domain. The prior's domain columns hold accuracy − overall.
-    rng = np.random.default_rng(3)
-    n = 800
-    is_a = rng.random(n) < 0.5
-    p = np.where(is_a[:, None], [0.9, 0.3], [0.3, 0.9])
-    c = (rng.random((n, 2)) < p).astype(float)
-    q = np.stack([is_a, ~is_a], axis=1).astype(float)
-    s = rng.normal(size=(n, 2))  # BT scores that say nothing
+    _, c, q = _two_domains(800, [0.9, 0.3], seed=3)
+    s = np.random.default_rng(4).normal(size=(800, 2))  # BT scores that say nothing
     fit = fit_prior(s[:600], c[:600], s[600:], c[600:], train_domains=q[:600])
     effects = np.asarray(fit.domain_effects)
     overall = np.asarray(fit.intercepts)
@@ -152,3 +157,28 @@ def test_domain_effects_are_each_rms_accuracy_per_domain() -> None:
     with pytest.raises(ConfigError) as info:
         PriorFit(**{**fit.__dict__, "domain_obs": None})
     assert info.value.field == "domain_obs"
+
+
+def test_slopes_calibrate_what_the_bt_score_adds_beyond_the_domain() -> None:
+    """The BT scores only restate the domain (RM 0 scores high on domain a, where it is
+    better): given the domain effects they add nothing, so their slopes go to 0; fitted on raw
+    correctness they would count the domain twice."""
+    is_a, c, q = _two_domains(2000, [0.8, 0.5], seed=5)
+    rng = np.random.default_rng(6)
+    s = np.where(is_a[:, None], [1.0, -1.0], [-1.0, 1.0]) + rng.normal(0, 0.3, (2000, 2))
+    raw = fit_prior(s[:1000], c[:1000], s[1000:], c[1000:], train_domains=q[:1000])
+    given = fit_prior(
+        s[:1000], c[:1000], s[1000:], c[1000:], train_domains=q[:1000], calib_domains=q[1000:]
+    )
+    assert min(raw.slopes) > 0.05
+    assert max(given.slopes) < 0.02
+    # the domain effects themselves are the same either way
+    np.testing.assert_allclose(given.domain_effects, raw.domain_effects)
+    with pytest.raises(ConfigError) as info:
+        fit_prior(s[:1000], c[:1000], s[1000:], c[1000:], calib_domains=q[1000:])
+    assert info.value.field == "calib_domains"
+    with pytest.raises(ConfigError) as info:
+        fit_prior(
+            s[:1000], c[:1000], s[1000:], c[1000:], train_domains=q[:1000], calib_domains=q[:5]
+        )
+    assert info.value.field == "calib_domains"
