@@ -14,7 +14,10 @@ Every figure is also printed as a ratio of two things measured in this run:
   threads;
 * the gateway's overhead per request excluding encoding and the RM wait, from its own timing
   (``x-reward-router-overhead-ms`` minus ``x-reward-router-encode-ms``; target p99 <= 5 ms at
-  400 in flight, 0 errors).
+  400 in flight, 0 errors);
+* with the Redis store, the Redis traffic per request, from the server's own ``INFO``
+  (commands per request by name, and connections opened): what is per request and what is
+  shared by concurrent requests (route records written in one pipeline per loop turn).
 
 The driver is one lean keep-alive connection per request in flight
 (:class:`benchmarks.common.RawHTTP`, ~0.1 ms of CPU per request; httpx's pool cost ~8 ms at
@@ -217,6 +220,23 @@ def backends_available(wanted: list[str]) -> list[str]:
     return out
 
 
+def redis_counts(url: str | None) -> dict[str, int]:
+    """Commands the server ran, by name, and ``connections`` it accepted (INFO itself left out)."""
+    if url is None:
+        return {}
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+        out = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        out["connections"] = int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
+    out.pop("info", None)
+    return out
+
+
 def run_gateway(
     gw: Proc,
     rm: Proc,
@@ -225,9 +245,11 @@ def run_gateway(
     conc: int,
     featurizer: Any,
     sample: list[dict[str, Any]],
+    redis_url: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     """Each stage alone, then the pipeline, back to back at ``conc`` in flight: the RM direct,
-    the encoder alone (this process), then through the gateway; results and CPU per pair."""
+    the encoder alone (this process), then through the gateway; results, CPU per pair and the
+    Redis commands per request (``redis.<command>``)."""
     n = len(bench_pairs)
     direct_bodies = [{"pairs": [{k: v for k, v in p.items() if k != "id"}]} for p in bench_pairs]
     gw_bodies = [{"namespace": f"bench-{store}", "pairs": [p]} for p in bench_pairs]
@@ -237,8 +259,13 @@ def run_gateway(
     enc_wall, cpu["encoder_alone"] = encode_alone(featurizer, sample)
     cpu["encoder_rate"] = 1000 / enc_wall
     r0, t0 = cpu_seconds(rm.popen.pid), thread_cpu_seconds(gw.popen.pid)
+    before = redis_counts(redis_url)
     via = asyncio.run(load(gw.url, "/v1/route", gw_bodies, conc))
     t1 = thread_cpu_seconds(gw.popen.pid)
+    after = redis_counts(redis_url)
+    for name, calls in after.items():
+        if calls > before.get(name, 0):
+            cpu[f"redis.{name}"] = (calls - before.get(name, 0)) / n
     cpu["rm_via"] = (cpu_seconds(rm.popen.pid) - r0) * 1000 / n
     spent = {tid: v - t0.get(tid, 0.0) for tid, v in t1.items()}
     cpu["loop"] = spent.pop(gw.popen.pid, 0.0) * 1000 / n
@@ -270,6 +297,12 @@ def report(
         f"p99 {pct(ov, 99):.2f} ms (target p99 <= 5 at 400 in flight); encode wait per request "
         f"p50 {pct(via['encode'], 50):.1f} ms; errors {via['errors']}"
     )
+    per_request = {k.removeprefix("redis."): v for k, v in cpu.items() if k.startswith("redis.")}
+    if per_request:
+        print(
+            f"{tag}   redis per request: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_request.items()))
+        )
     return {
         "ratio_slowest": via["pairs_s"] / slowest,
         "loop_ms": cpu["loop"],
@@ -313,9 +346,9 @@ def main() -> None:
             f"# {args.pairs} one-pair requests at {concs} in flight, encoder {args.encoder}, "
             f"length RM; load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
         )
-        for b, (wall, cpu) in alone.items():
+        for b, (wall, cpu_ms) in alone.items():
             print(f"encoder alone [{b}] (batch 32, 1 thread): {wall:.2f} ms/pair wall, "
-                  f"{cpu:.2f} ms/pair CPU")  # fmt: skip
+                  f"{cpu_ms:.2f} ms/pair CPU")  # fmt: skip
         if "torch" in alone and "onnx-int8" in alone:
             print(
                 f"encoder CPU/pair torch / onnx-int8: "
@@ -344,7 +377,9 @@ def main() -> None:
                 fz = featurizers[backend]
                 run_gateway(gw, rm, store, bench_pairs[:200], min(concs), fz, sample[:32])
                 for conc in concs:
-                    direct, via, cpu = run_gateway(gw, rm, store, bench_pairs, conc, fz, sample)
+                    direct, via, cpu = run_gateway(
+                        gw, rm, store, bench_pairs, conc, fz, sample, redis_url
+                    )
                     report(f"[{store} {backend} {conc}]", direct, via, cpu)
                 gw.kill(signal.SIGTERM)
             if redis is not None:

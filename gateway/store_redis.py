@@ -13,6 +13,14 @@ Connections: one pool per store, at most ``pool_size`` connections; a burst past
 connections" at once). A cluster client keeps a pool per node without a wait, so there a
 semaphore of ``pool_size`` store calls gives the same queueing.
 
+Route records: the ``put_routes`` calls of one event-loop turn (concurrent ``/v1/route``
+requests) are written in one pipeline, at most ``route_batch`` records per pipeline, with one
+HINCRBY per (namespace, RM) for the whole batch; each caller waits for its own batch and gets
+its route ids once the batch was acknowledged. A batch fails as a whole: every caller in it gets
+a :class:`StoreUnavailable` of its own (what a write of its own would have raised, after the
+same reconnect retries), so no route is reported stored from a failed batch (records it did
+write are named by no answer and expire).
+
 Durability: the gateway answers 200 on ``/v1/feedback`` only after the script returned, so with
 ``appendonly yes`` + ``appendfsync always`` an acknowledged feedback is on disk before the trainer
 hears of it. Reconnects: redis-py retries connection errors with exponential back-off (a restart
@@ -29,6 +37,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -76,6 +85,93 @@ def _meta(ns: str, gen: Any, config: Any, created: Any) -> NamespaceMeta:
     return NamespaceMeta(ns, s(gen), json.loads(s(config)), float(s(created)))
 
 
+@dataclass
+class _RouteWrite:
+    """One ``put_routes`` call's commands: its records' SETs and its counters' deltas."""
+
+    sets: list[tuple[str, bytes]]  # route key, record
+    counts: dict[tuple[str, int], int]  # (counter hash key, RM) -> delta
+    ttl_ms: int
+
+
+def _for_each_caller(exc: Exception) -> Exception:
+    """The error a waiting caller of a failed batch gets: a store error of its own (one
+    exception object raised in several tasks would collect all their tracebacks)."""
+    if isinstance(exc, StoreUnavailable):
+        own = StoreUnavailable(*exc.args)
+        own.__cause__ = exc.__cause__
+        return own
+    return exc
+
+
+class _TurnBatcher:
+    """Route writes made in one event-loop turn (concurrent ``/v1/route`` requests), sent as
+    one pipeline per batch of at most ``max_records`` records.
+
+    Each caller awaits its own future: it returns once the batch holding its records was
+    acknowledged, and raises the batch's error (a :class:`StoreUnavailable` of its own) if the
+    batch failed, so no caller hears "stored" of a batch that failed. A caller gone before its
+    batch is sent (a cancelled request) has its records left out.
+    """
+
+    def __init__(
+        self, send: Callable[[Sequence[_RouteWrite]], Awaitable[None]], max_records: int
+    ) -> None:
+        self._send = send
+        self.max_records = max_records
+        self._pending: list[tuple[_RouteWrite, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def write(self, job: _RouteWrite) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+            self._tasks.add(self._flusher)
+            self._flusher.add_done_callback(self._tasks.discard)
+        await fut
+
+    async def _flush(self) -> None:
+        try:
+            await asyncio.sleep(0)  # one loop turn: let the other writers of this moment join
+        finally:  # (cancelled only with its loop, whose callers go with it)
+            jobs, self._pending, self._flusher = self._pending, [], None
+        batches: list[list[tuple[_RouteWrite, asyncio.Future[None]]]] = []
+        held = 0
+        for job in jobs:
+            size = len(job[0].sets)
+            if not batches or (batches[-1] and held + size > self.max_records):
+                batches.append([])  # a call of more than max_records makes a batch of its own
+                held = 0
+            batches[-1].append(job)
+            held += size
+        await asyncio.gather(*(self._write(b) for b in batches))
+
+    async def _write(self, batch: list[tuple[_RouteWrite, asyncio.Future[None]]]) -> None:
+        batch = [(job, fut) for job, fut in batch if not fut.done()]
+        if not batch:
+            return
+        try:
+            await self._send([job for job, _ in batch])
+        except BaseException as exc:
+            failed = exc if isinstance(exc, Exception) else StoreUnavailable("redis: closing")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(_for_each_caller(failed))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait for every batch in flight (before the client closes)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class RedisStore:
     """Store on Redis (one server, Sentinel or Cluster); see :mod:`gateway.store` for the contract.
 
@@ -92,6 +188,7 @@ class RedisStore:
         gate: int | None = None,
         gate_timeout_s: float = 10.0,
         sentinel: Sentinel | None = None,
+        route_batch: int = 256,
     ) -> None:
         self._r: Any = client
         self._sentinel = sentinel
@@ -107,6 +204,7 @@ class RedisStore:
         self._snapshot = client.register_script(redis_scripts.SNAPSHOT)
         self._trim = client.register_script(redis_scripts.TRIM)
         self._tail = client.register_script(redis_scripts.TAIL)
+        self._route_writes = _TurnBatcher(self._write_routes, route_batch)
 
     @classmethod
     def from_url(
@@ -332,21 +430,37 @@ class RedisStore:
     ) -> list[str]:
         ttl_ms = max(1, round(ttl_s * 1000))
         uids = route_uids(records, uids)
-        counts = count_deltas(records, uncount)
+        k = self.keys
+        sets = [
+            (k.route(ns, gen, uid), encode_record(arm, h, uid))
+            for uid, (arm, h) in zip(uids, records, strict=True)
+        ]
+        counts = {(k.routes(ns, gen), arm): c for arm, c in count_deltas(records, uncount).items()}
+        if sets or counts:
+            await self._route_writes.write(_RouteWrite(sets, counts, ttl_ms))
+        return [f"{ns}:{gen}:{uid}" for uid in uids]
+
+    async def _write_routes(self, jobs: Sequence[_RouteWrite]) -> None:
+        """One pipeline for the route records of ``jobs`` (the callers of one loop turn)."""
+        counts: dict[tuple[str, int], int] = {}
+        for job in jobs:
+            for key, c in job.counts.items():
+                counts[key] = counts.get(key, 0) + c
 
         async def run() -> None:
             # Not a transaction: every SET is independent and idempotent (a retry rewrites the
             # same record), and the counters are statistics, not state the posterior needs.
+            # One HINCRBY per (namespace, RM) for the whole batch, not one per route.
             async with self._r.pipeline(transaction=False) as p:
-                for uid, (arm, h) in zip(uids, records, strict=True):
-                    p.set(self.keys.route(ns, gen, uid), encode_record(arm, h, uid), px=ttl_ms)
-                for arm, c in counts.items():
+                for job in jobs:
+                    for key, record in job.sets:
+                        p.set(key, record, px=job.ttl_ms)
+                for (key, arm), c in counts.items():
                     if c:
-                        p.hincrby(self.keys.routes(ns, gen), str(arm), c)
+                        p.hincrby(key, str(arm), c)
                 await p.execute()
 
         await self._call(run)
-        return [f"{ns}:{gen}:{uid}" for uid in uids]
 
     async def apply_feedback(self, items: Sequence[tuple[str, float]]) -> list[FeedbackResult]:
         out: list[FeedbackResult | None] = [None] * len(items)
@@ -440,6 +554,7 @@ class RedisStore:
         return value if old is None else bytes(old)
 
     async def aclose(self) -> None:
+        await self._route_writes.drain()
         await self._r.aclose()
         if self._sentinel is not None:  # its clients of the Sentinels themselves
             for client in self._sentinel.sentinels:
