@@ -27,7 +27,7 @@ import numpy as np
 
 from gateway.routing import POLICY_NAMES, make_policy
 from gateway.routing.normalize import QuantileNormalizer
-from gateway.routing.policies import reference_last
+from gateway.routing.policies import askable_mask, reference_last
 from gateway.routing.prior import AuditLink, RewardLink
 from gateway.routing.registry import NEEDS_PRIOR, NO_ONLINE_VARIANT, RAW_PRIOR
 from reward_router.data import BehaviorMatrix
@@ -455,7 +455,9 @@ def _stream_policy(
         sl = slice(start, start + config.batch_size)
         batch_rows = rows[sl]
         ctx = contexts[sl]
-        selection = policy.select(ctx)
+        selection = policy.select(
+            ctx, askable_mask(stream.needs_reference, stream.has_reference[batch_rows])
+        )
         if policy.calls_per_pair != 1.0:
             asked = selection.asked
             calls += float(asked.sum())

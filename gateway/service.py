@@ -272,7 +272,7 @@ class GatewayService:
         timing.encode = time.perf_counter() - t0
         self.metrics.encode.observe(timing.encode)
         st = await state_task
-        selection = st.policy.select(h)
+        selection = st.policy.select(h, self.dispatcher.askable(req.pairs))
         ranking = self.dispatcher.reference_last(np.asarray(selection.ranking), req.pairs)
         ensemble = st.policy.calls_per_pair > 1
         first = self.dispatcher.first_round(ranking, np.asarray(selection.asked), ensemble)
@@ -345,7 +345,8 @@ class GatewayService:
         record."""
         self._check_sizes(pairs)
         h = await self.contexts(pairs)
-        ranking = self.dispatcher.reference_last(np.asarray(st.policy.select(h).ranking), pairs)
+        selection = st.policy.select(h, self.dispatcher.askable(pairs))
+        ranking = self.dispatcher.reference_last(np.asarray(selection.ranking), pairs)
         return [self.dispatcher.order(ranking[i], set())[0] for i in range(len(pairs))]
 
     async def record(

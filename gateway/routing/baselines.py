@@ -24,7 +24,7 @@ class RandomPolicy(Policy):
 
     name = "random"
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         b = self._check_contexts(contexts).shape[0]
         ranking = self.rng.permuted(np.tile(np.arange(self.n_rms), (b, 1)), axis=1)
         return Selection(ranking, first_only(ranking))
@@ -53,7 +53,7 @@ class BestSinglePolicy(Policy):
         others = [int(n) for n in order if n != self.best_rm]
         self._order = np.array([self.best_rm, *others], dtype=np.int64)
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         b = self._check_contexts(contexts).shape[0]
         ranking = np.tile(self._order, (b, 1))
         return Selection(ranking, first_only(ranking))
@@ -66,7 +66,7 @@ class AskAllPolicy(Policy):
         super().__init__(n_rms, dim, rng)
         self.calls_per_pair = float(n_rms)
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         b = self._check_contexts(contexts).shape[0]
         ranking = np.tile(np.arange(self.n_rms), (b, 1))
         return Selection(ranking, np.ones((b, self.n_rms), dtype=bool))
@@ -168,7 +168,7 @@ class LaserPolicy(Policy):
         width = np.sqrt(np.maximum(a_inv_x @ context, 0.0))
         return np.asarray(theta @ context + self.config.alpha * width)
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         contexts = self._check_contexts(contexts)
         b = contexts.shape[0]
         if b == 0:

@@ -81,6 +81,16 @@ def reference_last(
     return np.take_along_axis(ranking, np.argsort(demote, axis=1, kind="stable"), axis=1)
 
 
+def askable_mask(needs_reference: np.ndarray, has_reference: np.ndarray) -> np.ndarray:
+    """(B, N) bool: RM n can judge pair i unless it needs a reference (``needs_reference``,
+    (N,)) and the pair has none (``has_reference``, (B,)).
+
+    >>> askable_mask(np.array([False, True]), np.array([True, False])).tolist()
+    [[True, True], [True, False]]
+    """
+    return ~(np.asarray(needs_reference, bool)[None, :] & ~np.asarray(has_reference, bool)[:, None])
+
+
 def rank_desc(scores: np.ndarray) -> np.ndarray:
     """RM indices sorted by score, highest first; ties keep the lower index first."""
     return np.argsort(-scores, axis=1, kind="stable")
@@ -118,8 +128,14 @@ class Policy(ABC):
         self.rng = rng
 
     @abstractmethod
-    def select(self, contexts: np.ndarray) -> Selection:
-        """Decide, for each pair (row of ``contexts``, (B, D)), which RMs to ask."""
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
+        """Decide, for each pair (row of ``contexts``, (B, D)), which RMs to ask.
+
+        ``askable`` (B, N) bool, optional: which RMs can judge each pair at all (a verifier
+        cannot without a reference, :func:`askable_mask`). A policy that weighs RMs against
+        one another (``bayesian``: explore only what can beat the best *askable* RM) uses it;
+        the ranking may still list the others, and callers put them last
+        (:func:`reference_last`)."""
 
     def update(
         self,
@@ -264,26 +280,32 @@ class BayesianPolicy(Policy):
             return 1.0
         return float(np.sqrt(min(1.0, float(self._posteriors.counts.sum()) / ramp)))
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         contexts = self._check_contexts(contexts)
         draws = self.scores(contexts)
         z = self.config.explore_z
         if z is None or draws.size == 0:
             ranking = rank_desc(draws)
             return Selection(ranking, first_only(ranking))
-        eligible, means = self.plausible(contexts, z)
+        eligible, means = self.plausible(contexts, z, askable)
         # Eligible RMs first, by their draw; the rest (the fallback order) by posterior mean.
         key = np.where(eligible, draws, means)
         ranking = np.lexsort((-key, ~eligible), axis=-1)
         return Selection(ranking, first_only(ranking))
 
-    def plausible(self, contexts: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    def plausible(
+        self, contexts: np.ndarray, z: float, askable: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Which RMs may still beat the leader per pair (B, N) bool, and the posterior means.
 
         RM n is plausible at h when ``m_n + z sqrt(v_n + v_L) >= m_L`` with ``L`` the RM of the
         highest posterior mean ``m`` and ``v`` the variances of the draws (the posterior's,
         scaled by :meth:`exploration`): exploring an RM whose draw almost never beats the
-        leader's costs label accuracy now and can hardly change a later decision.
+        leader's costs label accuracy now and can hardly change a later decision. With
+        ``askable`` (B, N) the leader is the best askable RM and only askable RMs are
+        plausible (a pair none can judge keeps every RM): a verifier that is sure on math
+        pairs must not lead a chat pair it cannot judge, where every RM then looked
+        implausible but the rarely asked, uncertain ones.
 
         >>> post = BayesianPolicy(2, 1, np.random.default_rng(0), np.array([[0.9], [0.5]]),
         ...                       BayesianConfig(lambda0=1e4, explore_ramp=0))
@@ -293,10 +315,14 @@ class BayesianPolicy(Policy):
         means = self._posteriors.mean_scores(contexts)
         var = self._posteriors.variances(contexts) * self.exploration() ** 2
         rows = np.arange(means.shape[0])
-        lead = np.argmax(means, axis=1)
+        ok = np.ones(means.shape, dtype=bool)
+        if askable is not None:
+            ok = check_array("askable", askable, means.shape).astype(bool)
+            ok = ok | ~ok.any(axis=1, keepdims=True)
+        lead = np.argmax(np.where(ok, means, -np.inf), axis=1)
         gap = means - means[rows, lead][:, None]
         sd = np.sqrt(var + var[rows, lead][:, None])
-        return gap + z * sd >= 0.0, means
+        return (gap + z * sd >= 0.0) & ok, means
 
     def update(
         self,
@@ -367,7 +393,7 @@ class NoOnlinePolicy(Policy):
         super().__init__(n_rms, dim, rng)
         self.prior_means = require_prior(self.name, prior_means, n_rms, dim)
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         ranking = rank_desc(self._check_contexts(contexts) @ self.prior_means.T)
         return Selection(ranking, first_only(ranking))
 
@@ -391,7 +417,7 @@ class WeightedScorePolicy(BayesianPolicy):
         self.weights = config or WeightedScoreConfig()
         super().__init__(n_rms, dim, rng, np.zeros((n_rms, dim)), self.weights)
 
-    def select(self, contexts: np.ndarray) -> Selection:
+    def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         # The ablation ranks by its blended score alone (no plausibility gate: the offline part
         # is not a posterior).
         ranking = rank_desc(self.scores(self._check_contexts(contexts)))

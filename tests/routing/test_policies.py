@@ -19,6 +19,7 @@ from gateway.routing import (
     make_policy,
     with_intercept,
 )
+from gateway.routing.policies import askable_mask, reference_last
 from reward_router.errors import ConfigError
 
 N, D = 4, 6
@@ -405,6 +406,41 @@ def test_a_clearly_worse_rm_is_not_explored_but_a_close_one_is() -> None:
     ramped = BayesianPolicy(3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0))
     assert ramped.exploration() == 0.0
     assert (ramped.select(ctx).chosen == 0).all()
+
+
+def test_the_leader_is_the_best_rm_that_can_judge_the_pair() -> None:
+    """A verifier sure of itself (0.9, it leads on math) cannot judge a chat pair (no
+    reference): it must not be the leader there. Against it the well-known chat RM (0.58, sure)
+    looked implausible and a rarely asked one (0.5, sd 0.25) was always first once the verifier
+    was moved last; against the chat RM it is drawn only when its draw beats it (~37 %)."""
+    means = np.array([[0.0, 0.58], [0.0, 0.5], [0.0, 0.9]])  # [pair weight; intercept]
+    precision = np.array([[1.0, 1e4], [1.0, 16.0], [1.0, 1e4]])
+    ctx = np.tile([[0.0, 1.0]], (2000, 1))
+    askable = np.tile([True, True, False], (2000, 1))
+    no_reference = np.array([False, False, True])
+
+    def first_picks(mask: np.ndarray | None) -> np.ndarray:
+        policy = BayesianPolicy(
+            3, 2, np.random.default_rng(1), means, BayesianConfig(explore_ramp=0.0),
+            prior_precision=precision,
+        )  # fmt: skip
+        ranking = reference_last(
+            policy.select(ctx, mask).ranking, no_reference, np.zeros(2000, bool)
+        )
+        return np.bincount(ranking[:, 0], minlength=3) / len(ctx)
+
+    assert first_picks(None)[1] == 1.0  # the old behaviour, without the mask
+    share = first_picks(askable)
+    assert share[2] == 0.0 and 0.3 < share[1] < 0.45 and share[0] == pytest.approx(1 - share[1])
+    # a pair that no RM can judge keeps every RM (the verifier leads, as before)
+    policy = BayesianPolicy(3, 2, np.random.default_rng(1), means, prior_precision=precision)
+    assert policy.select(ctx[:3], np.zeros((3, 3), bool)).ranking[:, 0].tolist() == [2, 2, 2]
+    with pytest.raises(ConfigError, match="askable"):
+        policy.select(ctx[:3], np.ones((3, 2), bool))
+    assert askable_mask(no_reference, np.array([True, False])).tolist() == [
+        [True, True, True],
+        [True, True, False],
+    ]
 
 
 def test_per_rm_noise_makes_a_near_certain_rm_learn_faster() -> None:
