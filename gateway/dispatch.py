@@ -18,7 +18,7 @@ import numpy as np
 from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NsState
 from gateway.rm_client import Comparison, RMClient, RMPool, RMRejected, RMUnavailable
-from gateway.routing.policies import askable_mask, reference_last
+from gateway.routing.policies import Policy, Selection, askable_last, askable_mask
 from reward_router.errors import RewardRouterError
 from reward_router.protocol import RouteResult
 
@@ -39,15 +39,16 @@ class Dispatcher:
         self.rm_names = pool.names
         self.n_rms = len(pool.clients)
 
-    def reference_last(self, ranking: np.ndarray, pairs: Sequence[Any]) -> np.ndarray:
-        """Each draw's ranking with the RMs that need a reference moved last for pairs that
-        have none (:func:`gateway.routing.policies.reference_last`)."""
-        return reference_last(ranking, self.needs_reference, _has_reference(pairs))
-
-    def askable(self, pairs: Sequence[Any]) -> np.ndarray:
-        """(B, N) which RMs can judge each pair (:func:`gateway.routing.policies.askable_mask`):
-        what the policy weighs its choice among."""
-        return askable_mask(self.needs_reference, _has_reference(pairs))
+    def select(
+        self, policy: Policy, h: np.ndarray, pairs: Sequence[Any]
+    ) -> tuple[Selection, np.ndarray]:
+        """``policy``'s selection for ``pairs`` among the RMs that can judge each one
+        (:func:`~gateway.routing.policies.askable_mask`: a ``needs_reference`` RM cannot judge
+        a pair without a reference), and its ranking with the others moved last."""
+        has = np.array([bool(p.reference and p.reference.strip()) for p in pairs], dtype=bool)
+        askable = askable_mask(self.needs_reference, has)
+        selection = policy.select(h, askable)
+        return selection, askable_last(np.asarray(selection.ranking), askable)
 
     def order(self, row: np.ndarray, tried: set[int]) -> list[int]:
         """Untried RMs of one ranking: available ones first, then the rest as a last resort."""
@@ -227,7 +228,3 @@ def labels(
             )
         )
     return arms, results
-
-
-def _has_reference(pairs: Sequence[Any]) -> np.ndarray:
-    return np.array([bool(p.reference and p.reference.strip()) for p in pairs], dtype=bool)

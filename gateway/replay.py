@@ -27,7 +27,7 @@ import numpy as np
 
 from gateway.routing import POLICY_NAMES, make_policy
 from gateway.routing.normalize import QuantileNormalizer
-from gateway.routing.policies import askable_mask, reference_last
+from gateway.routing.policies import askable_last, askable_mask
 from gateway.routing.prior import AuditLink, RewardLink
 from gateway.routing.registry import NEEDS_PRIOR, NO_ONLINE_VARIANT, RAW_PRIOR
 from reward_router.data import BehaviorMatrix
@@ -455,9 +455,8 @@ def _stream_policy(
         sl = slice(start, start + config.batch_size)
         batch_rows = rows[sl]
         ctx = contexts[sl]
-        selection = policy.select(
-            ctx, askable_mask(stream.needs_reference, stream.has_reference[batch_rows])
-        )
+        askable = askable_mask(stream.needs_reference, stream.has_reference[batch_rows])
+        selection = policy.select(ctx, askable)
         if policy.calls_per_pair != 1.0:
             asked = selection.asked
             calls += float(asked.sum())
@@ -465,9 +464,7 @@ def _stream_policy(
             quality[sl] = np.where(combined > 0, 1.0, np.where(combined < 0, 0.0, 0.5))
             picks += asked.sum(axis=0)
             continue
-        ranking = reference_last(
-            selection.ranking, stream.needs_reference, stream.has_reference[batch_rows]
-        )
+        ranking = askable_last(selection.ranking, askable)
         arms = ranking[:, 0].copy()
         calls += len(arms)
         if config.max_calls_per_pair > 1.0 and n_rms > 1:

@@ -272,8 +272,7 @@ class GatewayService:
         timing.encode = time.perf_counter() - t0
         self.metrics.encode.observe(timing.encode)
         st = await state_task
-        selection = st.policy.select(h, self.dispatcher.askable(req.pairs))
-        ranking = self.dispatcher.reference_last(np.asarray(selection.ranking), req.pairs)
+        selection, ranking = self.dispatcher.select(st.policy, h, req.pairs)
         ensemble = st.policy.calls_per_pair > 1
         first = self.dispatcher.first_round(ranking, np.asarray(selection.asked), ensemble)
         # Route records are written while the RMs work, under the RM planned for each pair;
@@ -345,8 +344,7 @@ class GatewayService:
         record."""
         self._check_sizes(pairs)
         h = await self.contexts(pairs)
-        selection = st.policy.select(h, self.dispatcher.askable(pairs))
-        ranking = self.dispatcher.reference_last(np.asarray(selection.ranking), pairs)
+        ranking = self.dispatcher.select(st.policy, h, pairs)[1]
         return [self.dispatcher.order(ranking[i], set())[0] for i in range(len(pairs))]
 
     async def record(

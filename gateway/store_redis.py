@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -141,7 +142,7 @@ class _TurnBatcher:
         held = 0
         for job in jobs:
             size = len(job[0].sets)
-            if not batches or (batches[-1] and held + size > self.max_records):
+            if not batches or held + size > self.max_records:
                 batches.append([])  # a call of more than max_records makes a batch of its own
                 held = 0
             batches[-1].append(job)
@@ -442,10 +443,9 @@ class RedisStore:
 
     async def _write_routes(self, jobs: Sequence[_RouteWrite]) -> None:
         """One pipeline for the route records of ``jobs`` (the callers of one loop turn)."""
-        counts: dict[tuple[str, int], int] = {}
+        counts: Counter[tuple[str, int]] = Counter()
         for job in jobs:
-            for key, c in job.counts.items():
-                counts[key] = counts.get(key, 0) + c
+            counts.update(job.counts)
 
         async def run() -> None:
             # Not a transaction: every SET is independent and idempotent (a retry rewrites the

@@ -63,24 +63,6 @@ def first_only(ranking: np.ndarray) -> np.ndarray:
     return asked
 
 
-def reference_last(
-    ranking: np.ndarray, needs_reference: np.ndarray, has_reference: np.ndarray
-) -> np.ndarray:
-    """``ranking`` (B, N) with the RMs that need a reference (``needs_reference``, (N,) bool)
-    moved last, in their order, for the pairs that have none (``has_reference``, (B,) bool):
-    such an RM (a verifier) could only abstain, a tie that teaches the trainer nothing. The
-    choice is then the best of the other RMs under the same draw.
-
-    >>> reference_last(np.array([[2, 0, 1], [2, 1, 0]]), np.array([False, False, True]),
-    ...                np.array([False, True])).tolist()
-    [[0, 1, 2], [2, 1, 0]]
-    """
-    if not needs_reference.any() or has_reference.all():
-        return ranking
-    demote = needs_reference[ranking] & ~has_reference[:, None]
-    return np.take_along_axis(ranking, np.argsort(demote, axis=1, kind="stable"), axis=1)
-
-
 def askable_mask(needs_reference: np.ndarray, has_reference: np.ndarray) -> np.ndarray:
     """(B, N) bool: RM n can judge pair i unless it needs a reference (``needs_reference``,
     (N,)) and the pair has none (``has_reference``, (B,)).
@@ -89,6 +71,34 @@ def askable_mask(needs_reference: np.ndarray, has_reference: np.ndarray) -> np.n
     [[True, True], [True, False]]
     """
     return ~(np.asarray(needs_reference, bool)[None, :] & ~np.asarray(has_reference, bool)[:, None])
+
+
+def askable_last(ranking: np.ndarray, askable: np.ndarray) -> np.ndarray:
+    """``ranking`` (B, N) with the RMs that cannot judge a pair (``askable`` (B, N) False) moved
+    last, in their order: such an RM (a verifier without a reference) could only abstain, a tie
+    that teaches the trainer nothing. The choice is then the best of the others under the same
+    draw.
+
+    >>> askable_last(np.array([[2, 0, 1]]), np.array([[True, True, False]])).tolist()
+    [[0, 1, 2]]
+    """
+    if askable.all():
+        return ranking
+    demote = ~np.take_along_axis(askable, ranking, axis=1)
+    return np.take_along_axis(ranking, np.argsort(demote, axis=1, kind="stable"), axis=1)
+
+
+def reference_last(
+    ranking: np.ndarray, needs_reference: np.ndarray, has_reference: np.ndarray
+) -> np.ndarray:
+    """:func:`askable_last` for RMs that need a reference (``needs_reference``, (N,) bool) and
+    pairs that have one or not (``has_reference``, (B,) bool).
+
+    >>> reference_last(np.array([[2, 0, 1], [2, 1, 0]]), np.array([False, False, True]),
+    ...                np.array([False, True])).tolist()
+    [[0, 1, 2], [2, 1, 0]]
+    """
+    return askable_last(ranking, askable_mask(needs_reference, has_reference))
 
 
 def rank_desc(scores: np.ndarray) -> np.ndarray:
@@ -135,7 +145,7 @@ class Policy(ABC):
         cannot without a reference, :func:`askable_mask`). A policy that weighs RMs against
         one another (``bayesian``: explore only what can beat the best *askable* RM) uses it;
         the ranking may still list the others, and callers put them last
-        (:func:`reference_last`)."""
+        (:func:`askable_last`)."""
 
     def update(
         self,
