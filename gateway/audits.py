@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, has_reference
 from gateway.metrics import GatewayMetrics
 from gateway.namespaces import NsState
 from gateway.rm_client import Comparison, RMRejected
@@ -106,7 +106,7 @@ class Audits:
                 continue
             if planned[i] == plan.arm:
                 self._skip(ns, "self")
-            elif self.dispatcher.needs_reference[plan.arm] and not pairs[i].reference:
+            elif self.dispatcher.needs_reference[plan.arm] and not has_reference(pairs[i]):
                 self._skip(ns, "no_reference")
             elif not client.available():
                 self._skip(ns, "unavailable")

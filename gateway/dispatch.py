@@ -29,6 +29,12 @@ class AllRMsFailed(RewardRouterError):
     """Every RM of a pair's ranking failed (HTTP 503)."""
 
 
+def has_reference(pair: Any) -> bool:
+    """Whether ``pair`` carries a reference answer a ``needs_reference`` RM can check against
+    (blank text is none)."""
+    return bool(pair.reference and pair.reference.strip())
+
+
 class Dispatcher:
     """The RM pool as the router uses it: orders, asks, falls back."""
 
@@ -45,7 +51,7 @@ class Dispatcher:
         """``policy``'s selection for ``pairs`` among the RMs that can judge each one
         (:func:`~gateway.routing.policies.askable_mask`: a ``needs_reference`` RM cannot judge
         a pair without a reference), and its ranking with the others moved last."""
-        has = np.array([bool(p.reference and p.reference.strip()) for p in pairs], dtype=bool)
+        has = np.array([has_reference(p) for p in pairs], dtype=bool)
         askable = askable_mask(self.needs_reference, has)
         selection = policy.select(h, askable)
         return selection, askable_last(np.asarray(selection.ranking), askable)

@@ -199,10 +199,11 @@ def test_an_auditor_that_needs_a_reference_audits_only_pairs_that_have_one(gw: G
     # A verifier's labels are checked ones: its accuracy defaults to 1.
     assert _audited(gw.url, ns, 1.0, audit_rm="len-b")["audit_accuracy"] == 1.0
     plain = pairs(5)
+    blank = [{**x, "reference": "  "} for x in pairs(2, offset=10)]  # blank text is none
     with_ref = [{**x, "reference": "42"} for x in pairs(5, offset=5)]
-    res = route(gw.url, plain + with_ref, ns)["results"]
-    assert [x["audited_by"] for x in res] == [None] * 5 + ["len-b"] * 5
-    assert _metric(gw.url, "audit_skips", namespace=ns, reason="no_reference") == 5
+    res = route(gw.url, plain + blank + with_ref, ns)["results"]
+    assert [x["audited_by"] for x in res] == [None] * 7 + ["len-b"] * 5
+    assert _metric(gw.url, "audit_skips", namespace=ns, reason="no_reference") == 7
 
 
 def test_a_down_auditor_never_fails_the_route(gw: Gateway) -> None:
