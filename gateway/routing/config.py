@@ -171,10 +171,21 @@ class BayesianConfig:
     router's fitted label variance, or :data:`DEFAULT_SIGMA2`.
     ``forgetting``: per-observation factor gamma in (0, 1] pulling the posterior back toward the
     prior (1 = off, the default; anything below 1 makes updates order-dependent).
-    ``explore_z``: an RM is drawn for a pair only if its score could still beat the leader's:
-    ``mean_n + z * sd(mean_n - mean_leader) >= mean_leader`` (the leader has the highest posterior
-    mean). 2.0 by default (explore what has at least a ~2% chance of being better); ``None`` is
-    plain Thompson sampling over every RM, as in the paper.
+    ``forget_obs``: with forgetting on, the strength the posterior decays toward is the prior's
+    capped at this many pseudo-observations per coordinate. ``None`` (the default) is the
+    forgetting's own memory, ``1 / (1 - forgetting)`` observations: evidence older than that is
+    forgotten, and the prior is old evidence too. A prior fitted on thousands of rows is worth
+    them on a stationary stream, but must not outweigh a drifted RM's last rewards.
+    ``explore_z``: with forgetting on, an RM is drawn for a pair only if its score could still
+    beat the leader's: ``mean_n + z * sd(mean_n - mean_leader) >= mean_leader`` (the leader has
+    the highest posterior mean). 2.0 by default (explore what has at least a ~2% chance of being
+    better); ``None`` is plain Thompson sampling over every RM, as in the paper.
+    ``stationary_z``: the same gate with forgetting off (the default): 0.0 by default, the
+    leader by posterior mean, whose rewards still update it. On a stationary stream the prior
+    is worth its rows, and separating two RMs ``gap`` apart takes ~``sigma2 / gap²`` labels of
+    each: exploring close RMs cost accuracy on every shipped matrix and never paid back
+    (``docs/routing-core.md``). Under forgetting the posterior keeps widening, and exploring is
+    what finds the RM that overtook a drifted leader.
 
     >>> BayesianConfig(forgetting=0.99).forgetting
     0.99
@@ -187,6 +198,8 @@ class BayesianConfig:
     forgetting: float = 1.0
     explore_z: float | None = 2.0
     explore_ramp: float = 500.0
+    forget_obs: float | None = None
+    stationary_z: float | None = 0.0
 
     def __post_init__(self) -> None:
         low, high = SCALE_RANGE
@@ -198,13 +211,44 @@ class BayesianConfig:
             "forgetting",
             check_number("forgetting", self.forgetting, low=0.0, high=1.0, low_open=True),
         )
-        if self.explore_z is not None:
-            _set(self, "explore_z", check_number("explore_z", self.explore_z, low=0.0, high=100.0))
+        for name in ("explore_z", "stationary_z"):
+            if getattr(self, name) is not None:
+                _set(self, name, check_number(name, getattr(self, name), low=0.0, high=100.0))
         _set(
             self,
             "explore_ramp",
             check_number("explore_ramp", self.explore_ramp, low=0.0, high=1e9),
         )
+        if self.forget_obs is not None:
+            _set(
+                self,
+                "forget_obs",
+                check_number("forget_obs", self.forget_obs, low=0.0, high=1e9, low_open=True),
+            )
+
+    @property
+    def gate_z(self) -> float | None:
+        """The plausibility gate in force: ``explore_z`` with forgetting on, else
+        ``stationary_z`` (``None``: plain Thompson sampling).
+
+        >>> BayesianConfig().gate_z, BayesianConfig(forgetting=0.99).gate_z
+        (0.0, 2.0)
+        """
+        return self.explore_z if self.forgetting < 1.0 else self.stationary_z
+
+    @property
+    def memory(self) -> float:
+        """What forgetting decays the prior toward, in observations: ``forget_obs``, else
+        ``1 / (1 - forgetting)`` (infinite without forgetting).
+
+        >>> round(BayesianConfig(forgetting=0.98).memory, 6), BayesianConfig().memory
+        (50.0, inf)
+        >>> BayesianConfig(forgetting=0.98, forget_obs=500).memory
+        500.0
+        """
+        if self.forget_obs is not None:
+            return self.forget_obs
+        return math.inf if self.forgetting >= 1.0 else 1.0 / (1.0 - self.forgetting)
 
     @property
     def noise(self) -> float:
@@ -222,6 +266,7 @@ class NoOfflineConfig(BayesianConfig):
     """
 
     explore_z: float | None = None
+    stationary_z: float | None = None
     explore_ramp: float = 0.0
 
 
@@ -240,6 +285,7 @@ class PaperConfig(BayesianConfig):
     lambda0: float | None = DEFAULT_LAMBDA0
     sigma2: float | None = DEFAULT_SIGMA2
     explore_z: float | None = None
+    stationary_z: float | None = None
     explore_ramp: float = 0.0
 
 
@@ -258,6 +304,7 @@ class WeightedScoreConfig(BayesianConfig):
     alpha: float = 0.5
     # The online part is plain Thompson sampling from a zero prior (nothing to gate or ramp).
     explore_z: float | None = None
+    stationary_z: float | None = None
     explore_ramp: float = 0.0
 
     def __post_init__(self) -> None:

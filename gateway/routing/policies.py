@@ -218,7 +218,8 @@ class BayesianPolicy(Policy):
     (``prior_means`` on the correctness scale, ``prior_precision`` the diagonal of ``P_n``, both
     from :class:`~gateway.routing.prior.PriorFit`; ``lambda0 I`` when the config sets lambda0 or
     no fitted precision is given), one Thompson draw of h^T w_n per pair among the RMs that can
-    still beat the leader (``explore_z``), posterior updated online.
+    still beat the leader (the config's ``gate_z``: ``explore_z`` with forgetting on,
+    ``stationary_z`` = 0 without, i.e. the leader by posterior mean), posterior updated online.
 
     ``posteriors`` is the :class:`GaussianPosteriors` (assignable, so a gateway can restore a
     stored one of the same shape).
@@ -260,6 +261,11 @@ class BayesianPolicy(Policy):
             if (self.noise <= 0).any():
                 raise ConfigError("prior_sigma2", "noise variances must all be > 0")
         self.sigma2 = float(self.noise.mean())
+        #: the precision forgetting decays toward (N, D): the prior's, capped at the config's
+        #: ``memory`` observations of each RM's noise per coordinate
+        self.forget_floor = np.minimum(
+            self._posteriors.prior_diag, self.config.memory / self.noise[:, None]
+        )
 
     @property
     def posteriors(self) -> GaussianPosteriors:
@@ -293,7 +299,7 @@ class BayesianPolicy(Policy):
     def select(self, contexts: np.ndarray, askable: np.ndarray | None = None) -> Selection:
         contexts = self._check_contexts(contexts)
         draws = self.scores(contexts)
-        z = self.config.explore_z
+        z = self.config.gate_z
         if z is None or draws.size == 0:
             ranking = rank_desc(draws)
             return Selection(ranking, first_only(ranking))
@@ -346,7 +352,7 @@ class BayesianPolicy(Policy):
             # Discount per observation, so the total forgetting does not depend on batch size;
             # a huge batch may underflow gamma^B to 0, which means "back to the prior" anyway.
             gamma = max(self.config.forgetting**arms.size, float(np.finfo(np.float64).tiny))
-            self._posteriors.forget(gamma)
+            self._posteriors.forget(gamma, self.forget_floor)
         # Per-RM noise as a per-observation weight against the mean noise.
         weights = weight * self.sigma2 / self.noise[arms]
         self._posteriors.observe(arms, contexts, rewards, self.sigma2, weights)

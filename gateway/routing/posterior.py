@@ -251,9 +251,12 @@ class GaussianPosteriors:
             self.counts[arm] += int(rows.sum())
             self._dirty[arm] = True
 
-    def forget(self, gamma: float) -> None:
-        """Exponential forgetting toward the prior, for drifting RMs. For every RM:
-        ``Lambda = gamma Lambda + (1 - gamma) P``, ``eta = gamma eta + (1 - gamma) eta0``.
+    def forget(self, gamma: float, floor: np.ndarray | None = None) -> None:
+        """Exponential forgetting toward a prior, for drifting RMs. For every RM:
+        ``Lambda = gamma Lambda + (1 - gamma) F``, ``eta = gamma eta + (1 - gamma) F mu0``, with
+        ``mu0`` the prior mean and ``F = diag(floor)`` (N, D), the precision forgetting decays
+        toward: the prior's own by default, a weaker one (``floor <= prior_diag``) so that an
+        old, strong prior cannot outweigh what a drifted stream says now.
 
         ``gamma = 1`` is a no-op. Forgetting does not commute with :meth:`observe`: old evidence
         weighs less than new, so the order of updates matters once it is on.
@@ -267,11 +270,16 @@ class GaussianPosteriors:
         gamma = check_number("forgetting", gamma, low=0.0, high=1.0, low_open=True)
         if gamma == 1.0:
             return
+        if floor is None:
+            floor = self.prior_diag
+        floor = check_array("floor", floor, self.prior_diag.shape)
+        if (floor <= 0).any():
+            raise ConfigError("floor", "forgetting floor precisions must all be > 0")
         self.precision *= gamma
         diag = np.arange(self.dim)
-        self.precision[:, diag, diag] += (1.0 - gamma) * self.prior_diag
+        self.precision[:, diag, diag] += (1.0 - gamma) * floor
         self.eta *= gamma
-        self.eta += (1.0 - gamma) * self.prior_eta
+        self.eta += (1.0 - gamma) * floor * (self.prior_eta / self.prior_diag)
         self._dirty[:] = True
 
     # ---- queries -------------------------------------------------------------------------

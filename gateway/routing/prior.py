@@ -31,11 +31,12 @@ a labelled stream) as is, and the trainer's −DPO loss through :class:`RewardLi
 
 **The prior strength** is stated as pseudo-observations (rows of evidence), per part:
 
-* the intercept of RM n is worth ``intercept_obs[n] = min(rows, INTERCEPT_OBS_CAP)``
-  observations: what the training rows really measured, capped so that a stream of a few
-  hundred pairs can still overrule it (a deployment is never quite the training distribution);
-* each domain effect is worth the rows of its domain (``domain_obs``, capped like the
-  intercept);
+* the intercept of RM n is worth ``intercept_obs[n] = rows`` observations: what the training
+  rows really measured. Not capped: on a stationary stream a prior weaker than its rows only
+  lets the stream's noise trade near-tied RMs (measured on the pool, ``docs/routing-core.md``).
+  A deployment that drifts sets forgetting, which decays every coordinate toward a prior worth
+  at most ``forget_obs`` observations (:class:`~gateway.routing.config.BayesianConfig`);
+* each domain effect is worth the rows of its domain (``domain_obs``);
 * the pair weights are worth ``weight_obs = sigma2 / PAIR_SD²`` observations per direction:
   a prior standard deviation of :data:`PAIR_SD` on any pair's score beyond the prior mean.
   Small on purpose: Thompson sampling explores in proportion to it on every pair, and on the
@@ -66,8 +67,6 @@ import numpy as np
 
 from reward_router.errors import ConfigError
 
-#: Most pseudo-observations an RM's overall accuracy counts for in the prior (see module doc).
-INTERCEPT_OBS_CAP = 500.0
 #: Prior standard deviation of a pair's score beyond the prior mean (see the module doc).
 PAIR_SD = 0.02
 #: Bounds of a label noise variance: a {0, 1} label has at most 0.25; a near-certain RM should
@@ -296,7 +295,7 @@ def fit_prior(
         q = _domain_probs("train_domains", train_domains, ts.shape[0])
         per_domain, weight = domain_accuracy(q, tc, acc)
         domain_effects = per_domain - acc[:, None]
-        domain_obs = np.broadcast_to(np.minimum(weight, INTERCEPT_OBS_CAP), per_domain.shape)
+        domain_obs = np.broadcast_to(weight, per_domain.shape)
         if calib_domains is not None:
             q_cal = _domain_probs("calib_domains", calib_domains, cs.shape[0], q.shape[1])
             explained = q_cal @ per_domain.T
@@ -318,7 +317,7 @@ def fit_prior(
         slopes=tuple(slopes),
         intercepts=tuple(acc),
         centers=tuple(centers),
-        intercept_obs=(min(float(rows), INTERCEPT_OBS_CAP),) * ts.shape[1],
+        intercept_obs=(float(rows),) * ts.shape[1],
         weight_obs=weight_obs,
         sigma2=sigma2,
         stream_accuracy=float(np.clip(predicted.max(axis=1).mean(), 0.0, 1.0)),

@@ -757,7 +757,7 @@ class Result:
 #: makes the posterior depend on the order of the log: the property the audit checks).
 NS_CONFIG: dict[str, Any] = {
     "policy": "bayesian",
-    "params": {"lambda0": 0.1, "explore_z": None, "explore_ramp": 0.0},
+    "params": {"lambda0": 0.1, "explore_z": None, "stationary_z": None, "explore_ramp": 0.0},
     "normalizer": "quantile",
     "normalizer_params": {"window": 64, "warmup": 8},
 }

@@ -103,9 +103,14 @@ def test_a_fixed_seed_reproduces_the_choices(name: str) -> None:
     again = run_stream(build(name, seed=3))
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
-    if name in {"random", "bayesian", "bayesian-no-offline", "weighted-score"}:
+    if name in {"random", "bayesian-no-offline", "weighted-score"}:
         other = run_stream(build(name, seed=4))
         assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    if name == "bayesian":  # without forgetting it asks the leader by posterior mean: no draw
+        other = run_stream(build(name, seed=4))
+        assert all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+        drawn = run_stream(build(name, seed=4, stationary_z=2.0))
+        assert any(not np.array_equal(a, b) for a, b in zip(first, drawn, strict=True))
 
 
 def test_random_ranking_is_a_uniform_permutation() -> None:
@@ -179,6 +184,34 @@ def test_forgetting_in_the_policy_pulls_back_toward_the_prior() -> None:
     gap_keep = np.linalg.norm(keep.posteriors.means()[0] - prior()[0])
     gap_forget = np.linalg.norm(forget.posteriors.means()[0] - prior()[0])
     assert gap_forget < 0.5 * gap_keep
+
+
+def test_a_strong_prior_cannot_outweigh_a_drifted_rm_under_forgetting() -> None:
+    # The prior says RM 0 is right 90% of the time, worth 20,000 rows; then it drifts to 30%.
+    # Forgetting (memory ~1/(1-gamma) = 20 rewards) decays the posterior toward that prior
+    # capped at forget_obs rows: with 10, the last rewards take RM 0 below RM 1 (0.6); with
+    # the uncapped prior as the floor, 300 rewards barely move it.
+    means = np.array([[0.0, 0.9], [0.0, 0.6]])
+    ctx = np.tile([[0.0, 1.0]], (300, 1))
+    drifted = (np.random.default_rng(1).random(300) < 0.3).astype(float)
+
+    def after_drift(**config: float) -> float:
+        policy = BayesianPolicy(
+            2,
+            2,
+            np.random.default_rng(0),
+            means,
+            BayesianConfig(**config),
+            prior_precision=np.full((2, 2), 20000.0 / 0.2),
+            prior_sigma2=np.array([0.2, 0.2]),
+        )
+        for i in range(300):
+            policy.update(ctx[i : i + 1], np.zeros(1, dtype=int), drifted[i : i + 1])
+        return float((ctx[:1] @ policy.posteriors.means().T)[0, 0])
+
+    assert after_drift(forgetting=0.95, forget_obs=10.0) < 0.6
+    assert after_drift(forgetting=0.95, forget_obs=1e9) > 0.85
+    assert after_drift() > 0.85  # no forgetting: the rows' evidence stands
 
 
 def test_laser_asks_one_rm_for_the_whole_batch_and_learns_from_the_batch_mean() -> None:
@@ -268,6 +301,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("bayesian", {"sigma2": 0.0}, "sigma2"),
     ("bayesian", {"forgetting": 0.0}, "forgetting"),
     ("bayesian", {"forgetting": 1.01}, "forgetting"),
+    ("bayesian", {"forget_obs": 0.0}, "forget_obs"),
     ("bayesian-no-offline", {"sigma2": -0.1}, "sigma2"),
     ("bayesian", {"alpha": 0.5}, "alpha"),
     ("weighted-score", {"alpha": 1.5}, "alpha"),
@@ -385,25 +419,33 @@ def test_combine_checks_the_margins_shape(name: str) -> None:
 
 
 def test_a_clearly_worse_rm_is_not_explored_but_a_close_one_is() -> None:
-    """explore_z: an RM whose draw can hardly beat the leader is left out of the draw."""
+    """explore_z: an RM whose draw can hardly beat the leader is left out of the draw (here with
+    forgetting on, where explore_z is the gate; without, stationary_z, the leader by mean)."""
     means = np.array([[0.0, 0.9], [0.0, 0.6], [0.0, 0.88]])  # intercepts: 0.9, 0.6, 0.88
     ctx = np.tile([[1.0, 1.0]], (400, 1))
-    full = BayesianConfig(lambda0=400.0, explore_ramp=0.0)  # full spread from the first pair
+    # full spread from the first pair
+    full = BayesianConfig(lambda0=400.0, explore_ramp=0.0, forgetting=0.999)
     gated = BayesianPolicy(3, 2, np.random.default_rng(0), means, full)
     picks = np.bincount(gated.select(ctx).chosen, minlength=3)
     assert picks[1] == 0 and picks[0] > picks[2] > 0  # RM 2 is close: still explored
+    stationary = BayesianPolicy(
+        3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0, explore_ramp=0.0)
+    )
+    assert (stationary.select(ctx).chosen == 0).all()  # no forgetting: the leader by mean
     plain = BayesianPolicy(
         3,
         2,
         np.random.default_rng(0),
         means,
-        BayesianConfig(lambda0=4.0, explore_z=None, explore_ramp=0.0),
+        BayesianConfig(lambda0=4.0, stationary_z=None, explore_ramp=0.0),
     )
     assert np.bincount(plain.select(ctx).chosen, minlength=3)[1] > 0  # plain TS draws it
     # The ranking still lists every RM (the fallback order): the left-out one last.
     assert (gated.select(ctx[:5]).ranking[:, -1] == 1).all()
     # With the ramp and no observation yet, the draw is the posterior mean: no exploring.
-    ramped = BayesianPolicy(3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0))
+    ramped = BayesianPolicy(
+        3, 2, np.random.default_rng(0), means, BayesianConfig(lambda0=400.0, forgetting=0.999)
+    )
     assert ramped.exploration() == 0.0
     assert (ramped.select(ctx).chosen == 0).all()
 
@@ -421,7 +463,8 @@ def test_the_leader_is_the_best_rm_that_can_judge_the_pair() -> None:
 
     def first_picks(mask: np.ndarray | None) -> np.ndarray:
         policy = BayesianPolicy(
-            3, 2, np.random.default_rng(1), means, BayesianConfig(explore_ramp=0.0),
+            3, 2, np.random.default_rng(1), means,
+            BayesianConfig(explore_ramp=0.0, stationary_z=2.0),
             prior_precision=precision,
         )  # fmt: skip
         ranking = reference_last(

@@ -162,6 +162,26 @@ def test_forgetting_pulls_toward_the_prior() -> None:
     assert np.linalg.norm(post.means() - prior) == pytest.approx(distance, abs=1e-15)
 
 
+def test_forgetting_decays_toward_a_floor_weaker_than_the_prior() -> None:
+    prior, contexts, arms, rewards = random_problem(seed=12, b=40)
+    post = GaussianPosteriors.from_prior(prior, lambda0=100.0)
+    post.observe(arms, contexts, rewards, sigma2=0.25)
+    floor = np.full(post.prior_diag.shape, 4.0)
+    for _ in range(200):
+        post.forget(0.8, floor)
+    # the prior's mean, at the floor's strength: N(mu0, diag(floor)^-1)
+    np.testing.assert_allclose(post.means(), prior, atol=1e-6)
+    np.testing.assert_allclose(
+        post.precision, np.broadcast_to(4.0 * np.eye(post.dim), post.precision.shape), atol=1e-6
+    )
+    with pytest.raises(ConfigError) as info:
+        post.forget(0.5, np.zeros_like(floor))
+    assert info.value.field == "floor"
+    with pytest.raises(ConfigError) as info:
+        post.forget(0.5, np.ones(3))
+    assert info.value.field == "floor"
+
+
 def test_forgetting_makes_the_order_of_updates_matter() -> None:
     prior, contexts, arms, rewards = random_problem(seed=10, b=2)
     arms = np.array([0, 0])

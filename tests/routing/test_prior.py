@@ -7,7 +7,6 @@ import pytest
 
 from gateway.routing.posterior import with_intercept
 from gateway.routing.prior import (
-    INTERCEPT_OBS_CAP,
     PAIR_SD,
     PriorFit,
     RewardLink,
@@ -85,8 +84,8 @@ def test_strength_is_stated_in_pseudo_observations() -> None:
     fit = fit_prior(s[:1500], c[:1500], s[1500:], c[1500:])
     prec = fit.precision(dim=6)
     assert prec.shape == (2, 6)
-    assert fit.intercept_obs == (INTERCEPT_OBS_CAP, INTERCEPT_OBS_CAP)  # 2000 rows, capped
-    np.testing.assert_allclose(prec[:, -1], INTERCEPT_OBS_CAP / np.array(fit.noise))
+    assert fit.intercept_obs == (2000.0, 2000.0)  # what the 2000 rows measured, not capped
+    np.testing.assert_allclose(prec[:, -1], 2000.0 / np.array(fit.noise))
     assert fit.noise[0] < fit.noise[1]  # the 70% RM is a quieter coin than the 60% one
     np.testing.assert_allclose(prec[:, :-1], fit.weight_obs / fit.sigma2)
     small = fit_prior(s[:40], c[:40], s[40:60], c[40:60])
@@ -144,7 +143,7 @@ def test_domain_effects_are_each_rms_accuracy_per_domain() -> None:
     effects = np.asarray(fit.domain_effects)
     overall = np.asarray(fit.intercepts)
     np.testing.assert_allclose(effects + overall[:, None], [[0.9, 0.3], [0.3, 0.9]], atol=0.06)
-    np.testing.assert_allclose(np.asarray(fit.domain_obs), min(300, INTERCEPT_OBS_CAP), rtol=0.15)
+    np.testing.assert_allclose(np.asarray(fit.domain_obs), 300, rtol=0.15)  # its domain's rows
     # contexts [h (1 dim); q; 1]: the prior mean at a sure domain-a pair is RM 0's accuracy there
     raw = np.zeros((2, 4))
     mu = fit.apply(raw)
