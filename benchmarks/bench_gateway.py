@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RawHTTP, cpu_seconds, pct, thread_cpu_seconds  # noqa: E402
+from reward_router.heap import freeze_startup_heap  # noqa: E402
 from tests.procs import Proc, free_port, start_process, start_redis  # noqa: E402
 
 
@@ -338,6 +339,9 @@ def main() -> None:
         # runs allocate), repeated next to every gateway run below.
         sample = bench_pairs[: min(args.encode_sample, len(bench_pairs))]
         featurizers = {b: router.load_featurizer(backend=b, threads=1) for b in backends}
+        # The driver's own full collections walked torch's heap (0.1-0.3 s each, measured): they
+        # paused the load it generates and the encoder-alone runs. Frozen, as the services do.
+        freeze_startup_heap()
         alone = {}
         for b, fz in featurizers.items():
             encode_alone(fz, sample[:32])

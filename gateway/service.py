@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from gateway.settings import NAMESPACE_RE, OPENRLHF_NAMESPACE, GatewaySettings
 from gateway.store import FeedbackResult, Outcome, RouteId, Store, is_audit_uid, new_uid
 from gateway.wiring import load_router, make_store, rm_clients
 from reward_router.errors import RewardRouterError
+from reward_router.heap import freeze_startup_heap
 from reward_router.protocol import (
     FeedbackRequest,
     FeedbackResponse,
@@ -155,7 +155,7 @@ class GatewayService:
         # the cyclic GC's view: it is never garbage, yet every full collection walked it, a
         # 0.2-2 s pause of the event loop (every request in flight waits) each time ~25 % more
         # long-lived objects (route records, folded states) had piled up.
-        _freeze_startup_heap()
+        freeze_startup_heap()
 
     async def _create_startup_namespaces(self) -> None:
         """Create ``startup_namespaces`` that are missing, once per process (retried from
@@ -442,16 +442,3 @@ def _is_audit_id(route_id: str) -> bool:
     """Whether ``route_id`` names a gold audit's entry (:func:`gateway.store.is_audit_uid`)."""
     rid = RouteId.parse(route_id)
     return rid is not None and is_audit_uid(rid.uid)
-
-
-_HEAP_FROZEN = False
-
-
-def _freeze_startup_heap() -> None:
-    """``gc.collect(); gc.freeze()`` once per process: a second service started in the same
-    process (tests) must not pin whatever the first left alive."""
-    global _HEAP_FROZEN
-    if not _HEAP_FROZEN:
-        gc.collect()
-        gc.freeze()
-        _HEAP_FROZEN = True
