@@ -151,11 +151,7 @@ class GatewayService:
         self._update_rm_gauges()
         await self._check_durability()
         await self._create_startup_namespaces()
-        # The start-up heap (torch, transformers, the encoder, FastAPI: ~430k objects) leaves
-        # the cyclic GC's view: it is never garbage, yet every full collection walked it, a
-        # 0.2-2 s pause of the event loop (every request in flight waits) each time ~25 % more
-        # long-lived objects (route records, folded states) had piled up.
-        freeze_startup_heap()
+        freeze_startup_heap()  # ~430k objects never garbage: why, in reward_router/heap.py
 
     async def _create_startup_namespaces(self) -> None:
         """Create ``startup_namespaces`` that are missing, once per process (retried from
