@@ -14,7 +14,9 @@ Every figure is also printed as a ratio of two things measured in this run:
   threads;
 * the gateway's overhead per request excluding encoding and the RM wait, from its own timing
   (``x-reward-router-overhead-ms`` minus ``x-reward-router-encode-ms``; target p99 <= 5 ms at
-  400 in flight, 0 errors);
+  400 in flight, 0 errors), and how much of it was the wait for the store
+  (``x-reward-router-store-ms``: the state read and route-record writes; with Redis under
+  ``appendfsync always``, a disk fsync per write);
 * with the Redis store, the Redis traffic per request, from the server's own ``INFO``
   (commands per request by name, and connections opened): what is per request and what is
   shared by concurrent requests (route records written in one pipeline per loop turn).
@@ -49,6 +51,7 @@ import yaml
 
 OVERHEAD = "x-reward-router-overhead-ms"
 ENCODE = "x-reward-router-encode-ms"
+STORE = "x-reward-router-store-ms"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -110,6 +113,7 @@ async def load(
     lat: list[float] = []
     overhead: list[float] = []
     encode: list[float] = []
+    store: list[float] = []
     errors: list[str] = []
     port = int(url.rsplit(":", 1)[1])
     payloads = iter([json.dumps(b).encode() for b in bodies])
@@ -135,6 +139,7 @@ async def load(
                     e = float(headers[ENCODE])
                     overhead.append(float(headers[OVERHEAD]) - e)
                     encode.append(e)
+                    store.append(float(headers[STORE]))
         finally:
             await conn.close()
 
@@ -148,6 +153,7 @@ async def load(
         "lat": lat,
         "overhead": overhead,
         "encode": encode,
+        "store": store,
         "errors": len(errors),
     }
 
@@ -298,6 +304,14 @@ def report(
         f"p99 {pct(ov, 99):.2f} ms (target p99 <= 5 at 400 in flight); encode wait per request "
         f"p50 {pct(via['encode'], 50):.1f} ms; errors {via['errors']}"
     )
+    store = via["store"]
+    if store:
+        own = [o - w for o, w in zip(ov, store, strict=True)]
+        print(
+            f"{tag}   of the overhead, the store wait (state read, route-record writes): p50 "
+            f"{pct(store, 50):.2f} ms, p99 {pct(store, 99):.2f} ms; the rest, the gateway's own "
+            f"work: p50 {pct(own, 50):.2f} ms, p99 {pct(own, 99):.2f} ms"
+        )
     per_request = {k.removeprefix("redis."): v for k, v in cpu.items() if k.startswith("redis.")}
     if per_request:
         print(

@@ -58,6 +58,7 @@ log = logging.getLogger("reward_router.gateway")
 
 OVERHEAD_HEADER = "x-reward-router-overhead-ms"
 ENCODE_HEADER = "x-reward-router-encode-ms"
+STORE_HEADER = "x-reward-router-store-ms"
 
 _bearer = HTTPBearer(auto_error=False, description="API key (trainer) or admin key")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -240,8 +241,10 @@ async def route(body: RouteRequest, request: Request, response: Response) -> Rou
     svc = _service(request)
     out, timing = await svc.route(body)
     svc.metrics.overhead.labels("route").observe(timing.overhead)
+    svc.metrics.route_store_wait.observe(timing.store_wait)
     response.headers[OVERHEAD_HEADER] = f"{timing.overhead * 1000:.3f}"
     response.headers[ENCODE_HEADER] = f"{timing.encode * 1000:.3f}"
+    response.headers[STORE_HEADER] = f"{timing.store_wait * 1000:.3f}"
     return out
 
 

@@ -106,6 +106,13 @@ class GatewayMetrics:
             buckets=_OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.route_store_wait = Histogram(
+            p + "route_store_wait_seconds",
+            "Time a route request waited for the store (its namespace state read, its route "
+            "records written), after its own work; part of overhead_seconds{endpoint=route}.",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.encode = Histogram(
             p + "encode_seconds",
             "Time computing pair features (encoder + router MLP) per route request.",

@@ -101,6 +101,7 @@ class Timing:
     total: float = 0.0
     rm_wait: float = 0.0
     encode: float = 0.0
+    store_wait: float = 0.0  # part of the overhead: the state read and record writes awaited
 
     @property
     def overhead(self) -> float:
@@ -267,7 +268,9 @@ class GatewayService:
             raise
         timing.encode = time.perf_counter() - t0
         self.metrics.encode.observe(timing.encode)
+        t0 = time.perf_counter()
         st = await state_task
+        timing.store_wait = time.perf_counter() - t0
         selection, ranking = self.dispatcher.select(st.policy, h, req.pairs)
         ensemble = st.policy.calls_per_pair > 1
         first = self.dispatcher.first_round(ranking, np.asarray(selection.asked), ensemble)
@@ -301,7 +304,9 @@ class GatewayService:
             with contextlib.suppress(BaseException):
                 await write
             raise
+        t0 = time.perf_counter()
         ids = await write
+        timing.store_wait += time.perf_counter() - t0
 
         combine = st.policy.combine if ensemble else None
         arms, results = labels(req.pairs, answers, ranking, ids, self.rm_names, combine)
@@ -310,6 +315,7 @@ class GatewayService:
             self.metrics.routes.labels(ns_label, self.rm_names[arm]).inc()
         moved = [i for i, arm in enumerate(arms) if arm != planned[i]]
         if moved:
+            t0 = time.perf_counter()
             try:
                 await self.store.put_routes(
                     req.namespace,
@@ -323,6 +329,7 @@ class GatewayService:
                 if audit is not None:
                     audit.cancel()
                 raise
+            timing.store_wait += time.perf_counter() - t0
         if audit is not None:
             t0 = time.perf_counter()
             audit_answers = await audit

@@ -3,6 +3,7 @@ across replicas, identical posteriors, kill -9 of a gateway, a Redis restart, an
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from tests.gateway.conftest import RMPoolProcs
 from tests.gateway.helpers import (
+    create_namespace,
     feedback,
     gateway_config,
     pairs,
@@ -154,6 +156,37 @@ def test_reset_on_one_replica_is_seen_by_the_other(cluster: Cluster) -> None:
     fresh = route(cluster.a.url, pairs(2, offset=650), ns=ns)["results"]
     assert feedback(cluster.b.url, [(x["route_id"], -0.5) for x in fresh])["applied"] == 2
     assert_same_posterior(posteriors(cluster.a.url, ns), posteriors(cluster.b.url, ns))
+
+
+def test_a_route_says_how_long_it_waited_for_the_store(cluster: Cluster) -> None:
+    """Redis stopped (SIGSTOP) for 0.5 s under a route in flight: the gateway waits for it, and
+    its headers and metrics say that wait was the store's, as part of its overhead."""
+    ns = "store-wait"
+    create_namespace(cluster.a.url, ns)
+    quick = httpx.post(
+        f"{cluster.a.url}/v1/route", json={"namespace": ns, "pairs": pairs(2)}, timeout=60
+    )
+    assert quick.status_code == 200, quick.text
+    assert 0 <= float(quick.headers["x-reward-router-store-ms"]) < 400
+    stall_s = 0.5
+    with ThreadPoolExecutor(1) as pool:
+        cluster.redis.popen.send_signal(signal.SIGSTOP)
+        try:
+            body = {"namespace": ns, "pairs": pairs(2, offset=20)}
+            pending = pool.submit(httpx.post, f"{cluster.a.url}/v1/route", json=body, timeout=60)
+            time.sleep(stall_s)
+        finally:
+            cluster.redis.popen.send_signal(signal.SIGCONT)
+        r = pending.result()
+    assert r.status_code == 200, r.text
+    store_ms = float(r.headers["x-reward-router-store-ms"])
+    assert store_ms >= 0.6 * stall_s * 1000  # the request reached the gateway within 0.2 s
+    assert float(r.headers["x-reward-router-overhead-ms"]) >= store_ms
+    metrics = httpx.get(f"{cluster.a.url}/metrics").text
+    assert re.search(r"reward_router_gateway_route_store_wait_seconds_count (\d+)", metrics)
+    slow = re.search(r'route_store_wait_seconds_bucket\{le="0\.1"\} (\S+)', metrics)
+    total = re.search(r"route_store_wait_seconds_count (\S+)", metrics)
+    assert slow and total and float(total[1]) - float(slow[1]) >= 1  # the stalled one
 
 
 def _wait(pred: Any, timeout: float = 30.0) -> None:
