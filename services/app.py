@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reward_router import http as shared_http
 from reward_router.protocol import ErrorBody
@@ -60,7 +61,7 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
     app.add_middleware(
         shared_http.BodyLimit, max_bytes=settings.max_body_bytes, refuse=render.too_large
     )
-    app.middleware("http")(_metered(settings.name))
+    app.add_middleware(_Metered, name=settings.name)
 
     def cancelled() -> None:
         rm = getattr(app.state, "rm", None)
@@ -80,31 +81,38 @@ def create_app(settings: ServiceSettings, backend: Backend | None = None) -> Fas
     return app
 
 
-def _metered(
-    name: str,
-) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    """Request count and latency per route and status (probes and scrapes left out)."""
+class _Metered:
+    """ASGI middleware: request count and latency per route and status (probes and scrapes left
+    out). Plain ASGI, not Starlette's ``BaseHTTPMiddleware``: that one runs every request in a
+    task group of its own and leaves a cancelled scope's ``CancelledError``, traceback and frames
+    in a reference cycle per request, garbage only a full collection frees."""
 
-    async def metered(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path in UNMETERED:
-            return await call_next(request)
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app = app
+        self.name = name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNMETERED:
+            await self.app(scope, receive, send)
+            return
         t0 = time.perf_counter()
-        status = 500
+        status = 500  # what the server answers for an exception that leaves the app
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_status)
         except asyncio.CancelledError:
             status = 499  # the client went away (nginx's "client closed request"), not a 500
             raise
         finally:
-            route = request.scope.get("route")
+            route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
-            rm = getattr(request.app.state, "rm", None)
+            rm = getattr(scope["app"].state, "rm", None)
             if rm is not None:
-                rm.metrics.requests.labels(name, endpoint, str(status)).inc()
-                rm.metrics.latency.labels(name, endpoint).observe(time.perf_counter() - t0)
-
-    return metered
+                rm.metrics.requests.labels(self.name, endpoint, str(status)).inc()
+                rm.metrics.latency.labels(self.name, endpoint).observe(time.perf_counter() - t0)
