@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,14 @@ class Timing:
     @property
     def overhead(self) -> float:
         return max(0.0, self.total - self.rm_wait)
+
+    @contextlib.contextmanager
+    def waiting_for_store(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.store_wait += time.perf_counter() - t0
 
 
 # ---- the service ---------------------------------------------------------------------------------
@@ -268,9 +276,8 @@ class GatewayService:
             raise
         timing.encode = time.perf_counter() - t0
         self.metrics.encode.observe(timing.encode)
-        t0 = time.perf_counter()
-        st = await state_task
-        timing.store_wait = time.perf_counter() - t0
+        with timing.waiting_for_store():
+            st = await state_task
         selection, ranking = self.dispatcher.select(st.policy, h, req.pairs)
         ensemble = st.policy.calls_per_pair > 1
         first = self.dispatcher.first_round(ranking, np.asarray(selection.asked), ensemble)
@@ -304,9 +311,8 @@ class GatewayService:
             with contextlib.suppress(BaseException):
                 await write
             raise
-        t0 = time.perf_counter()
-        ids = await write
-        timing.store_wait += time.perf_counter() - t0
+        with timing.waiting_for_store():
+            ids = await write
 
         combine = st.policy.combine if ensemble else None
         arms, results = labels(req.pairs, answers, ranking, ids, self.rm_names, combine)
@@ -315,21 +321,20 @@ class GatewayService:
             self.metrics.routes.labels(ns_label, self.rm_names[arm]).inc()
         moved = [i for i, arm in enumerate(arms) if arm != planned[i]]
         if moved:
-            t0 = time.perf_counter()
             try:
-                await self.store.put_routes(
-                    req.namespace,
-                    st.meta.gen,
-                    [(arms[i], h[i]) for i in moved],
-                    self.settings.route_ttl_s,
-                    uids=[uids[i] for i in moved],
-                    uncount=[planned[i] for i in moved],
-                )
+                with timing.waiting_for_store():
+                    await self.store.put_routes(
+                        req.namespace,
+                        st.meta.gen,
+                        [(arms[i], h[i]) for i in moved],
+                        self.settings.route_ttl_s,
+                        uids=[uids[i] for i in moved],
+                        uncount=[planned[i] for i in moved],
+                    )
             except BaseException:
                 if audit is not None:
                     audit.cancel()
                 raise
-            timing.store_wait += time.perf_counter() - t0
         if audit is not None:
             t0 = time.perf_counter()
             audit_answers = await audit

@@ -68,34 +68,21 @@ def test_an_rm_service_freezes_its_heap_when_its_model_has_loaded() -> None:
 
 def test_an_rm_service_leaves_no_cyclic_garbage_per_request() -> None:
     """What requests leave in reference cycles, only a full collection frees. A real uvicorn
-    server on loopback, 50 compare requests with the collector off (over a raw keep-alive
-    socket: an HTTP client's own cycles would count too), then one collection. Starlette's
-    ``BaseHTTPMiddleware`` (the metering middleware before) left ~40 objects per request: a
-    cancelled scope's ``CancelledError``, its traceback and frames."""
+    server on loopback, 50 compare requests with the collector off (over the benchmarks' raw
+    keep-alive connection: an HTTP client's own cycles would count too), then one collection.
+    Starlette's ``BaseHTTPMiddleware`` (the metering middleware before) left ~40 objects per
+    request: a cancelled scope's ``CancelledError``, its traceback and frames."""
     (found,) = _run(
         """
-        import asyncio, gc, json, socket
+        import asyncio, gc, json
         import uvicorn
+        from benchmarks.common import RawHTTP
         from services.app import create_app
         from services.settings import ServiceSettings
-
-        async def post(reader, writer, body):
-            writer.write(
-                b"POST /v1/compare HTTP/1.1\\r\\nhost: x\\r\\ncontent-type: application/json\\r\\n"
-                + b"content-length: %d\\r\\n\\r\\n" % len(body) + body
-            )
-            head = await reader.readuntil(b"\\r\\n\\r\\n")
-            size = next(
-                int(line.split(b":")[1]) for line in head.split(b"\\r\\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(size)
-            return int(head.split()[1])
+        from tests.procs import free_port
 
         async def main():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             app = create_app(ServiceSettings(name="len", backend="length"))
             config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
             server = uvicorn.Server(config)
@@ -104,15 +91,15 @@ def test_an_rm_service_leaves_no_cyclic_garbage_per_request() -> None:
                 await asyncio.sleep(0.05)
             pair = {"prompt": "Say hi.", "response_a": "Hi there!", "response_b": "No."}
             body = json.dumps({"pairs": [pair]}).encode()
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            conn = RawHTTP("127.0.0.1", port)
             for _ in range(5):  # warm: first-request caches are not garbage
-                assert await post(reader, writer, body) == 200
+                assert (await conn.post("/v1/compare", body))[0] == 200
             gc.collect()
             gc.disable()
             for _ in range(50):
-                assert await post(reader, writer, body) == 200
+                assert (await conn.post("/v1/compare", body))[0] == 200
             found = gc.collect()
-            writer.close()
+            await conn.close()
             server.should_exit = True
             await serving
             print(found)
